@@ -1,0 +1,51 @@
+# labkit — `make help` lists the targets. `make test` and `make figures` build .venv when it is missing.
+PY      := .venv/bin/python
+PRESET  ?= mini
+JOBS    ?= 1
+NB      ?=
+export MPLBACKEND := Agg
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-fast figures mini lab sweep bench strip clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
+
+.venv/.done: pyproject.toml constraints.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m ipykernel install --prefix .venv --name python3 --display-name "labkit (.venv)" >/dev/null
+	touch $@
+
+venv: .venv/.done  ## create .venv (torch pinned first, then labkit in editable mode)
+
+test: .venv/.done  ## run the test suite (tiny preset; notebooks through papermill)
+	$(PY) -m pytest tests
+
+test-fast: .venv/.done  ## unit tests only (no notebooks)
+	$(PY) -m pytest tests -m "not slow"
+
+figures: .venv/.done  ## run every notebook on $(PRESET) (default mini) -> figures/<stem>/
+	$(PY) -m labkit.sweep figures --preset $(PRESET) $(if $(NB),--only $(NB),)
+
+mini: .venv/.done  ## retrain the mini backbone (VAE + editor) from scratch on CPU -> labkit/weights/mini
+	$(PY) -m labkit.train mini --fresh
+
+lab: .venv/.done  ## JupyterLab on the venv kernel
+	.venv/bin/jupyter lab notebooks
+
+sweep: .venv/.done  ## papermill sweep of the training comparison grid -> figures/sweep/
+	$(PY) -m labkit.sweep grid --preset $(PRESET)
+
+bench: .venv/.done  ## ratio benchmarks (printed side by side)
+	for f in bench/*.py; do $(PY) $$f || exit 1; done
+
+strip:  ## strip notebook outputs (keeps tags and kernelspec)
+	.venv/bin/nbstripout --keep-id notebooks/*.ipynb 2>/dev/null || .venv/bin/nbstripout notebooks/*.ipynb
+
+clean:  ## remove caches (keeps .venv and committed figures)
+	rm -rf .cache .pytest_cache

@@ -1,0 +1,377 @@
+"""Real images that Python packages ship, rendered text/logos, and LRGI/HRRI/HRGT triplets.
+
+Images are float32 numpy arrays (H, W, 3) in [0, 1] inside this module; `Triplet` exposes torch
+tensors (3, H, W) in [0, 1]. Everything is deterministic from a seed. Splits are by *source image*.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, asdict
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from skimage import transform as sktf
+
+CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "labkit"
+
+# name -> (package, loader name, licence / provenance, split). Splits are by source image.
+PHOTOS: dict[str, tuple[str, str, str, str]] = {
+    "astronaut": ("skimage", "astronaut", "public domain (NASA)", "train"),
+    "chelsea": ("skimage", "chelsea", "CC0 (Stefan van der Walt)", "train"),
+    "rocket": ("skimage", "rocket", "public domain (SpaceX)", "train"),
+    "immunohistochemistry": ("skimage", "immunohistochemistry", "public domain (Gemma Grieve)", "train"),
+    "motorcycle": ("skimage", "stereo_motorcycle", "CC BY (Middlebury stereo, Scharstein et al.)", "train"),
+    "hubble": ("skimage", "hubble_deep_field", "public domain (NASA/ESA)", "train"),
+    "retina": ("skimage", "retina", "CC0 (Häggström)", "train"),
+    "camera": ("skimage", "camera", "CC0 (skimage)", "train"),
+    "brick": ("skimage", "brick", "CC0 (skimage)", "train"),
+    "gravel": ("skimage", "gravel", "CC0 (skimage)", "train"),
+    "clock": ("skimage", "clock", "CC0 (skimage)", "train"),
+    "grace_hopper": ("matplotlib", "grace_hopper.jpg", "public domain (US Navy)", "val"),
+    "coins": ("skimage", "coins", "public domain (Walters Art Museum)", "val"),
+    "grass": ("skimage", "grass", "CC0 (skimage)", "val"),
+    "coffee": ("skimage", "coffee", "CC0 (Rachel Michetti)", "test"),
+    "china": ("sklearn", "china.jpg", "CC BY 2.0 (scikit-learn sample)", "test"),
+    "flower": ("sklearn", "flower.jpg", "CC BY 2.0 (scikit-learn sample)", "test"),
+    "page": ("skimage", "page", "CC0 (skimage)", "test"),
+}
+SPLITS = ("train", "val", "test")
+N_RENDERED = {"train": 24, "val": 6, "test": 8}  # rendered text and logo sources per split
+DEGRADATIONS = ("blur", "color", "elastic", "noise", "glyph", "vae")
+
+_WORDS = {  # disjoint vocabularies so rendered test text never appeared in training
+    "train": "refine detail glyph latent token vector kernel signal focus region crop paste brand "
+             "label model sample prior reward group policy studio atlas nimbus vortex quartz",
+    "val": "harbor lantern meadow copper falcon willow ember",
+    "test": "orbit saffron granite velvet tundra pixel mosaic cobalt",
+}
+
+
+def _font_files() -> list[str]:
+    """The DejaVu TTFs matplotlib ships (sans, serif, mono; all styles)."""
+    import matplotlib
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    return sorted(str(p) for p in folder.glob("DejaVu*.ttf"))
+
+
+@lru_cache(maxsize=None)
+def load_photo(name: str) -> np.ndarray:
+    """A photo shipped by an installed package, as (H, W, 3) float32 in [0, 1]."""
+    package, key, _, _ = PHOTOS[name]
+    if package == "skimage":
+        import skimage.data
+        img = getattr(skimage.data, key)()
+        if isinstance(img, tuple):  # stereo_motorcycle -> (left, right, disparity)
+            img = img[0]
+    elif package == "sklearn":
+        from sklearn.datasets import load_sample_image
+        img = load_sample_image(key)
+    else:
+        import matplotlib.cbook
+        img = np.asarray(Image.open(matplotlib.cbook.get_sample_data(key)).convert("RGB"))
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    img = img[..., :3].astype(np.float32)
+    return img / 255.0 if img.max() > 1.5 else img
+
+
+@lru_cache(maxsize=None)
+def render_text(split: str, index: int, size: int = 384) -> np.ndarray:
+    """A page of words in DejaVu fonts at mixed sizes and colours (deterministic per split/index)."""
+    rng = np.random.default_rng([hash_str(split), index, 1])
+    words = _WORDS[split].split()
+    fonts = _font_files()
+    bg = rng.uniform(0.75, 1.0, 3) if rng.random() < 0.7 else rng.uniform(0.0, 0.3, 3)
+    img = Image.new("RGB", (size, size), tuple(int(255 * c) for c in bg))
+    draw = ImageDraw.Draw(img)
+    y = int(rng.integers(0, 12))
+    while y < size:
+        px = int(rng.choice([12, 16, 20, 28, 36, 48]))
+        font = ImageFont.truetype(str(rng.choice(fonts)), px)
+        fg = 1.0 - bg + rng.uniform(-0.2, 0.2, 3)
+        line = " ".join(rng.choice(words, size=int(rng.integers(2, 6))))
+        draw.text((int(rng.integers(-10, 20)), y), line, font=font, fill=tuple(int(255 * np.clip(c, 0, 1)) for c in fg))
+        y += int(px * rng.uniform(1.1, 1.6))
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+@lru_cache(maxsize=None)
+def render_logo(split: str, index: int, size: int = 384) -> np.ndarray:
+    """A synthetic logo: flat shapes and bold letters over a gradient (deterministic per split/index)."""
+    rng = np.random.default_rng([hash_str(split), index, 2])
+    fonts = [f for f in _font_files() if "Bold" in f]
+    c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    ramp = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
+    img = Image.fromarray((255 * (c0 * (1 - ramp) + c1 * ramp)).repeat(size, 1).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 7))):
+        x0, y0 = rng.integers(0, size - 40, 2)
+        w, h = rng.integers(30, size // 2, 2)
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        shape = rng.integers(0, 3)
+        if shape == 0:
+            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=fill)
+        elif shape == 1:
+            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=fill)
+        else:
+            pts = [tuple(int(v) for v in rng.integers(0, size, 2)) for _ in range(3)]
+            draw.polygon(pts, fill=fill)
+    letters = "".join(rng.choice(list("ABCDEFGHKLMNPRSTVXYZ"), size=int(rng.integers(1, 4))))
+    font = ImageFont.truetype(str(rng.choice(fonts)), int(rng.integers(60, 130)))
+    draw.text((int(rng.integers(10, size // 3)), int(rng.integers(10, size // 2))), letters, font=font,
+              fill=tuple(int(v) for v in rng.integers(0, 256, 3)), stroke_width=int(rng.integers(0, 4)),
+              stroke_fill=(255, 255, 255))
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def hash_str(s: str) -> int:
+    """A stable 32-bit hash of a string (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:4], "little")
+
+
+def sources(split: str, content: str | None = None) -> list[tuple[str, str]]:
+    """(content, name) of every source image in a split; content in {'photo', 'text', 'logo'}."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    out = [("photo", n) for n, v in PHOTOS.items() if v[3] == split]
+    out += [("text", f"text{i}") for i in range(N_RENDERED[split])]
+    out += [("logo", f"logo{i}") for i in range(N_RENDERED[split])]
+    return [s for s in out if content is None or s[0] == content]
+
+
+def load_source(split: str, content: str, name: str) -> np.ndarray:
+    """Pixels of one source image (H, W, 3) in [0, 1]."""
+    if content == "photo":
+        return load_photo(name)
+    index = int(name[4:])
+    return render_text(split, index) if content == "text" else render_logo(split, index)
+
+
+def data_card() -> str:
+    """Markdown table of the bundled photo sources with their provenance and split."""
+    rows = ["| name | package | licence / provenance | split |", "|---|---|---|---|"]
+    rows += [f"| {n} | {p} (`{k}`) | {lic} | {s} |" for n, (p, k, lic, s) in PHOTOS.items()]
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# crops for backbone training
+def random_crop(rng: np.random.Generator, img: np.ndarray, size: int, zoom: tuple[float, float] = (0.5, 1.0)) -> np.ndarray:
+    """A random square crop resized to `size` (zoom = crop side / short side range), random flip."""
+    h, w = img.shape[:2]
+    side = int(min(h, w) * rng.uniform(*zoom))
+    side = max(min(side, h, w), min(size, h, w))
+    y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    crop = resize(img[y:y + side, x:x + side], size)
+    return crop[:, ::-1].copy() if rng.random() < 0.5 else crop
+
+
+def crop_batch(rng: np.random.Generator, split: str, batch: int, size: int, text_frac: float = 0.3,
+               zoom: tuple[float, float] = (0.3, 1.0)) -> torch.Tensor:
+    """(B, 3, size, size) random crops: photos, and rendered text/logos with probability text_frac."""
+    photos, rendered = sources(split, "photo"), sources(split, "text") + sources(split, "logo")
+    out = []
+    for _ in range(batch):
+        pool = rendered if rng.random() < text_frac else photos
+        content, name = pool[rng.integers(len(pool))]
+        out.append(random_crop(rng, load_source(split, content, name), size, zoom))
+    return to_tensor(np.stack(out))
+
+
+def heldout_crops(split: str, n: int, size: int, seed: int = 1234) -> tuple[torch.Tensor, list[str]]:
+    """n fixed held-out crops (photos and rendered text/logos alternating) and their content labels."""
+    rng = np.random.default_rng(seed)
+    srcs = sources(split)
+    photos = [s for s in srcs if s[0] == "photo"]
+    rendered = [s for s in srcs if s[0] != "photo"]
+    out, labels = [], []
+    for i in range(n):
+        pool = photos if i % 2 == 0 else rendered
+        kind, name = pool[(i // 2) % len(pool)]
+        out.append(random_crop(rng, load_source(split, kind, name), size, zoom=(0.4, 0.9)))
+        labels.append(kind)
+    return to_tensor(np.stack(out)), labels
+
+
+def resize(img: np.ndarray, size: int | tuple[int, int], order: int = 3) -> np.ndarray:
+    """Resize (H, W, C) to size (square int or (h, w)), anti-aliased when shrinking; order 3 bicubic, 1 bilinear, 0 nearest."""
+    import torch.nn.functional as F
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
+    mode = {0: "nearest", 1: "bilinear", 3: "bicubic"}[order]
+    kw = dict(align_corners=False, antialias=hw[0] < img.shape[0]) if order else {}
+    out = F.interpolate(x, size=hw, mode=mode, **kw)[0].permute(1, 2, 0).numpy()
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """(..., H, W, C) numpy -> (..., C, H, W) float32 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(img, -1, -3))).float()
+
+
+def to_numpy(img: torch.Tensor) -> np.ndarray:
+    """(..., C, H, W) tensor -> (..., H, W, C) float32 numpy."""
+    return np.moveaxis(img.detach().float().cpu().numpy(), -3, -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# LRGI / HRRI / HRGT triplets (RefGC-SR2), with the true correspondence kept
+@dataclass
+class Triplet:
+    """HRGT (target), HRRI (reference in another view), LRGI (low-res draft with artifacts in `mask`)."""
+
+    hrgt: torch.Tensor  # (3, S, S)
+    hrri: torch.Tensor  # (3, S, S)
+    lrgi: torch.Tensor  # (3, S/f, S/f)
+    mask: torch.Tensor  # (1, S, S) object region in HRGT (and upsampled LRGI) coordinates, {0, 1}
+    ref_mask: torch.Tensor  # (1, S, S) the same region in HRRI coordinates (from the warp)
+    scribble: torch.Tensor  # (1, S, S) a user-style stroke inside the mask
+    bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1) of mask, x1/y1 exclusive
+    ref_bbox: tuple[int, int, int, int]
+    warp: np.ndarray  # (3, 3) homography, HRGT pixel (x, y, 1) -> HRRI pixel
+    meta: dict = field(default_factory=dict)  # source, content, degradation, factor, seed, split
+
+
+def bbox_of(mask: np.ndarray | torch.Tensor) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the nonzero pixels (x1, y1 exclusive); raises on an empty mask."""
+    m = np.asarray(mask.squeeze().cpu() if isinstance(mask, torch.Tensor) else mask).squeeze() > 0.5
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W) or (1, H, W), got shape {m.shape}")
+    ys, xs = np.nonzero(m)
+    if len(xs) == 0:
+        raise ValueError("empty mask: mark at least one pixel of the region to refine (mask > 0.5)")
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def random_blob(rng: np.random.Generator, size: int, area: tuple[float, float], margin: int = 4) -> np.ndarray:
+    """A smooth blob (union of 1-3 ellipses) covering roughly `area` of a size×size image."""
+    target = rng.uniform(*area) * size * size
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    m = np.zeros((size, size), bool)
+    n = int(rng.integers(1, 4))
+    r = np.sqrt(target / (np.pi * n))
+    cx, cy = rng.uniform(margin + r, size - margin - r, 2) if size - 2 * (margin + r) > 0 else (size / 2, size / 2)
+    for _ in range(n):
+        a, b = r * rng.uniform(0.7, 1.4), r * rng.uniform(0.7, 1.4)
+        th = rng.uniform(0, np.pi)
+        ox, oy = (rng.uniform(-r, r, 2) * 0.6) if n > 1 else (0.0, 0.0)
+        dx, dy = xx - cx - ox, yy - cy - oy
+        u, v = dx * np.cos(th) + dy * np.sin(th), -dx * np.sin(th) + dy * np.cos(th)
+        m |= (u / a) ** 2 + (v / b) ** 2 <= 1
+    m[:margin], m[-margin:], m[:, :margin], m[:, -margin:] = False, False, False, False
+    return m.astype(np.float32)
+
+
+def _view_homography(rng: np.random.Generator, size: int, strength: float) -> np.ndarray:
+    """A random 'other view' A (HRRI pixel -> HRGT pixel): rotation, scale, shift, perspective."""
+    c = size / 2
+    th = np.deg2rad(rng.uniform(-20, 20) * strength)
+    s = np.exp(rng.uniform(-0.25, 0.25) * strength)
+    t = rng.uniform(-0.15, 0.15, 2) * size * strength
+    rot = np.array([[s * np.cos(th), -s * np.sin(th), 0], [s * np.sin(th), s * np.cos(th), 0], [0, 0, 1]])
+    persp = np.eye(3)
+    persp[2, :2] = rng.uniform(-0.4, 0.4, 2) * strength / size
+    to_c, from_c = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1.0]]), np.array([[1, 0, c + t[0]], [0, 1, c + t[1]], [0, 0, 1.0]])
+    return from_c @ persp @ rot @ to_c
+
+
+def _warp(img: np.ndarray, inverse: np.ndarray, size: int, order: int = 3) -> np.ndarray:
+    """Sample img at inverse(output pixel) with a homography (x, y) convention."""
+    out = sktf.warp(img, sktf.ProjectiveTransform(matrix=inverse), output_shape=(size, size), order=order, mode="reflect")
+    return out.astype(np.float32)
+
+
+def degrade(rng: np.random.Generator, img: np.ndarray, kind: str, vae_roundtrip: Callable | None = None) -> np.ndarray:
+    """One generative-style artifact applied to the whole image (masking is done by the caller)."""
+    h = img.shape[0]
+    if kind == "blur":
+        return ndimage.gaussian_filter(img, sigma=(rng.uniform(1.0, 2.0),) * 2 + (0,))
+    if kind == "color":
+        gain = rng.uniform(0.7, 1.3, 3)
+        return np.clip((img - 0.5) * rng.uniform(0.7, 1.1) + 0.5 + rng.uniform(-0.12, 0.12), 0, 1) * gain
+    if kind in ("elastic", "glyph"):  # smooth displacement field; 'glyph' = finer and stronger
+        scale, amp = (h / 6, 1.5) if kind == "elastic" else (h / 16, 1.2)
+        d = [ndimage.gaussian_filter(rng.normal(size=(h, h)), scale) for _ in range(2)]
+        d = [x / (np.abs(x).max() + 1e-8) * amp * rng.uniform(0.6, 1.0) for x in d]
+        yy, xx = np.mgrid[:h, :h].astype(np.float32)
+        return np.stack([ndimage.map_coordinates(img[..., k], [yy + d[0], xx + d[1]], order=1, mode="reflect")
+                         for k in range(3)], -1)
+    if kind == "noise":
+        return img + rng.normal(0, rng.uniform(0.04, 0.1), img.shape).astype(np.float32)
+    if kind == "vae":
+        if vae_roundtrip is None:  # no VAE given: a coarse 4x down/up stands in, and says so in meta
+            return resize(resize(img, h // 4, order=1), h, order=0)
+        return vae_roundtrip(img)
+    raise ValueError(f"unknown degradation {kind!r}; choose from {DEGRADATIONS}")
+
+
+def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int = 2, degradation: str = "mixed",
+                 area: tuple[float, float] = (0.04, 0.25), content: str | None = None,
+                 view_strength: float = 1.0, vae_roundtrip: Callable | None = None) -> Triplet:
+    """One LRGI/HRRI/HRGT triplet, deterministic from (seed, split, params)."""
+    if size % factor:
+        raise ValueError(f"size {size} must be divisible by the downscale factor {factor}")
+    rng = np.random.default_rng([seed, hash_str(split), size, factor])
+    srcs = sources(split, content)
+    kind, name = srcs[int(rng.integers(len(srcs)))]
+    img = load_source(split, kind, name)
+    h, w = img.shape[:2]
+    for _ in range(20):  # resample until the region stays in view of the reference
+        side = rng.uniform(0.35, 0.8) * min(h, w)
+        ox, oy = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        t_gt = np.array([[side / size, 0, ox], [0, side / size, oy], [0, 0, 1.0]])  # HRGT px -> source px
+        a = _view_homography(rng, size, view_strength)  # HRRI px -> HRGT px
+        mask = random_blob(rng, size, area)
+        ref_mask = (_warp(mask, a, size, order=1) > 0.5).astype(np.float32)
+        if ref_mask.sum() >= 0.9 * mask.sum() * abs(np.linalg.det(np.linalg.inv(a)[:2, :2])):
+            break
+    hrgt = np.clip(_warp(img, t_gt, size), 0, 1)
+    hrri = np.clip(_warp(img, t_gt @ a, size), 0, 1)
+    # photometric change of the reference: gamma, exposure, white balance
+    hrri = np.clip((hrri ** rng.uniform(0.8, 1.25)) * rng.uniform(0.85, 1.15) * rng.uniform(0.92, 1.08, 3), 0, 1)
+    kinds = list(rng.choice([d for d in DEGRADATIONS if d != "vae" or vae_roundtrip], 2, replace=False)) \
+        if degradation == "mixed" else [degradation]
+    low = resize(hrgt, size // factor)
+    m_low = resize(mask[..., None], size // factor, order=1)
+    bad = low
+    for k in kinds:
+        bad = degrade(rng, bad, k, vae_roundtrip)
+    lrgi = np.clip(m_low * bad + (1 - m_low) * low, 0, 1)
+    scribble = _scribble(rng, mask)
+    meta = dict(source=name, content=kind, degradation="+".join(kinds), factor=factor, seed=seed, split=split,
+                size=size, vae_stand_in="vae" in kinds and vae_roundtrip is None)
+    t = lambda x: to_tensor(x if x.ndim == 3 else x[..., None])  # noqa: E731
+    return Triplet(hrgt=t(hrgt), hrri=t(hrri), lrgi=t(lrgi), mask=t(mask), ref_mask=t(ref_mask),
+                   scribble=t(scribble), bbox=bbox_of(mask), ref_bbox=bbox_of(ref_mask),
+                   warp=np.linalg.inv(a), meta=meta)
+
+
+def _scribble(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """A 2-px polyline through random points of the mask (what a user would draw)."""
+    ys, xs = np.nonzero(mask > 0.5)
+    idx = rng.integers(0, len(xs), 4)
+    img = Image.new("L", mask.shape[::-1], 0)
+    ImageDraw.Draw(img).line([(int(xs[i]), int(ys[i])) for i in idx], fill=255, width=2)
+    return (np.asarray(img, np.float32) / 255.0) * (mask > 0.5)
+
+
+def eval_set(n: int = 64, degradations: Sequence[str] = ("blur", "color", "elastic", "glyph"), size: int = 128,
+             factor: int = 2, split: str = "test", seed: int = 0, cache: bool = True) -> list[Triplet]:
+    """The fixed evaluation set: n cases × each degradation, built on demand and cached on disk."""
+    key = json.dumps(dict(n=n, d=list(degradations), size=size, factor=factor, split=split, seed=seed, v=1))
+    path = CACHE_DIR / f"eval_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    if cache and path.exists():
+        return [Triplet(**d) for d in torch.load(path, weights_only=False)]
+    cases = [make_triplet(seed * 100_003 + i, split, size, factor, degradation=d)
+             for i in range(n) for d in degradations]
+    if cache:
+        from .util import atomic_save
+        atomic_save(lambda p: torch.save([asdict(c) for c in cases], p), path)
+    return cases

@@ -1,0 +1,139 @@
+"""Frequency analysis (RefGC-SR2): Gaussian LF/HF split of latent grids and token sequences, radial
+spectra, band energies, and per-block hidden-state capture with forward hooks."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian of radius ceil(3σ)."""
+    r = max(1, int(3 * sigma + 0.5))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def lowpass(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflect padding (a constant field is unchanged)."""
+    if sigma <= 0:
+        return x
+    g = gaussian_kernel(sigma).to(x)
+    c, r = x.shape[1], len(g) // 2
+    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
+    y = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode), g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(y, (0, 0, r, r), mode=mode), g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def split(x: torch.Tensor, sigma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LF, HF) with LF = Gaussian low-pass and HF = x - LF, so LF + HF == x exactly."""
+    lf = lowpass(x, sigma)
+    return lf, x - lf
+
+
+def tokens_to_grid(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Hidden states (B, h*w, D) of one image's packed tokens -> (B, D, h, w) grid (h, w = token grid)."""
+    return rearrange(tokens, "b (h w) d -> b d h w", h=h, w=w)
+
+
+def split_tokens(tokens: torch.Tensor, h: int, w: int, sigma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """LF/HF split of a token sequence on its 2-D grid; returns (B, D, h, w) each."""
+    return split(tokens_to_grid(tokens.float(), h, w), sigma)
+
+
+def radial_spectrum(x: torch.Tensor, bins: int | None = None) -> torch.Tensor:
+    """Mean power per radial frequency bin (bins,), averaged over batch and channels of (B, C, H, W)."""
+    x = x.float() - x.float().mean((-2, -1), keepdim=True)
+    p = torch.fft.fftshift(torch.fft.fft2(x, norm="ortho").abs() ** 2, dim=(-2, -1)).mean((0, 1))
+    h, w = p.shape
+    yy, xx = torch.meshgrid(torch.arange(h) - h // 2, torch.arange(w) - w // 2, indexing="ij")
+    r = torch.sqrt((yy / (h / 2)) ** 2 + (xx / (w / 2)) ** 2)  # 1.0 = Nyquist along an axis
+    bins = bins or min(h, w) // 2
+    idx = (r / r.max() * bins).long().clamp(max=bins - 1).flatten()
+    return torch.zeros(bins).index_add_(0, idx, p.flatten()) / torch.bincount(idx, minlength=bins).clamp_min(1)
+
+
+def band_energy(x: torch.Tensor, sigma: float = 1.0) -> tuple[float, float]:
+    """Fraction of (mean-removed) energy in the LF and HF parts of (B, C, H, W)."""
+    x = x.float() - x.float().mean((-2, -1), keepdim=True)
+    lf, hf = split(x, sigma)
+    e_l, e_h = (lf ** 2).sum().item(), (hf ** 2).sum().item()
+    return e_l / (e_l + e_h + 1e-12), e_h / (e_l + e_h + 1e-12)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity of flattened tensors (B,)."""
+    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# hidden states per block
+@contextlib.contextmanager
+def capture_hidden(transformer, n_target: int, n_text: int | None = None) -> Iterator[dict]:
+    """Record each block's output image tokens of the target (first n_target image tokens).
+
+    Double-stream blocks return (encoder_hidden_states, hidden_states); single-stream blocks in
+    diffusers >= 0.35 return the same pair (older ones return one [text | image] tensor, handled via
+    n_text). Yields a dict name -> list of (B, n_target, D) tensors, one per forward call; the hooks are
+    removed on exit.
+    """
+    store: dict[str, list[torch.Tensor]] = {}
+    handles = []
+
+    def hook(name):
+        def fn(module, args, output):
+            if isinstance(output, tuple):
+                img = output[1]
+            else:  # [text | image] concatenated
+                img = output[:, n_text:] if n_text is not None else output
+            store.setdefault(name, []).append(img[:, :n_target].detach().float().cpu())
+        return fn
+
+    for i, blk in enumerate(transformer.transformer_blocks):
+        handles.append(blk.register_forward_hook(hook(f"double.{i}")))
+    for i, blk in enumerate(transformer.single_transformer_blocks):
+        handles.append(blk.register_forward_hook(hook(f"single.{i}")))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def block_names(transformer) -> list[str]:
+    """Names in depth order, matching capture_hidden's keys."""
+    return [f"double.{i}" for i in range(len(transformer.transformer_blocks))] + \
+           [f"single.{i}" for i in range(len(transformer.single_transformer_blocks))]
+
+
+@torch.no_grad()
+def layerwise_similarity(bb, x_t: torch.Tensor, t: float, contexts, prompt: str, sigma: float = 1.0) -> dict:
+    """Cosine similarity of each block's LF and HF image-token parts to the last block's (Fig. 5a)."""
+    h, w = x_t.shape[-2] // 2, x_t.shape[-1] // 2
+    with capture_hidden(bb.transformer, n_target=h * w) as store:
+        bb(x_t, t, contexts, prompt=prompt)
+    names = block_names(bb.transformer)
+    parts = {n: split_tokens(store[n][-1], h, w, sigma) for n in names}
+    lf_last, hf_last = parts[names[-1]]
+    return dict(blocks=names, lf=[cosine(parts[n][0], lf_last).mean().item() for n in names],
+                hf=[cosine(parts[n][1], hf_last).mean().item() for n in names])
+
+
+@torch.no_grad()
+def triplet_latents(bb, trips) -> dict[str, torch.Tensor]:
+    """Normalised latents (N, 16, h, w) of HRGT, HRRI and the bicubic-upsampled LRGI of each triplet."""
+    def up(x):
+        return F.interpolate(x[None], size=trips[0].hrgt.shape[-2:], mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    stack = lambda xs: torch.cat([bb.encode(x[None]).cpu().float() for x in xs])  # noqa: E731
+    return dict(hrgt=stack([t.hrgt for t in trips]), hrri=stack([t.hrri for t in trips]), lrgi=stack([up(t.lrgi) for t in trips]))
+
+
+def closeness(z: dict[str, torch.Tensor], sigma: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per-triplet cosine similarity to HRGT of LRGI and HRRI latents, on full latents and on LF only (Fig. 5b, c)."""
+    lf = {k: lowpass(v, sigma) for k, v in z.items()}
+    return dict(lrgi=cosine(z["lrgi"], z["hrgt"]), hrri=cosine(z["hrri"], z["hrgt"]),
+                lrgi_lf=cosine(lf["lrgi"], lf["hrgt"]), hrri_lf=cosine(lf["hrri"], lf["hrgt"]))

@@ -1,0 +1,277 @@
+"""One training entry point (accelerate): the mini backbone (VAE, then editor), and adapter SFT.
+
+    python -m labkit.train mini [--fresh] [--vae-minutes 25] [--editor-minutes 25]
+    accelerate launch -m labkit.train mini ...
+
+Every loop: AdamW, warmup + cosine, grad clipping, bf16 autocast, tqdm, metrics CSV, checkpoints
+written atomically every N steps, exact resume (model, optimiser, schedule, RNG and data-RNG state).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import data as D
+from . import models as M
+from . import presets as P
+from .util import REPO, atomic_save, seed_everything, write_json
+
+RUNS = REPO / "runs"
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation settings shared by every labkit training loop."""
+
+    steps: int = 1000
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup: int = 100
+    min_lr_frac: float = 0.05
+    clip: float = 1.0
+    ckpt_every: int = 200
+    eval_every: int = 200
+    max_minutes: float | None = None  # stop early (and save) when the wall-clock budget is spent
+    mixed_precision: str = "auto"  # bf16 on CUDA or a CPU with native bf16 (AVX512-BF16/AMX); else fp32
+    seed: int = 0
+    out_dir: str = str(RUNS / "scratch")
+    progress: bool = True
+
+
+def resolve_precision(mp: str) -> str:
+    """'auto' -> bf16 where it is fast (CUDA, or CPUs with native bf16), else 'no'.
+
+    Measured here: on an AVX2-only CPU, bf16 autocast made a VAE step 10x slower than fp32."""
+    if mp != "auto":
+        return mp
+    if torch.cuda.is_available():
+        return "bf16"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+def lr_lambda(cfg: LoopConfig) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to min_lr_frac."""
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+def run_loop(cfg: LoopConfig, modules: dict[str, torch.nn.Module], loss_fn: Callable, eval_fn: Callable | None = None,
+             params: list | None = None) -> dict:
+    """Train `modules` by minimising loss_fn(rng) -> (loss, logs); resumes from out_dir/ckpt.pt if present."""
+    from accelerate import Accelerator
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    acc = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available())
+    seed_everything(cfg.seed)
+    params = params if params is not None else [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    rng = np.random.default_rng(cfg.seed)
+    state = dict(step=0, history=[], evals=[], seconds=0.0)
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():  # exact resume
+        s = torch.load(ckpt, weights_only=False)
+        for k, m in modules.items():
+            m.load_state_dict(s["modules"][k])
+        opt.load_state_dict(s["opt"]), sched.load_state_dict(s["sched"])
+        rng.bit_generator.state = s["np_rng"]
+        torch.set_rng_state(s["torch_rng"])
+        state = s["state"]
+    wrapped = acc.prepare(*modules.values(), opt)
+    opt = wrapped[-1]
+
+    def save() -> None:
+        s = dict(modules={k: m.state_dict() for k, m in modules.items()}, opt=opt.state_dict(), sched=sched.state_dict(),
+                 np_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(), state=state)
+        atomic_save(lambda p: torch.save(s, p), ckpt)
+        _write_csv(out / "metrics.csv", state["history"])
+
+    t0, start = time.time(), state["seconds"]
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not cfg.progress, desc=out.name, mininterval=5)
+    for m in modules.values():
+        m.train()
+    while state["step"] < cfg.steps:
+        with acc.autocast():
+            loss, logs = loss_fn(rng)
+        acc.backward(loss)
+        gn = acc.clip_grad_norm_(params, cfg.clip) if cfg.clip else torch.tensor(0.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["seconds"] = start + time.time() - t0
+        state["history"].append(dict(step=state["step"], loss=float(loss.detach()), grad_norm=float(gn), lr=sched.get_last_lr()[0],
+                                     seconds=round(state["seconds"], 2), **{k: float(v) for k, v in logs.items()}))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        done = state["step"] >= cfg.steps or (cfg.max_minutes and state["seconds"] > 60 * cfg.max_minutes)
+        if eval_fn and (state["step"] % cfg.eval_every == 0 or done):
+            for m in modules.values():
+                m.eval()
+            with torch.no_grad():
+                state["evals"].append(dict(step=state["step"], seconds=round(state["seconds"], 1), **eval_fn()))
+            for m in modules.values():
+                m.train()
+            bar.write(f"[{out.name}] step {state['step']}: {state['evals'][-1]}")
+        if state["step"] % cfg.ckpt_every == 0 or done:
+            save()
+        if done:
+            break
+    bar.close()
+    for m in modules.values():
+        m.eval()
+    return state
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def w(p):
+        with open(p, "w", newline="") as f:
+            wr = csv.DictWriter(f, keys)
+            wr.writeheader()
+            wr.writerows(rows)
+    atomic_save(w, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# mini stage 1: the VAE
+@dataclass
+class VAEConfig:
+    """The mini VAE recipe (ENV_NOTES: measured on 2 CPU cores) plus a PCA warm start."""
+
+    crop: int = 48
+    batch: int = 16
+    text_frac: float = 0.35
+    kl: float = 1e-6
+    pca_warm: float = 0.3  # fraction of steps with the auxiliary 'match an 8x8-patch PCA code' loss
+    eval_size: int = 128
+    eval_n: int = 24
+
+
+def patch_pca(images: torch.Tensor, factor: int = 8, k: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and top-k basis (D, k) of the factor×factor×3 patches of images (B, 3, H, W)."""
+    from einops import rearrange
+    x = rearrange(images, "b c (h p) (w q) -> (b h w) (c p q)", p=factor, q=factor)
+    mu = x.mean(0)
+    _, _, v = torch.linalg.svd(x - mu, full_matrices=False)
+    return mu, v[:k].T
+
+
+def pca_code(images: torch.Tensor, mu: torch.Tensor, basis: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, k, H/f, W/f) patch-PCA coefficients."""
+    from einops import rearrange
+    h = images.shape[-2] // factor
+    x = rearrange(images, "b c (h p) (w q) -> b (h w) (c p q)", p=factor, q=factor)
+    return rearrange((x - mu) @ basis, "b (h w) k -> b k h w", h=h)
+
+
+def bicubic_x(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bicubic down by `factor` (anti-aliased) and back up: the no-model baseline at equal scale."""
+    import torch.nn.functional as F
+    h, w = images.shape[-2:]
+    small = F.interpolate(images, size=(h // factor, w // factor), mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def vae_eval(bb: M.Backbone, images: torch.Tensor, labels: list[str]) -> dict:
+    """Held-out PSNR/SSIM of the VAE round trip vs bicubic x8 on the same images."""
+    from .metrics import psnr, ssim
+    rec = torch.cat([bb.vae.decode(bb.vae.encode(x[None] * 2 - 1).latent_dist.mode()).sample for x in images])
+    rec = ((rec + 1) / 2).clamp(0, 1).float()
+    bic = bicubic_x(images, bb.preset.vae_factor)
+    out = dict(vae_psnr=psnr(rec, images).mean().item(), bicubic_psnr=psnr(bic, images).mean().item(),
+               vae_ssim=ssim(rec, images).mean().item(), bicubic_ssim=ssim(bic, images).mean().item())
+    for kind in sorted(set(labels)):
+        idx = [i for i, l in enumerate(labels) if l == kind]
+        out[f"vae_psnr_{kind}"] = psnr(rec[idx], images[idx]).mean().item()
+        out[f"bicubic_psnr_{kind}"] = psnr(bic[idx], images[idx]).mean().item()
+    return out
+
+
+def train_vae(bb: M.Backbone, loop: LoopConfig, cfg: VAEConfig) -> dict:
+    """Train the backbone's AutoencoderKL (L1 + MSE + KL, PCA warm start); set scaling/shift from latents."""
+    import torch.nn.functional as F
+    vae = bb.vae.requires_grad_(True)
+    f = bb.preset.vae_factor
+    mu, basis = patch_pca(D.crop_batch(np.random.default_rng(loop.seed + 7), "train", 256, 32, cfg.text_frac), f, bb.preset.latent_channels)
+    scale = 1.0 / pca_code(D.crop_batch(np.random.default_rng(1), "train", 32, 32), mu, basis, f).std()
+    ev_img, ev_lab = D.heldout_crops("val", cfg.eval_n, cfg.eval_size)
+    step = {"n": 0}
+
+    def loss_fn(rng):
+        x = D.crop_batch(rng, "train", cfg.batch, cfg.crop, cfg.text_frac)
+        post = vae.encode(x * 2 - 1).latent_dist
+        z = post.mode()
+        rec = (vae.decode(z).sample + 1) / 2
+        rec_loss = F.l1_loss(rec.float(), x) + F.mse_loss(rec.float(), x)
+        kl = post.kl().mean() / x[0].numel()
+        loss = rec_loss + cfg.kl * kl
+        logs = dict(rec=rec_loss.detach(), kl=kl.detach())
+        w = max(0.0, 1 - step["n"] / max(1, cfg.pca_warm * loop.steps)) if cfg.pca_warm else 0.0
+        if w > 0:  # warm start: latents near a patch-PCA code, decoder inverts that code
+            code = pca_code(x, mu, basis, f) * scale
+            aux = F.mse_loss(z.float(), code) + F.l1_loss(((vae.decode(code.to(z.dtype)).sample + 1) / 2).float(), x)
+            loss = loss + w * aux
+            logs["pca_aux"] = aux.detach()
+        step["n"] += 1
+        return loss, logs
+
+    state = run_loop(loop, {"vae": vae}, loss_fn, lambda: vae_eval(bb, ev_img, ev_lab))
+    vae.requires_grad_(False)
+    set_latent_stats(bb)
+    return state
+
+
+@torch.no_grad()
+def set_latent_stats(bb: M.Backbone, n: int = 64, size: int = 128) -> dict:
+    """FLUX-style latent normalisation: shift = mean, scaling = 1/std of the training latents."""
+    x = D.crop_batch(np.random.default_rng(99), "train", n, size)
+    z = torch.cat([bb.vae.encode(c[None] * 2 - 1).latent_dist.mode() for c in x])
+    stats = dict(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+    bb.vae.register_to_config(**stats)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    """CLI: `python -m labkit.train mini [--fresh] ...`."""
+    ap = argparse.ArgumentParser(prog="labkit.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mini", help="train the mini backbone (VAE, then editor) on CPU")
+    m.add_argument("--preset", default="mini", help="config to train (tiny for a quick check)")
+    m.add_argument("--out", default=str(P.MINI_WEIGHTS), help="where the safetensors weights and card go")
+    m.add_argument("--run-dir", default=str(RUNS / "mini"), help="checkpoints and metrics CSVs (resumable)")
+    m.add_argument("--vae-steps", type=int, default=3500)
+    m.add_argument("--vae-minutes", type=float, default=35)
+    m.add_argument("--editor-steps", type=int, default=3000)
+    m.add_argument("--editor-minutes", type=float, default=35)
+    m.add_argument("--stage", choices=["all", "vae", "editor"], default="all")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--fresh", action="store_true", help="delete earlier checkpoints of this run first")
+    args = ap.parse_args(argv)
+    if args.cmd == "mini":
+        from .mini import train_mini
+        train_mini(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Small shared helpers: seeding, atomic writes, results.json with claims and provenance."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch.Generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def atomic_save(write: Callable[[str], Any], path: str | os.PathLike) -> Path:
+    """Call write(tmp_path) then rename onto path, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Atomically write JSON (numpy scalars and arrays converted)."""
+    def default(o):
+        if isinstance(o, (np.generic,)):
+            return o.item()
+        if isinstance(o, (np.ndarray, torch.Tensor)):
+            return np.asarray(o.tolist() if isinstance(o, torch.Tensor) else o).tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON serialisable: {type(o)}")
+    text = json.dumps(obj, indent=2, default=default, allow_nan=True)
+    return atomic_save(lambda p: Path(p).write_text(text + "\n"), path)
+
+
+def git_commit() -> str:
+    """The current commit (with '-dirty' when the tree has changes), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "labkit", "notebooks"],
+                               cwd=REPO, capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries the numbers depend on."""
+    import diffusers
+    out = {"torch": torch.__version__, "diffusers": diffusers.__version__, "numpy": np.__version__}
+    for name in ("peft", "accelerate", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            pass
+    return out
+
+
+def claim(value: float, baseline: float, holds: bool, unit: str, paper: str, note: str = "", **extra) -> dict:
+    """One paper claim as measured here: value vs baseline, and whether it holds on this backbone."""
+    return dict(value=_num(value), baseline=_num(baseline), unit=unit, holds=bool(holds), paper=paper, note=note, **extra)
+
+
+def _num(x: Any) -> Any:
+    return float(x) if isinstance(x, (np.generic, float, int, torch.Tensor)) and not isinstance(x, bool) else x
+
+
+def write_results(out_dir: str | os.PathLike, preset: str, params: dict, claims: dict, **numbers) -> Path:
+    """Write out_dir/results.json: claims, params, preset, git commit, versions and the key numbers."""
+    if not claims:
+        raise ValueError("results.json needs at least one claim (see DESIGN.md)")
+    obj = dict(claims=claims, preset=preset, params=params, git=git_commit(), versions=versions(), **numbers)
+    return write_json(obj, Path(out_dir) / "results.json")

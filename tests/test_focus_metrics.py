@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+from labkit import focus, metrics
+
+
+def _mask(h=64, w=64, box=(20, 24, 36, 40)):
+    m = torch.zeros(1, h, w)
+    m[:, box[1]:box[3], box[0]:box[2]] = 1
+    return m
+
+
+def test_focus_box_margin_and_clipping():
+    m = _mask()
+    assert focus.focus_box(m, margin=0, working_area=64 * 64) == (20, 24, 36, 40)
+    # margin scales with s = sqrt(working_area / (W·H)): 64 px at 1024² on a 64² image is 4 px
+    assert focus.focus_box(m, margin=64, working_area=1024 ** 2) == (16, 20, 40, 44)
+    corner = _mask(box=(0, 0, 5, 5))
+    assert focus.focus_box(corner, margin=64, working_area=64 * 64) == (0, 0, 64, 64)
+
+
+def test_empty_and_full_masks():
+    with pytest.raises(ValueError, match="empty mask"):
+        focus.focus_box(torch.zeros(1, 32, 32))
+    assert focus.focus_box(torch.ones(1, 32, 32), margin=8, working_area=32 * 32) == (0, 0, 32, 32)
+
+
+def test_snap_size_keeps_aspect_and_multiple():
+    h, w = focus.snap_size(30, 60, 128 * 128, 16)
+    assert h % 16 == 0 and w % 16 == 0 and abs(w / h - 2) < 0.25 and abs(h * w - 128 * 128) / (128 * 128) < 0.15
+
+
+def test_paste_back_background_bit_exact():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(3, 64, 64, generator=g)
+    m = _mask(box=(50, 40, 64, 64))  # touches the border
+    c_img, c_mask, box = focus.focus_crop(img, m, working_area=64 * 64, margin=4)
+    assert c_img.shape[-2] % 16 == 0 and c_img.shape[-1] % 16 == 0
+    refined = torch.rand_like(c_img)
+    out = focus.paste_back(img, refined, box, focus.soft_mask(focus.crop(m, box)))
+    outside = torch.ones(64, 64, dtype=torch.bool)
+    outside[box[1]:box[3], box[0]:box[2]] = False
+    assert torch.equal(out[:, outside], img[:, outside])
+    assert not torch.equal(out, img)
+
+
+def test_soft_mask_covers_and_is_smooth():
+    m = _mask()
+    s = focus.soft_mask(m, dilate=7, blur_radius=5.0)
+    assert s.shape == m.shape and s.min() >= 0 and s.max() <= 1
+    assert (s[m > 0] > 0.9).float().mean() > 0.9  # inside stays ~1 after dilation
+    assert ((s > 0.01) & (s < 0.99)).sum() > 0  # a ramp exists
+
+
+def test_metrics_known_values():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 32, 32, generator=g) * 0.8 + 0.1
+    assert metrics.mse(a, a).abs().max() == 0 and torch.allclose(metrics.ssim(a, a), torch.ones(2))
+    sigma = 0.05
+    noisy = a + sigma * torch.randn(a.shape, generator=g)
+    expect = -10 * math.log10(sigma ** 2)
+    assert abs(metrics.psnr(noisy, a).mean().item() - expect) < 0.3
+    assert metrics.ssim(noisy, a).mean() < 0.99
+
+
+def test_region_and_background_metrics():
+    a = torch.rand(1, 3, 32, 32)
+    b = a.clone()
+    m = _mask(32, 32, (8, 8, 16, 16))[None]
+    b[..., 8:16, 8:16] += 0.1
+    rep = metrics.region_report(b, a, m)
+    assert rep["mse_bg"].item() == 0 and abs(rep["mse"].item() - 0.01) < 1e-6
+    assert rep["ssim_bg"].item() > rep["ssim"].item()
+
+
+def test_hf_ratio_detects_blur():
+    from labkit.frequency import lowpass
+    x = torch.rand(1, 3, 32, 32)
+    assert abs(metrics.hf_energy_ratio(x, x).item() - 1) < 1e-6
+    assert metrics.hf_energy_ratio(lowpass(x, 1.5), x).item() < 0.3
+    assert metrics.spectrum_distance(lowpass(x, 1.5), x).item() > metrics.spectrum_distance(x, x).item()
+
+
+def test_seam_error_zero_for_identical():
+    a = torch.rand(1, 3, 32, 32)
+    assert focus.seam_error(a, a, _mask(32, 32, (8, 8, 20, 20))).item() == 0

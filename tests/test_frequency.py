@@ -1,0 +1,51 @@
+import torch
+
+from labkit import frequency as Fq
+
+
+def test_split_is_exact_and_constant_is_lf():
+    x = torch.randn(2, 16, 8, 8)
+    lf, hf = Fq.split(x, 1.0)
+    assert torch.equal(lf + hf, x) or torch.allclose(lf + hf, x, atol=1e-6)
+    c = torch.full((1, 4, 8, 8), 3.0)
+    assert torch.allclose(Fq.lowpass(c, 1.5), c, atol=1e-5)
+
+
+def test_hf_of_ramp_is_near_zero():
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    ramp = (0.3 * xx + 0.1 * yy)[None, None]
+    _, hf = Fq.split(ramp, 1.0)
+    assert hf[..., 3:-3, 3:-3].abs().max() < 1e-4  # away from the reflect-padded border
+
+
+def test_radial_spectrum_separates_smooth_from_noise():
+    x = torch.randn(1, 3, 32, 32)
+    s_noise, s_smooth = Fq.radial_spectrum(x), Fq.radial_spectrum(Fq.lowpass(x, 2.0))
+    assert s_noise.shape == (16,)
+    assert s_smooth[-4:].mean() < 0.05 * s_noise[-4:].mean()
+    lf, hf = Fq.band_energy(Fq.lowpass(x, 2.0))
+    assert lf > hf
+
+
+def test_capture_one_entry_per_block_and_hooks_removed(tiny):
+    x = torch.randn(1, 16, 8, 8)
+    ctx = torch.randn(1, 16, 8, 8)
+    before = [len(b._forward_hooks) for b in tiny.transformer.transformer_blocks]
+    with Fq.capture_hidden(tiny.transformer, n_target=16) as store:
+        tiny(x, 0.5, [ctx])
+    assert list(store) == Fq.block_names(tiny.transformer)
+    d = tiny.transformer.inner_dim
+    assert all(v[0].shape == (1, 16, d) for v in store.values())
+    assert [len(b._forward_hooks) for b in tiny.transformer.transformer_blocks] == before
+    # the target slice differs from the context slice: perturbing the context only must change it less
+    # than perturbing the target at the first block
+    with Fq.capture_hidden(tiny.transformer, n_target=16) as s2:
+        tiny(x + 1, 0.5, [ctx])
+    assert not torch.allclose(s2["double.0"][0], store["double.0"][0])
+
+
+def test_layerwise_similarity_last_is_one(tiny):
+    x = torch.randn(2, 16, 8, 8)
+    r = Fq.layerwise_similarity(tiny, x, 0.5, [x], "reconstruct")
+    assert len(r["lf"]) == len(r["blocks"]) == 4
+    assert abs(r["lf"][-1] - 1) < 1e-5 and abs(r["hf"][-1] - 1) < 1e-5

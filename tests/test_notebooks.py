@@ -1,0 +1,25 @@
+"""Every research notebook runs headlessly through papermill on `tiny` and writes a results.json
+whose claims are well-formed; assertions are on that file, never on cell output."""
+import math
+
+import pytest
+
+from labkit.sweep import notebooks, run_notebook
+
+SMALL = {  # small sizes per notebook so the suite stays in minutes on 2 cores
+    "00_tour": dict(n_triplets=2),
+    "02_latent_frequency": dict(n_triplets=6, size=64),
+    "03_vae_crop_vs_full": dict(n_images=3, fracs=[0.05, 0.4], upsamples=[2, "work"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nb", notebooks(), ids=lambda p: p.stem)
+def test_notebook_runs_on_tiny(nb, tmp_path):
+    r = run_notebook(nb, tmp_path / nb.stem, preset="tiny", **SMALL.get(nb.stem, {}))
+    assert r["preset"] == "tiny" and r["claims"] and "torch" in r["versions"] and r["git"]
+    for name, c in r["claims"].items():
+        assert {"value", "baseline", "holds", "unit", "paper"} <= set(c), name
+        assert isinstance(c["holds"], bool)
+        assert isinstance(c["value"], (int, float)) and not math.isnan(c["value"]), name
+    assert list((tmp_path / nb.stem).glob("*.png")), "a notebook saves its figures"
