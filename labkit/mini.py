@@ -43,10 +43,10 @@ def train_mini(args) -> Path:
         from .editor import EditorConfig, train_editor
         ed_loop = LoopConfig(steps=args.editor_steps, lr=1e-3, warmup=100, clip=1.0, ckpt_every=250, eval_every=500,
                              max_minutes=args.editor_minutes, seed=args.seed, out_dir=str(run / "editor"))
-        st = train_editor(bb, ed_loop, EditorConfig())
+        st = train_editor(bb, ed_loop, EditorConfig(), bank_size=args.bank_size)
         prev = _read_card(args.out)
         card["stages"] = {**prev.get("stages", {}), **card["stages"]}
-        card["stages"]["editor"] = dict(loop=asdict(ed_loop), recipe=asdict(EditorConfig()), steps=st["step"],
+        card["stages"]["editor"] = dict(loop=asdict(ed_loop), recipe=asdict(EditorConfig()), bank_size=args.bank_size, steps=st["step"],
                                         seconds=st["seconds"], evals=st["evals"])
     card["wall_seconds_this_run"] = time.time() - t0
     M.save_weights(bb, args.out, card)

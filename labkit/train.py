@@ -75,7 +75,9 @@ def lr_lambda(cfg: LoopConfig) -> Callable[[int], float]:
 
 def run_loop(cfg: LoopConfig, modules: dict[str, torch.nn.Module], loss_fn: Callable, eval_fn: Callable | None = None,
              params: list | None = None) -> dict:
-    """Train `modules` by minimising loss_fn(rng) -> (loss, logs); resumes from out_dir/ckpt.pt if present."""
+    """Train `modules` by minimising loss_fn(rng, step) -> (loss, logs); resumes from out_dir/ckpt.pt if present.
+
+    loss_fn gets the data RNG (restored on resume) and the 0-based step, so schedules inside it resume too."""
     from accelerate import Accelerator
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,7 @@ def run_loop(cfg: LoopConfig, modules: dict[str, torch.nn.Module], loss_fn: Call
         m.train()
     while state["step"] < cfg.steps:
         with acc.autocast():
-            loss, logs = loss_fn(rng)
+            loss, logs = loss_fn(rng, state["step"])
         acc.backward(loss)
         gn = acc.clip_grad_norm_(params, cfg.clip) if cfg.clip else torch.tensor(0.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -215,9 +217,7 @@ def train_vae(bb: M.Backbone, loop: LoopConfig, cfg: VAEConfig) -> dict:
     mu, basis = patch_pca(D.crop_batch(np.random.default_rng(loop.seed + 7), "train", 256, 32, cfg.text_frac), f, bb.preset.latent_channels)
     scale = 1.0 / pca_code(D.crop_batch(np.random.default_rng(1), "train", 32, 32), mu, basis, f).std()
     ev_img, ev_lab = D.heldout_crops("val", cfg.eval_n, cfg.eval_size)
-    step = {"n": 0}
-
-    def loss_fn(rng):
+    def loss_fn(rng, step):
         x = D.crop_batch(rng, "train", cfg.batch, cfg.crop, cfg.text_frac)
         post = vae.encode(x * 2 - 1).latent_dist
         z = post.mode()
@@ -226,13 +226,12 @@ def train_vae(bb: M.Backbone, loop: LoopConfig, cfg: VAEConfig) -> dict:
         kl = post.kl().mean() / x[0].numel()
         loss = rec_loss + cfg.kl * kl
         logs = dict(rec=rec_loss.detach(), kl=kl.detach())
-        w = max(0.0, 1 - step["n"] / max(1, cfg.pca_warm * loop.steps)) if cfg.pca_warm else 0.0
+        w = max(0.0, 1 - step / max(1, cfg.pca_warm * loop.steps)) if cfg.pca_warm else 0.0
         if w > 0:  # warm start: latents near a patch-PCA code, decoder inverts that code
             code = pca_code(x, mu, basis, f) * scale
             aux = F.mse_loss(z.float(), code) + F.l1_loss(((vae.decode(code.to(z.dtype)).sample + 1) / 2).float(), x)
             loss = loss + w * aux
             logs["pca_aux"] = aux.detach()
-        step["n"] += 1
         return loss, logs
 
     state = run_loop(loop, {"vae": vae}, loss_fn, lambda: vae_eval(bb, ev_img, ev_lab))
@@ -262,8 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--run-dir", default=str(RUNS / "mini"), help="checkpoints and metrics CSVs (resumable)")
     m.add_argument("--vae-steps", type=int, default=3500)
     m.add_argument("--vae-minutes", type=float, default=35)
-    m.add_argument("--editor-steps", type=int, default=3000)
-    m.add_argument("--editor-minutes", type=float, default=35)
+    m.add_argument("--editor-steps", type=int, default=4000)
+    m.add_argument("--editor-minutes", type=float, default=40)
+    m.add_argument("--bank-size", type=int, default=1024, help="pre-encoded examples per editor task (restore: 2x)")
     m.add_argument("--stage", choices=["all", "vae", "editor"], default="all")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--fresh", action="store_true", help="delete earlier checkpoints of this run first")

@@ -12,7 +12,7 @@ def _editor_loss(bb, fixed: bool):
     """Flow-matching 'reconstruct' loss on tiny; fixed=True overfits one batch."""
     x_fixed = D.crop_batch(np.random.default_rng(0), "train", 4, 64)
 
-    def loss_fn(rng):
+    def loss_fn(rng, step):
         x = x_fixed if fixed else D.crop_batch(rng, "train", 4, 64)
         with torch.no_grad():
             z = bb.encode(x)
@@ -44,11 +44,11 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
         inner = _editor_loss(bb, fixed=False)
         calls = {"n": 0}
 
-        def loss_fn(rng):
+        def loss_fn(rng, step):
             calls["n"] += 1
             if kill_at and calls["n"] == kill_at:
                 raise Killed
-            return inner(rng)
+            return inner(rng, step)
         cfg = LoopConfig(steps=10, lr=1e-3, warmup=2, ckpt_every=4, out_dir=str(out), progress=False)
         return run_loop(cfg, {"transformer": bb.transformer}, loss_fn)
 
