@@ -107,3 +107,24 @@ def test_pack_references_budget_and_errors():
     assert sum(r.shape[-1] * r.shape[-2] for r in out) <= 256 * 256
     with pytest.raises(ValueError, match="raise the budget"):
         M.pack_references(refs, 100)
+
+
+def test_committed_mini_card_matches_weights():
+    from labkit.mini import weights_hash
+    import json
+    folder = P.MINI_WEIGHTS
+    if not (folder / "card.json").exists():
+        pytest.skip("mini weights not committed yet (make mini)")
+    card = json.loads((folder / "card.json").read_text())
+    assert card["sha256"] == weights_hash(folder)
+    assert set(card["stages"]) == {"vae", "editor"}
+
+
+def test_mini_loads_deterministically():
+    if not (P.MINI_WEIGHTS / "transformer.safetensors").exists():
+        pytest.skip("mini weights not committed yet (make mini)")
+    a, b = labkit.load("mini", seed=0), labkit.load("mini", seed=1)
+    x = torch.rand(1, 3, 128, 128)
+    za, zb = a.encode(x), b.encode(x)
+    assert torch.equal(za, zb)
+    assert torch.equal(a(za, 0.5, [za], prompt="restore"), b(zb, 0.5, [zb], prompt="restore"))
