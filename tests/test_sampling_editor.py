@@ -41,11 +41,12 @@ def test_task_batches_shapes():
             assert len(b["contexts"]) == 2 and b["mask"].shape == (2, 1, 64, 64)
 
 
-def test_oracle_paste_beats_degraded_input_in_region():
+def test_oracle_paste_copies_the_true_region():
     from labkit import data as D
-    from labkit.metrics import psnr
-    gains = []
     for s in range(4):
-        t = D.make_triplet(s, "val", 128, factor=1, view_strength=0.5, degradation="blur")
-        gains.append((psnr(E.oracle_paste(t), t.hrgt, t.mask) - psnr(t.lrgi, t.hrgt, t.mask)).item())
-    assert np.mean(gains) > 0  # copying through the true warp restores the region better than leaving it
+        t = D.make_triplet(s, "val", 128, factor=1, view_strength=1.0, degradation="blur")
+        o = E.oracle_paste(t)
+        m = t.mask[0] > 0.5
+        assert torch.equal(o[:, ~m], t.lrgi[:, ~m])  # outside the mask: the context, untouched
+        a, b = o[:, m].flatten().numpy(), t.hrgt[:, m].flatten().numpy()
+        assert np.corrcoef(a, b)[0, 1] > 0.8  # inside: the reference's content through the true warp
