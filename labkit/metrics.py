@@ -94,3 +94,43 @@ def perceptual_unavailable(name: str) -> dict:
     """How a perceptual metric without local weights is reported: unavailable, with what to supply."""
     return dict(value=None, available=False,
                 note=f"{name} needs local weights (pass a local path); none can be downloaded here, so it is not reported")
+
+
+class FeatureSimilarity:
+    """Cosine similarity of image embeddings from a *local* transformers vision model (CLIP or DINOv2).
+
+    `FeatureSimilarity("/models/clip-vit-base-patch32")` — nothing is downloaded; a missing folder is an
+    error naming the path. CLIP uses the projected image embedding, DINOv2 the CLS token."""
+
+    def __init__(self, path: str, device: str = "cpu"):
+        import os
+        from transformers import AutoConfig
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no local model folder at {path}: download e.g. openai/clip-vit-base-patch32 or "
+                                    "facebook/dinov2-base on a machine with access and pass its folder")
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.kind = "clip" if cfg.model_type.startswith("clip") else cfg.model_type
+        if self.kind == "clip":  # a full CLIP folder or a vision-only one
+            from transformers import CLIPVisionModelWithProjection as Model
+            size = getattr(cfg, "vision_config", cfg).image_size
+        else:
+            from transformers import AutoModel as Model
+            size = getattr(cfg, "image_size", 224)
+        self.model = Model.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.size, self.device = size, device
+        # CLIP's and ImageNet's normalisation constants
+        mean, std = ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)) if self.kind == "clip" else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, D) unit-norm embeddings."""
+        x = F.interpolate(_b(images), size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
+        x = ((x.clamp(0, 1) - self.mean) / self.std).to(self.device)
+        out = self.model(pixel_values=x)
+        e = out.image_embeds if self.kind == "clip" else out.last_hidden_state[:, 0]
+        return F.normalize(e.float(), dim=-1).cpu()
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-image cosine similarity (B,)."""
+        return (self.embed(a) * self.embed(b)).sum(-1)

@@ -86,3 +86,18 @@ def test_hf_ratio_detects_blur():
 def test_seam_error_zero_for_identical():
     a = torch.rand(1, 3, 32, 32)
     assert focus.seam_error(a, a, _mask(32, 32, (8, 8, 20, 20))).item() == 0
+
+
+def test_feature_similarity_from_local_folder(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, CLIPConfig
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=16)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
+    sim = metrics.FeatureSimilarity(str(tmp_path / "clip"))
+    assert sim.kind == "clip" and sim.size == 32
+    a = torch.rand(2, 3, 64, 64)
+    s = sim(a, a)
+    assert s.shape == (2,) and torch.allclose(s, torch.ones(2), atol=1e-5)
+    assert sim(a, 1 - a).mean() < 1.0
+    with pytest.raises(FileNotFoundError, match="no local model folder"):
+        metrics.FeatureSimilarity(str(tmp_path / "nope"))
