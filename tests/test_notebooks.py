@@ -25,3 +25,15 @@ def test_notebook_runs_on_tiny(nb, tmp_path):
         assert isinstance(c["holds"], bool)
         assert isinstance(c["value"], (int, float)) and not math.isnan(c["value"]), name
     assert list((tmp_path / nb.stem).glob("*.png")), "a notebook saves its figures"
+
+
+@pytest.mark.parametrize("nb", notebooks(), ids=lambda p: p.stem)
+def test_notebook_hygiene(nb):
+    """Committed notebooks: stripped outputs, exactly one `parameters` cell with out_dir/preset, a kernelspec."""
+    import json
+    d = json.loads(nb.read_text())
+    assert d["metadata"]["kernelspec"]["name"] == "python3"
+    params = [c for c in d["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1 and "preset" in "".join(params[0]["source"]) and "out_dir" in "".join(params[0]["source"])
+    assert not any(c.get("outputs") or c.get("execution_count") for c in d["cells"] if c["cell_type"] == "code")
+    assert d["cells"][0]["cell_type"] == "markdown"
