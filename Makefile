@@ -3,6 +3,8 @@ PY      := .venv/bin/python
 PRESET  ?= mini
 JOBS    ?= 1
 NB      ?=
+SWEEP_NB     ?= 03_vae_crop_vs_full
+SWEEP_PARAMS ?= --param seed=0,1,2
 export MPLBACKEND := Agg
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -38,8 +40,8 @@ mini: .venv/.done  ## retrain the mini backbone (VAE + editor) from scratch on C
 lab: .venv/.done  ## JupyterLab on the venv kernel
 	.venv/bin/jupyter lab notebooks
 
-sweep: .venv/.done  ## papermill sweep of the training comparison grid -> figures/sweep/
-	$(PY) -m labkit.sweep grid --preset $(PRESET)
+sweep: .venv/.done  ## papermill sweep: SWEEP_NB over SWEEP_PARAMS (name=v1,v2 ...) -> figures/sweep/<nb>/table.csv
+	$(PY) -m labkit.sweep grid $(SWEEP_NB) --preset $(PRESET) $(SWEEP_PARAMS)
 
 bench: .venv/.done  ## ratio benchmarks (printed side by side)
 	for f in bench/*.py; do $(PY) $$f || exit 1; done

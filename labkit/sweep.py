@@ -77,8 +77,9 @@ def write_summary() -> Path:
     return path
 
 
-def grid(notebook: str, params: dict[str, list], preset: str = "mini", out: Path | None = None) -> Path:
-    """Run one notebook at every point of a parameter grid; collect each point's key numbers into a CSV."""
+def grid(notebook: str, params: dict[str, list], preset: str = "mini", out: Path | None = None, extra: dict | None = None) -> Path:
+    """Run one notebook at every point of a parameter grid (plus fixed `extra` parameters); collect each
+    point's claims into one tidy CSV (one row per point)."""
     import pandas as pd
     nb = notebooks([notebook])[0]
     out = out or FIGURES / "sweep" / nb.stem
@@ -87,7 +88,7 @@ def grid(notebook: str, params: dict[str, list], preset: str = "mini", out: Path
     for values in itertools.product(*params.values()):
         point = dict(zip(keys, values))
         tag = "_".join(f"{k}-{v}" for k, v in point.items())
-        r = run_notebook(nb, out / tag, preset=preset, **point)
+        r = run_notebook(nb, out / tag, preset=preset, **(extra or {}), **point)
         rows.append({**point, **{f"{k}": c["value"] for k, c in r["claims"].items()},
                      **{f"{k}_holds": c["holds"] for k, c in r["claims"].items()}})
     table = pd.DataFrame(rows)

@@ -37,3 +37,15 @@ def test_notebook_hygiene(nb):
     assert len(params) == 1 and "preset" in "".join(params[0]["source"]) and "out_dir" in "".join(params[0]["source"])
     assert not any(c.get("outputs") or c.get("execution_count") for c in d["cells"] if c["cell_type"] == "code")
     assert d["cells"][0]["cell_type"] == "markdown"
+
+
+@pytest.mark.slow
+def test_sweep_collects_points_into_one_table(tmp_path):
+    import pandas as pd
+    from labkit.sweep import grid
+    csv = grid("03_vae_crop_vs_full", {"seed": [0, 1]}, preset="tiny", out=tmp_path,
+               extra=dict(n_images=2, fracs=[0.05, 0.4], upsamples=["work"]))
+    table = pd.read_csv(csv)
+    assert list(table.seed) == [0, 1]
+    assert "crop_beats_full_small_regions" in table and "crop_beats_full_small_regions_holds" in table
+    assert table.crop_beats_full_small_regions.nunique() == 2  # different seeds, different numbers
