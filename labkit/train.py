@@ -12,7 +12,7 @@ import argparse
 import csv
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -251,6 +251,90 @@ def set_latent_stats(bb: M.Backbone, n: int = 64, size: int = 128) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# adapter SFT on LRGI + HRRI -> HRGT triplets (RefGC-SR2 task; OmniRefiner stage 1)
+@dataclass
+class SFTConfig:
+    """Adapter fine-tuning: which adapter, which extra losses (weights 0 = off)."""
+
+    adapter: str = "freqmole"  # freqmole | lora
+    rank: int = 8
+    w_freq: float = 0.0  # RefGC-SR2 frequency loss weight (λ_LF = λ_HF = w_freq)
+    sigma: float = 1.0  # Gaussian σ of the latent LF/HF split
+    boundary_alpha: float = 0.0  # RefineAnything boundary loss α (9 in the paper); 0 = plain flow loss
+    boundary_radius: int = 16
+    mask_weight: float = 0.0  # OmniRefiner masked loss: extra weight inside the mask
+    alpha_freeze_step: int = -1  # freeze FreqMoLE's α from this step on (-1: never)
+    size: int = 128
+    factor: int = 2
+    batch: int = 8
+    bank: int = 256  # pre-encoded training triplets
+    prompt: str = "refine"
+
+
+@torch.no_grad()
+def triplet_bank(bb: M.Backbone, n: int, split: str, size: int, factor: int, seed: int = 0) -> dict:
+    """Latents of n triplets (HRGT, bicubic-up LRGI, HRRI) plus their pixel masks, for fast CPU steps."""
+    import torch.nn.functional as F
+    trips = [D.make_triplet(seed * 100_000 + i, split, size, factor) for i in range(n)]
+    up = lambda t: F.interpolate(t.lrgi[None], size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)  # noqa: E731
+    enc = lambda xs: torch.cat([bb.encode(x).cpu() for x in xs])  # noqa: E731
+    return dict(hrgt=enc([t.hrgt[None] for t in trips]), lrgi=enc([up(t) for t in trips]), hrri=enc([t.hrri[None] for t in trips]),
+                mask=torch.stack([t.mask for t in trips]), ref_mask=torch.stack([t.ref_mask for t in trips]))
+
+
+def sft_loss(bb: M.Backbone, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Flow loss (optionally boundary/mask weighted) + optional frequency loss on the one-step estimate ẑ0."""
+    from . import losses as L
+    x0 = batch["hrgt"]
+    x_t = L.noisy(x0, eps, t)
+    v = bb(x_t, t, [batch["lrgi"], batch["hrri"]], prompt=cfg.prompt)
+    hw = x0.shape[-2:]
+    w = None
+    if cfg.boundary_alpha:
+        w = L.boundary_weight(batch["mask"], hw, cfg.boundary_alpha, cfg.boundary_radius)
+    if cfg.mask_weight:
+        w = (w if w is not None else 1.0) + cfg.mask_weight * L.resize_mask(batch["mask"], hw)
+    loss = L.weighted_mse(v, eps - x0, w) / x0.shape[1]
+    logs = dict(flow=loss.detach())
+    if cfg.w_freq:
+        fl, parts = L.frequency_loss(L.x0_estimate(x_t, v, t), x0, batch["hrri"], batch["mask"], batch["ref_mask"],
+                                     cfg.sigma, cfg.w_freq, cfg.w_freq)
+        loss = loss + fl
+        logs.update(parts)
+    return loss, logs
+
+
+def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
+    """Inject adapters into the frozen editor, fine-tune on train triplets, save adapter.safetensors."""
+    from . import freqmole as FM
+    bb.requires_grad_(False)
+    spec = FM.inject(bb.transformer, cfg.adapter, rank=cfg.rank)
+    bank = triplet_bank(bb, cfg.bank, "train", cfg.size, cfg.factor, loop.seed)
+    val = triplet_bank(bb, 16, "val", cfg.size, cfg.factor, seed=7)
+    params = [p for p in bb.transformer.parameters() if p.requires_grad]
+
+    def loss_fn(rng, step):
+        if cfg.alpha_freeze_step >= 0 and step == cfg.alpha_freeze_step:
+            FM.set_alpha_trainable(bb.transformer, False)
+        idx = torch.from_numpy(rng.choice(cfg.bank, cfg.batch, replace=cfg.bank < cfg.batch))
+        from .losses import sample_t
+        t = sample_t(rng, cfg.batch)
+        eps = torch.from_numpy(rng.standard_normal(bank["hrgt"][idx].shape)).float()
+        return sft_loss(bb, {k: v[idx] for k, v in bank.items()}, cfg, t, eps)
+
+    def eval_fn():
+        g = np.random.default_rng(0)
+        t = torch.full((16,), 0.5)
+        eps = torch.from_numpy(g.standard_normal(val["hrgt"].shape)).float()
+        return dict(val_loss=float(sft_loss(bb, val, cfg, t, eps)[0]))
+
+    state = run_loop(loop, {"transformer": bb.transformer}, loss_fn, eval_fn, params=params)
+    FM.save(bb.transformer, dict(spec, sft=asdict(cfg)), loop.out_dir)
+    write_json(dict(history=state["history"], evals=state["evals"]), Path(loop.out_dir) / "train_state.json")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m labkit.train mini [--fresh] ...`."""
     ap = argparse.ArgumentParser(prog="labkit.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -267,10 +351,24 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--stage", choices=["all", "vae", "editor"], default="all")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--fresh", action="store_true", help="delete earlier checkpoints of this run first")
+    s = sub.add_parser("sft", help="fine-tune adapters (FreqMoLE / LoRA) on LRGI + HRRI -> HRGT triplets")
+    s.add_argument("--preset", default="mini")
+    s.add_argument("--out", default=str(RUNS / "sft"), help="checkpoints, metrics.csv and the adapter")
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--seed", type=int, default=0)
+    for f_ in fields(SFTConfig):
+        s.add_argument(f"--{f_.name.replace('_', '-')}", type=type(f_.default), default=f_.default)
     args = ap.parse_args(argv)
     if args.cmd == "mini":
         from .mini import train_mini
         train_mini(args)
+    elif args.cmd == "sft":
+        bb = M.load(args.preset)
+        cfg = SFTConfig(**{f_.name: getattr(args, f_.name) for f_ in fields(SFTConfig)})
+        loop = LoopConfig(steps=args.steps, lr=args.lr, warmup=min(50, args.steps // 10 + 1), ckpt_every=100,
+                          eval_every=max(1, args.steps // 4), seed=args.seed, out_dir=args.out)
+        train_sft(bb, loop, cfg)
 
 
 if __name__ == "__main__":

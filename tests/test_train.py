@@ -90,3 +90,38 @@ def test_frequency_loss_zero_at_target_and_positive_elsewhere():
     assert loss.item() < 1e-5
     loss2, _ = L.frequency_loss(z + torch.randn(z.shape, generator=g), z, z, m)
     assert loss2.item() > 0.1
+
+
+@pytest.mark.parametrize("adapter, extra", [("freqmole", dict(w_freq=0.5, boundary_alpha=9.0)), ("lora", dict(mask_weight=1.0))])
+def test_sft_lowers_loss_and_trains_only_adapters(tmp_path, adapter, extra):
+    from labkit.train import SFTConfig, train_sft
+    from labkit import freqmole as FM
+    bb = labkit.load("tiny")
+    base = {k: v.clone() for k, v in bb.transformer.state_dict().items()}
+    cfg = SFTConfig(adapter=adapter, rank=4, size=64, batch=4, bank=4, **extra)
+    st = train_sft(bb, LoopConfig(steps=30, lr=3e-3, warmup=3, ckpt_every=1000, eval_every=30, out_dir=str(tmp_path),
+                                  progress=False), cfg)
+    losses = [h["loss"] for h in st["history"]]
+    assert np.mean(losses[-6:]) < np.mean(losses[:6])
+    after = {k.replace(".base_layer", ""): v for k, v in bb.transformer.state_dict().items() if "lora_" not in k}
+    assert set(after) == set(base)
+    assert [k for k in base if not torch.equal(base[k], after[k])] == []  # base weights untouched
+    assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "metrics.csv").exists()
+    fresh = labkit.load("tiny")
+    FM.load(fresh.transformer, tmp_path)
+    x = torch.randn(1, 16, 8, 8)
+    assert torch.allclose(fresh(x, 0.5, [x, x], prompt="refine"), bb(x, 0.5, [x, x], prompt="refine"), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_one_cpu_process(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    launcher = Path(sys.executable).parent / "accelerate"
+    cmd = [str(launcher), "launch", "--num_processes", "1", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "labkit.train", "sft", "--preset", "tiny", "--steps", "3", "--size", "64",
+           "--batch", "2", "--bank", "2", "--rank", "2", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "adapter.safetensors").exists()
