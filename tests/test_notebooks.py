@@ -11,6 +11,7 @@ SMALL = {  # small sizes per notebook so the suite stays in minutes on 2 cores
     "01_attention_correspondence": dict(n_pairs=3, n_calib=2, timesteps=[1.0, 0.5], sample_steps=2, size=64),
     "00_tour": dict(n_triplets=2),
     "02_latent_frequency": dict(n_triplets=6, size=64),
+    "04_train_freqmole": dict(steps=4, bank=4, batch=2, size=64, n_val=2, sample_steps=2),
     "03_vae_crop_vs_full": dict(n_images=3, fracs=[0.05, 0.4], upsamples=[2, "work"]),
 }
 
