@@ -1,9 +1,11 @@
 """One training entry point (accelerate): the mini backbone (VAE, then editor), and adapter SFT.
 
-    python -m labkit.train mini [--fresh] [--vae-minutes 25] [--editor-minutes 25]
-    accelerate launch -m labkit.train mini ...
+    python -m labkit.train mini [--fresh] [--vae-minutes 35] [--editor-minutes 40]
+    python -m labkit.train sft --preset mini --adapter freqmole --w-freq 0.5 --out runs/sft/x
+    accelerate launch -m labkit.train sft ...
 
-Every loop: AdamW, warmup + cosine, grad clipping, bf16 autocast, tqdm, metrics CSV, checkpoints
+Every loop: AdamW, warmup + cosine, grad clipping, bf16 autocast where it is fast (see
+resolve_precision), tqdm, metrics CSV, checkpoints
 written atomically every N steps, exact resume (model, optimiser, schedule, RNG and data-RNG state).
 """
 from __future__ import annotations
