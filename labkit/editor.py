@@ -102,7 +102,7 @@ def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024)
         loss = flow_matching_loss(bb, x0, ctx, task, t, torch.from_numpy(rng.standard_normal(x0.shape)).float())
         return loss, {f"loss_{task}": loss.detach()}
 
-    def eval_fn():
+    def eval_fn(step):
         out = {}
         g = np.random.default_rng(0)
         for task, bank in val.items():

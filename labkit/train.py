@@ -4,9 +4,10 @@
     python -m labkit.train sft --preset mini --adapter freqmole --w-freq 0.5 --out runs/sft/x
     accelerate launch -m labkit.train sft ...
 
-Every loop: AdamW, warmup + cosine, grad clipping, bf16 autocast where it is fast (see
-resolve_precision), tqdm, metrics CSV, checkpoints
-written atomically every N steps, exact resume (model, optimiser, schedule, RNG and data-RNG state).
+Every loop: AdamW, warmup + cosine, grad clipping, optional EMA of the trained weights (diffusers'
+EMAModel), bf16 autocast where it is fast (see resolve_precision), tqdm, metrics CSV, validation at
+fixed seeds (numbers + images), checkpoints written atomically every N steps, exact resume (model,
+optimiser, schedule, EMA, RNG and data-RNG state).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class LoopConfig:
     eval_every: int = 200
     max_minutes: float | None = None  # stop early (and save) when the wall-clock budget is spent
     mixed_precision: str = "auto"  # bf16 on CUDA or a CPU with native bf16 (AVX512-BF16/AMX); else fp32
+    ema: float = 0.0  # EMA decay of the trained weights (0 = off); evals and the final weights use the EMA
     seed: int = 0
     out_dir: str = str(RUNS / "scratch")
     progress: bool = True
@@ -79,7 +81,10 @@ def run_loop(cfg: LoopConfig, modules: dict[str, torch.nn.Module], loss_fn: Call
              params: list | None = None) -> dict:
     """Train `modules` by minimising loss_fn(rng, step) -> (loss, logs); resumes from out_dir/ckpt.pt if present.
 
-    loss_fn gets the data RNG (restored on resume) and the 0-based step, so schedules inside it resume too."""
+    loss_fn gets the data RNG (restored on resume) and the 0-based step, so schedules inside it resume too.
+    eval_fn(step) -> dict of numbers runs every eval_every steps under no_grad (with the EMA weights swapped
+    in when cfg.ema > 0); it may also write validation images into out_dir. With EMA the modules end
+    holding the EMA weights."""
     from accelerate import Accelerator
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,12 +95,18 @@ def run_loop(cfg: LoopConfig, modules: dict[str, torch.nn.Module], loss_fn: Call
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     rng = np.random.default_rng(cfg.seed)
     state = dict(step=0, history=[], evals=[], seconds=0.0)
+    ema = None
+    if cfg.ema:
+        from diffusers.training_utils import EMAModel
+        ema = EMAModel(params, decay=cfg.ema, use_ema_warmup=False, foreach=False)
     ckpt = out / "ckpt.pt"
     if ckpt.exists():  # exact resume
         s = torch.load(ckpt, weights_only=False)
         for k, m in modules.items():
             m.load_state_dict(s["modules"][k])
         opt.load_state_dict(s["opt"]), sched.load_state_dict(s["sched"])
+        if ema is not None:
+            ema.load_state_dict(s["ema"])
         rng.bit_generator.state = s["np_rng"]
         torch.set_rng_state(s["torch_rng"])
         state = s["state"]
@@ -104,7 +115,8 @@ def run_loop(cfg: LoopConfig, modules: dict[str, torch.nn.Module], loss_fn: Call
 
     def save() -> None:
         s = dict(modules={k: m.state_dict() for k, m in modules.items()}, opt=opt.state_dict(), sched=sched.state_dict(),
-                 np_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(), state=state)
+                 np_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(), state=state,
+                 ema=ema.state_dict() if ema is not None else None)
         atomic_save(lambda p: torch.save(s, p), ckpt)
         _write_csv(out / "metrics.csv", state["history"])
 
@@ -118,6 +130,8 @@ def run_loop(cfg: LoopConfig, modules: dict[str, torch.nn.Module], loss_fn: Call
         acc.backward(loss)
         gn = acc.clip_grad_norm_(params, cfg.clip) if cfg.clip else torch.tensor(0.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
         state["step"] += 1
         state["seconds"] = start + time.time() - t0
         state["history"].append(dict(step=state["step"], loss=float(loss.detach()), grad_norm=float(gn), lr=sched.get_last_lr()[0],
@@ -128,8 +142,12 @@ def run_loop(cfg: LoopConfig, modules: dict[str, torch.nn.Module], loss_fn: Call
         if eval_fn and (state["step"] % cfg.eval_every == 0 or done):
             for m in modules.values():
                 m.eval()
+            if ema is not None:
+                ema.store(params), ema.copy_to(params)
             with torch.no_grad():
-                state["evals"].append(dict(step=state["step"], seconds=round(state["seconds"], 1), **eval_fn()))
+                state["evals"].append(dict(step=state["step"], seconds=round(state["seconds"], 1), **eval_fn(state["step"])))
+            if ema is not None:
+                ema.restore(params)
             for m in modules.values():
                 m.train()
             bar.write(f"[{out.name}] step {state['step']}: {state['evals'][-1]}")
@@ -138,6 +156,8 @@ def run_loop(cfg: LoopConfig, modules: dict[str, torch.nn.Module], loss_fn: Call
         if done:
             break
     bar.close()
+    if ema is not None:
+        ema.copy_to(params)
     for m in modules.values():
         m.eval()
     return state
@@ -236,7 +256,7 @@ def train_vae(bb: M.Backbone, loop: LoopConfig, cfg: VAEConfig) -> dict:
             logs["pca_aux"] = aux.detach()
         return loss, logs
 
-    state = run_loop(loop, {"vae": vae}, loss_fn, lambda: vae_eval(bb, ev_img, ev_lab))
+    state = run_loop(loop, {"vae": vae}, loss_fn, lambda step: vae_eval(bb, ev_img, ev_lab))
     vae.requires_grad_(False)
     set_latent_stats(bb)
     return state
@@ -271,6 +291,8 @@ class SFTConfig:
     batch: int = 8
     bank: int = 256  # pre-encoded training triplets
     prompt: str = "refine"
+    val_images: int = 4  # val triplets sampled (Euler, fixed seed) and saved as out/val/step_*.png at each eval
+    val_steps: int = 4
 
 
 @torch.no_grad()
@@ -313,6 +335,7 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
     spec = FM.inject(bb.transformer, cfg.adapter, rank=cfg.rank)
     bank = triplet_bank(bb, cfg.bank, "train", cfg.size, cfg.factor, loop.seed)
     val = triplet_bank(bb, 16, "val", cfg.size, cfg.factor, seed=7)
+    val_trips = [D.make_triplet(7 * 100_000 + i, "val", cfg.size, cfg.factor) for i in range(cfg.val_images)]
     params = [p for p in bb.transformer.parameters() if p.requires_grad]
 
     def loss_fn(rng, step):
@@ -324,26 +347,50 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
         eps = torch.from_numpy(rng.standard_normal(bank["hrgt"][idx].shape)).float()
         return sft_loss(bb, {k: v[idx] for k, v in bank.items()}, cfg, t, eps)
 
-    def eval_fn():
+    def eval_fn(step):
         g = np.random.default_rng(0)
         t = torch.full((16,), 0.5)
         eps = torch.from_numpy(g.standard_normal(val["hrgt"].shape)).float()
-        return dict(val_loss=float(sft_loss(bb, val, cfg, t, eps)[0]))
+        out = dict(val_loss=float(sft_loss(bb, val, cfg, t, eps)[0]))
+        if val_trips:
+            rows, imgs = evaluate_refiner(bb, val_trips, cfg.val_steps, seed=0, prompt=cfg.prompt, return_images=True)
+            out["val_region_psnr"] = float(np.mean([r["region_psnr"] for r in rows]))
+            save_val_grid(val_trips, imgs, Path(loop.out_dir) / "val" / f"step_{step:06d}.png",
+                          f"step {step}: val region PSNR {out['val_region_psnr']:.2f} dB")
+        return out
 
     state = run_loop(loop, {"transformer": bb.transformer}, loss_fn, eval_fn, params=params)
-    FM.save(bb.transformer, dict(spec, sft=asdict(cfg)), loop.out_dir)
+    from .util import git_commit
+    provenance = dict(steps=state["step"], seed=loop.seed, lr=loop.lr, ema=loop.ema, git=git_commit(),
+                      val=state["evals"][-1] if state["evals"] else None)
+    FM.save(bb.transformer, dict(spec, sft=asdict(cfg), training=provenance), loop.out_dir)
     write_json(dict(history=state["history"], evals=state["evals"]), Path(loop.out_dir) / "train_state.json")
     return state
 
 
+def save_val_grid(trips: list, outputs: list[torch.Tensor], path: Path, title: str = "") -> Path:
+    """One PNG: a row per val triplet (LRGI up, HRRI, output, HRGT) - the images the training log points at."""
+    from . import viz
+    from .focus import resize
+    rows = [[resize(t.lrgi, t.hrgt.shape[-2:]), t.hrri, y, t.hrgt] for t, y in zip(trips, outputs)]
+    fig = viz.grid(rows, ["LRGI (bicubic up)", "HRRI", "output", "HRGT"], size=1.4)
+    fig.suptitle(title, fontsize=8, y=1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = viz.save(fig, path.stem, path.parent)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return out
+
+
 @torch.no_grad()
-def evaluate_refiner(bb: M.Backbone, trips: list, steps: int = 8, seed: int = 0, prompt: str = "refine") -> list[dict]:
+def evaluate_refiner(bb: M.Backbone, trips: list, steps: int = 8, seed: int = 0, prompt: str = "refine",
+                     return_images: bool = False):
     """Sample HRGT from [LRGI (bicubic up), HRRI] with Euler; per-case whole/region PSNR, SSIM, HF ratio,
-    next to the bicubic-upsampled LRGI baseline."""
+    next to the bicubic-upsampled LRGI baseline (and the output images when return_images)."""
     import torch.nn.functional as F
     from .metrics import hf_energy_ratio, psnr, ssim
     from .sampling import euler
-    rows = []
+    rows, images = [], []
     for i, t in enumerate(trips):
         s = t.hrgt.shape[-1]
         up = F.interpolate(t.lrgi[None], size=(s, s), mode="bicubic", align_corners=False).clamp(0, 1)
@@ -354,7 +401,8 @@ def evaluate_refiner(bb: M.Backbone, trips: list, steps: int = 8, seed: int = 0,
         rows.append(dict(case=i, content=t.meta["content"], psnr=psnr(y, gt).item(), ssim=ssim(y, gt).item(),
                          region_psnr=psnr(y, gt, m).item(), region_hf=hf_energy_ratio(y, gt, m).item(),
                          lrgi_psnr=psnr(up, gt).item(), lrgi_region_psnr=psnr(up, gt, m).item()))
-    return rows
+        images.append(y[0])
+    return (rows, images) if return_images else rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out", default=str(RUNS / "sft"), help="checkpoints, metrics.csv and the adapter")
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--ema", type=float, default=0.0, help="EMA decay of the adapter weights (0 = off)")
     s.add_argument("--seed", type=int, default=0)
     for f_ in fields(SFTConfig):
         s.add_argument(f"--{f_.name.replace('_', '-')}", type=type(f_.default), default=f_.default)
@@ -390,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         bb = M.load(args.preset)
         cfg = SFTConfig(**{f_.name: getattr(args, f_.name) for f_ in fields(SFTConfig)})
         loop = LoopConfig(steps=args.steps, lr=args.lr, warmup=min(50, args.steps // 10 + 1), ckpt_every=100,
-                          eval_every=max(1, args.steps // 4), seed=args.seed, out_dir=args.out)
+                          eval_every=max(1, args.steps // 4), seed=args.seed, out_dir=args.out, ema=args.ema)
         train_sft(bb, loop, cfg)
 
 

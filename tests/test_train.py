@@ -37,7 +37,8 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_after_kill_matches_uninterrupted(tmp_path, ema):
     def run(out, kill_at=None):
         bb = labkit.load("tiny")
         bb.transformer.requires_grad_(True)
@@ -49,17 +50,32 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
             if kill_at and calls["n"] == kill_at:
                 raise Killed
             return inner(rng, step)
-        cfg = LoopConfig(steps=10, lr=1e-3, warmup=2, ckpt_every=4, out_dir=str(out), progress=False)
-        return run_loop(cfg, {"transformer": bb.transformer}, loss_fn)
+        cfg = LoopConfig(steps=10, lr=1e-3, warmup=2, ckpt_every=4, out_dir=str(out), progress=False, ema=ema)
+        return run_loop(cfg, {"transformer": bb.transformer}, loss_fn), bb
 
-    full = run(tmp_path / "a")
+    full, bb_a = run(tmp_path / "a")
     with pytest.raises(Killed):
         run(tmp_path / "b", kill_at=7)  # dies after the step-4 checkpoint, steps 5-6 lost
-    resumed = run(tmp_path / "b")
+    resumed, bb_b = run(tmp_path / "b")
     a = [h["loss"] for h in full["history"]]
     b = [h["loss"] for h in resumed["history"]]
     assert len(a) == len(b) == 10
     assert np.allclose(a, b, rtol=1e-4, atol=1e-6)
+    wa, wb = (torch.cat([p.flatten() for p in m.transformer.parameters()]) for m in (bb_a, bb_b))
+    assert torch.allclose(wa, wb, atol=1e-5)  # final (EMA) weights resume exactly too
+
+
+def test_ema_weights_lag_the_raw_weights(tmp_path):
+    """With EMA the loop ends on the averaged weights: between the start and the raw end point."""
+    def run(ema):
+        bb = labkit.load("tiny")
+        bb.transformer.requires_grad_(True)
+        cfg = LoopConfig(steps=12, lr=3e-3, warmup=1, ckpt_every=1000, out_dir=str(tmp_path / str(ema)), progress=False, ema=ema)
+        run_loop(cfg, {"transformer": bb.transformer}, _editor_loss(bb, fixed=True))
+        return torch.cat([p.flatten() for p in bb.transformer.parameters()])
+    w0 = torch.cat([p.flatten() for p in labkit.load("tiny").transformer.parameters()])
+    raw, avg = run(0.0), run(0.95)
+    assert 0 < (avg - w0).norm() < (raw - w0).norm()
 
 
 def test_checkpoint_is_atomic(tmp_path):
@@ -98,7 +114,7 @@ def test_sft_lowers_loss_and_trains_only_adapters(tmp_path, adapter, extra):
     from labkit import freqmole as FM
     bb = labkit.load("tiny")
     base = {k: v.clone() for k, v in bb.transformer.state_dict().items()}
-    cfg = SFTConfig(adapter=adapter, rank=4, size=64, batch=4, bank=4, **extra)
+    cfg = SFTConfig(adapter=adapter, rank=4, size=64, batch=4, bank=4, val_images=2, val_steps=2, **extra)
     st = train_sft(bb, LoopConfig(steps=30, lr=3e-3, warmup=3, ckpt_every=1000, eval_every=30, out_dir=str(tmp_path),
                                   progress=False), cfg)
     losses = [h["loss"] for h in st["history"]]
@@ -107,6 +123,7 @@ def test_sft_lowers_loss_and_trains_only_adapters(tmp_path, adapter, extra):
     assert set(after) == set(base)
     assert [k for k in base if not torch.equal(base[k], after[k])] == []  # base weights untouched
     assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "metrics.csv").exists()
+    assert (tmp_path / "val" / "step_000030.png").exists() and "val_region_psnr" in st["evals"][-1]
     fresh = labkit.load("tiny")
     FM.load(fresh.transformer, tmp_path)
     x = torch.randn(1, 16, 8, 8)
