@@ -2,5 +2,14 @@
 from .models import Backbone, load
 from .presets import PRESETS
 
-__all__ = ["Backbone", "load", "PRESETS"]
+__all__ = ["Backbone", "load", "refine", "PRESETS"]
 __version__ = "0.1.0"
+
+
+def refine(image, mask, reference=None, method: str = "focus", adapter: str | None = None, steps: int = 8, seed: int = 0,
+           preset: str = "mini", **kw):
+    """Refine the masked region of `image` from reference image(s); a PIL image of the input's size.
+
+    methods: input | paste | full | focus | align; see labkit.inference (imported on first use)."""
+    from .inference import refine as _refine
+    return _refine(image, mask, reference, method, adapter, steps, seed, preset, **kw)

@@ -237,6 +237,7 @@ class Triplet:
     ref_bbox: tuple[int, int, int, int]
     warp: np.ndarray  # (3, 3) homography, HRGT pixel (x, y, 1) -> HRRI pixel
     meta: dict = field(default_factory=dict)  # source, content, degradation, factor, seed, split
+    extra_refs: list = field(default_factory=list)  # more (3, S, S) views of the same content (multi-reference)
 
 
 def bbox_of(mask: np.ndarray | torch.Tensor) -> tuple[int, int, int, int]:
@@ -314,8 +315,9 @@ def degrade(rng: np.random.Generator, img: np.ndarray, kind: str, vae_roundtrip:
 
 def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int = 2, degradation: str = "mixed",
                  area: tuple[float, float] = (0.04, 0.25), content: str | None = None,
-                 view_strength: float = 1.0, vae_roundtrip: Callable | None = None) -> Triplet:
-    """One LRGI/HRRI/HRGT triplet, deterministic from (seed, split, params)."""
+                 view_strength: float = 1.0, vae_roundtrip: Callable | None = None, extra_refs: int = 0) -> Triplet:
+    """One LRGI/HRRI/HRGT triplet, deterministic from (seed, split, params); extra_refs further reference
+    views come from their own RNG streams, so the triplet itself does not change with extra_refs."""
     if size % factor:
         raise ValueError(f"size {size} must be divisible by the downscale factor {factor}")
     rng = np.random.default_rng([seed, hash_str(split), size, factor])
@@ -348,9 +350,14 @@ def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int =
     meta = dict(source=name, content=kind, degradation="+".join(kinds), factor=factor, seed=seed, split=split,
                 size=size, vae_stand_in="vae" in kinds and vae_roundtrip is None)
     t = lambda x: to_tensor(x if x.ndim == 3 else x[..., None])  # noqa: E731
+    extra = []
+    for k in range(extra_refs):  # other views of the same crop: own homography and photometric change
+        rk = np.random.default_rng([seed, hash_str(split), size, factor, 7919, k])
+        v = np.clip(_warp(img, t_gt @ _view_homography(rk, size, view_strength), size), 0, 1)
+        extra.append(t(np.clip((v ** rk.uniform(0.8, 1.25)) * rk.uniform(0.85, 1.15) * rk.uniform(0.92, 1.08, 3), 0, 1)))
     return Triplet(hrgt=t(hrgt), hrri=t(hrri), lrgi=t(lrgi), mask=t(mask), ref_mask=t(ref_mask),
                    scribble=t(scribble), bbox=bbox_of(mask), ref_bbox=bbox_of(ref_mask),
-                   warp=np.linalg.inv(a), meta=meta)
+                   warp=np.linalg.inv(a), meta=meta, extra_refs=extra)
 
 
 def _scribble(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
@@ -363,13 +370,15 @@ def _scribble(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
 
 
 def eval_set(n: int = 64, degradations: Sequence[str] = ("blur", "color", "elastic", "glyph"), size: int = 128,
-             factor: int = 2, split: str = "test", seed: int = 0, cache: bool = True) -> list[Triplet]:
-    """The fixed evaluation set: n cases × each degradation, built on demand and cached on disk."""
-    key = json.dumps(dict(n=n, d=list(degradations), size=size, factor=factor, split=split, seed=seed, v=1))
+             factor: int = 2, split: str = "test", seed: int = 0, cache: bool = True, extra_refs: int = 0) -> list[Triplet]:
+    """The fixed evaluation set: n cases × each degradation, built on demand and cached on disk
+    (extra_refs > 0: the same cases with more reference views, for multi-reference studies)."""
+    key = dict(n=n, d=list(degradations), size=size, factor=factor, split=split, seed=seed, v=1)
+    key = json.dumps(key | (dict(extra_refs=extra_refs) if extra_refs else {}))
     path = CACHE_DIR / f"eval_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if cache and path.exists():
         return [Triplet(**d) for d in torch.load(path, weights_only=False)]
-    cases = [make_triplet(seed * 100_003 + i, split, size, factor, degradation=d)
+    cases = [make_triplet(seed * 100_003 + i, split, size, factor, degradation=d, extra_refs=extra_refs)
              for i in range(n) for d in degradations]
     if cache:
         from .util import atomic_save

@@ -13,6 +13,11 @@ SMALL = {  # small sizes per notebook so the suite stays in minutes on 2 cores
     "02_latent_frequency": dict(n_triplets=6, size=64),
     "04_train_freqmole": dict(steps=4, bank=4, batch=2, size=64, n_val=2, sample_steps=2),
     "03_vae_crop_vs_full": dict(n_images=3, fracs=[0.05, 0.4], upsamples=[2, "work"]),
+    "05_evaluate": dict(n_per_degradation=1, degradations=["blur", "glyph"], size=64, steps=2, adapter_source="train",
+                        adapter_steps=2, adapters=["lora", "freqmole", "freqmole+boundary"]),
+    "06_reward_finetune": dict(adapter_source="train", sft_steps=1, steps=2, group=2, inputs=1, sample_steps=2, eval_steps=2,
+                               bank=2, n_val=1, n_per_degradation=1, degradations=["blur", "glyph"], study_k=[1, 2],
+                               study_budgets=[0.5, 1.0], n_study=2, size=64, budgets=[0.5, 1.0]),
 }
 
 

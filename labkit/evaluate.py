@@ -1,0 +1,189 @@
+"""Evaluation tables on the fixed test set: RefineEval-style (region / background) and RefGC-SR2-style
+(whole image) columns, per-degradation and per-content breakdowns, bootstrap confidence intervals.
+
+Conventions: region metrics compare the output with HRGT inside the mask; background metrics compare the
+output with the *input* (draft) outside the mask - preservation, as RefineEval's MSE_bg; whole-image
+metrics compare with HRGT. `bg_box_mse` is the MSE outside the Focus paste box (0 = bit-identical).
+HF fidelity is reported as region_hf_err = |log2(HF energy ratio)| (0 = the target's detail energy;
+the raw ratio is heavy-tailed on flat regions, so its mean is not a useful summary).
+The eval set shows each scene under several degradations, so confidence intervals resample *scenes*
+(cluster bootstrap), not cases.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import metrics as Mt
+
+# column -> which direction is better ("max", "min", or "one": closest to 1)
+COLUMNS = {
+    "region_mse": "min", "region_psnr": "max", "region_ssim": "max", "region_hf_err": "min",
+    "mse_bg": "min", "ssim_bg": "max", "psnr": "max", "ssim": "max",
+    "lpips": "min", "dino": "max", "clip": "max",
+}
+PERCEPTUAL = {"lpips": "LABKIT_LPIPS", "dino": "LABKIT_DINO", "clip": "LABKIT_CLIP"}
+
+
+def perceptual_models() -> dict:
+    """DINO / CLIP similarity from local folders named by LABKIT_DINO / LABKIT_CLIP; LPIPS needs torchvision,
+    which has no CPU wheel here, so it is always unavailable. name -> callable or a reason string."""
+    out = {}
+    for name, env in PERCEPTUAL.items():
+        path = os.environ.get(env)
+        if name == "lpips":
+            out[name] = "unavailable: LPIPS needs torchvision (no CPU wheel here) and its VGG/AlexNet weights"
+        elif not path:
+            out[name] = f"unavailable: set {env}=/local/folder (a transformers {name.upper()} checkpoint)"
+        else:
+            out[name] = Mt.FeatureSimilarity(path)
+    return out
+
+
+def case_metrics(out: torch.Tensor, case, draft: torch.Tensor, box=None, perceptual: dict | None = None) -> dict:
+    """One output (3, H, W) against HRGT (region, whole) and against the draft (background)."""
+    y, gt, inp, m = out[None], case.hrgt[None], draft[None], case.mask[None]
+    bg = 1 - m
+    row = dict(region_mse=Mt.mse(y, gt, m).item(), region_psnr=Mt.psnr(y, gt, m).item(), region_ssim=Mt.ssim(y, gt, m).item(),
+               region_hf_err=abs(float(torch.log2(Mt.hf_energy_ratio(y, gt, m).clamp_min(1e-6)))),
+               region_hf=Mt.hf_energy_ratio(y, gt, m).item(), mse_bg=Mt.mse(y, inp, bg).item(),
+               ssim_bg=Mt.ssim(y, inp, bg).item(), psnr=Mt.psnr(y, gt).item(), ssim=Mt.ssim(y, gt).item())
+    if box is not None:
+        x0, y0, x1, y1 = box
+        outside = torch.ones_like(m)
+        outside[..., y0:y1, x0:x1] = 0
+        row["bg_box_mse"] = Mt.mse(y, inp, outside).item() if outside.sum() else 0.0
+        row["bg_box_maxabs"] = float(((y - inp).abs() * outside).max())
+    for name, fn in (perceptual or {}).items():
+        row[name] = float(fn(y, gt)) if callable(fn) else float("nan")
+    return row
+
+
+def run(cases: Sequence, methods: dict[str, Callable], draft_fn: Callable, progress: bool = True,
+        perceptual: dict | None = None, keep: Sequence[int] = range(4)) -> tuple[pd.DataFrame, dict]:
+    """Every method on every case: methods[name](case) -> (output (3,H,W), info); one row per (case, method).
+    Returns the rows and, per method, the outputs of the cases in `keep` (for the qualitative grid)."""
+    from tqdm.auto import tqdm
+    rows, samples = [], {}
+    bar = tqdm(total=len(cases) * len(methods), disable=not progress, desc="evaluate", mininterval=5)
+    for name, fn in methods.items():
+        t0 = time.time()
+        for i, c in enumerate(cases):
+            out, info = fn(c)
+            rows.append(dict(method=name, case=i, scene=c.meta["seed"], content=c.meta["content"], degradation=c.meta["degradation"],
+                             **case_metrics(out, c, draft_fn(c), info.get("box"), perceptual)))
+            if i in keep:
+                samples.setdefault(name, {})[i] = out
+            bar.update(1)
+        for r in rows[-len(cases):]:
+            r["seconds_per_case"] = (time.time() - t0) / len(cases)
+    bar.close()
+    return pd.DataFrame(rows), {k: [v[i] for i in keep if i in v] for k, v in samples.items()}
+
+
+def bootstrap_ci(x: np.ndarray, n: int = 2000, seed: int = 0, level: float = 0.95, groups=None) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of x; with groups (e.g. scene ids) whole groups are resampled."""
+    x = np.asarray(x, float)
+    if groups is not None:  # cluster bootstrap: one mean per group, resample the groups
+        x = pd.Series(x).groupby(np.asarray(groups)).mean().values
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (n, len(x)))].mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def paired(df: pd.DataFrame, a: str, b: str, col: str = "region_psnr", seed: int = 0) -> dict:
+    """Paired difference a - b over the same cases: mean, bootstrap 95% CI, and the two means."""
+    pa = df[df.method == a].set_index("case")[col]
+    pb = df[df.method == b].set_index("case")[col]
+    d = (pa - pb.reindex(pa.index)).dropna()
+    scenes = df[df.method == a].set_index("case").scene.reindex(d.index) if "scene" in df else None
+    lo, hi = bootstrap_ci(d.values, seed=seed, groups=None if scenes is None else scenes.values)
+    return dict(a=a, b=b, column=col, value=float(pa.mean()), baseline=float(pb.mean()), diff=float(d.mean()),
+                ci_low=lo, ci_high=hi, n=int(len(d)), n_scenes=int(scenes.nunique()) if scenes is not None else int(len(d)))
+
+
+def table(df: pd.DataFrame, by: str | list[str] = "method", columns: Sequence[str] | None = None, seed: int = 0) -> pd.DataFrame:
+    """Mean per group for each metric column, with '<col>_lo' / '<col>_hi' bootstrap 95% bounds."""
+    cols = [c for c in (columns or COLUMNS) if c in df]
+    out = []
+    for key, g in df.groupby(by, sort=False):
+        row = dict(zip([by] if isinstance(by, str) else by, key if isinstance(key, tuple) else (key,)))
+        for c in cols:
+            lo, hi = bootstrap_ci(g[c].values, seed=seed, groups=g.scene.values if "scene" in g else None)
+            row[c], row[f"{c}_lo"], row[f"{c}_hi"] = float(g[c].mean()), lo, hi
+        row["n"] = len(g)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def best(tab: pd.DataFrame, columns: Sequence[str] | None = None) -> dict[str, str]:
+    """The best method per column (direction from COLUMNS; NaN columns skipped)."""
+    out = {}
+    for c in columns or COLUMNS:
+        if c not in tab or tab[c].isna().all():
+            continue
+        s = tab.set_index("method")[c]
+        how = COLUMNS[c]
+        out[c] = str((s - 1).abs().idxmin() if how == "one" else s.idxmax() if how == "max" else s.idxmin())
+    return out
+
+
+def render(tab: pd.DataFrame, columns: Sequence[str], unavailable: dict[str, str], path_html: str, title: str = "") -> str:
+    """HTML table: mean [95% CI] per cell, the best per column in bold, unavailable columns say why."""
+    win = best(tab, columns)
+    head = "".join(f"<th>{c}</th>" for c in ["method", *columns, *unavailable])
+    body = []
+    for _, r in tab.iterrows():
+        cells = [f"<td>{r['method']}</td>"]
+        for c in columns:
+            txt = f"{r[c]:.4g} <small>[{r[c + '_lo']:.3g}, {r[c + '_hi']:.3g}]</small>"
+            cells.append(f"<td><b>{txt}</b></td>" if win.get(c) == r["method"] else f"<td>{txt}</td>")
+        cells += [f"<td title='{why}'>unavailable</td>" for why in unavailable.values()]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    notes = "".join(f"<li>{k}: {v}</li>" for k, v in unavailable.items())
+    html = (f"<h3>{title}</h3><table border=1 cellspacing=0 cellpadding=3><tr>{head}</tr>{''.join(body)}</table>"
+            f"<p>bold: best per column. [95% bootstrap CI, scenes resampled]</p><ul>{notes}</ul>")
+    from .util import atomic_save
+    atomic_save(lambda p: open(p, "w").write(html), path_html)
+    return html
+
+
+def table_figure(tab: pd.DataFrame, columns: Sequence[str], title: str = ""):
+    """The same table as a matplotlib figure (PNG): means, best per column highlighted."""
+    import matplotlib.pyplot as plt
+    win = best(tab, columns)
+    cells = [[f"{r[c]:.3g}" for c in columns] for _, r in tab.iterrows()]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.95 * len(columns), 0.3 * (len(tab) + 2)))
+    ax.axis("off")
+    t = ax.table(cellText=cells, rowLabels=list(tab.method), colLabels=list(columns), loc="center", cellLoc="center")
+    t.auto_set_font_size(False)
+    t.set_fontsize(7)
+    for j, c in enumerate(columns):
+        for i, m in enumerate(tab.method):
+            if win.get(c) == m:
+                t[i + 1, j].set_facecolor("#cde8c8")
+                t[i + 1, j].get_text().set_fontweight("bold")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def distinct_scenes(cases: Sequence, n: int = 4) -> list[int]:
+    """Indices of up to n cases from different scenes, cycling through the degradations."""
+    seen, out = set(), []
+    degs = list(dict.fromkeys(c.meta["degradation"] for c in cases))
+    for i, c in enumerate(cases):
+        if c.meta["seed"] not in seen and c.meta["degradation"] == degs[len(out) % len(degs)]:
+            seen.add(c.meta["seed"])
+            out.append(i)
+        if len(out) == n:
+            break
+    return out

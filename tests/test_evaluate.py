@@ -1,0 +1,114 @@
+"""labkit.refine (inference entry) and the evaluation tables."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import labkit
+from labkit import data as D
+from labkit import evaluate as E
+from labkit import inference as I
+from labkit.focus import resize
+
+
+@pytest.fixture(scope="module")
+def case():
+    return D.make_triplet(3, "test", 64, 2)
+
+
+def _draft(c):
+    return resize(c.lrgi, c.hrgt.shape[-2:])
+
+
+def test_refine_rejects_bad_inputs(case):
+    img = _draft(case)
+    with pytest.raises(ValueError, match="does not match the image"):
+        labkit.refine(img, torch.ones(32, 32), case.hrri, preset="tiny")
+    with pytest.raises(ValueError, match="empty mask"):
+        labkit.refine(img, torch.zeros(64, 64), case.hrri, preset="tiny")
+    with pytest.raises(TypeError, match="reference must be a PIL.Image"):
+        labkit.refine(img, case.mask, reference="ref.png", preset="tiny")
+    with pytest.raises(ValueError, match="unknown method"):
+        labkit.refine(img, case.mask, case.hrri, method="magic", preset="tiny")
+    with pytest.raises(ValueError, match="needs a reference"):
+        labkit.refine(img, case.mask, None, method="align", preset="tiny")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        labkit.refine(torch.rand(3, 60, 64), torch.ones(60, 64), case.hrri, method="full", preset="tiny")
+    with pytest.raises(FileNotFoundError, match="make figures NB=04_train_freqmole"):
+        I.resolve_adapter("no-such-adapter")
+
+
+@pytest.mark.parametrize("method", ["focus", "align", "full"])
+def test_refine_returns_pil_of_input_size_from_pil_inputs(case, method):
+    img = I.to_pil(_draft(case)).resize((80, 64)) if method != "full" else I.to_pil(_draft(case))
+    mask = Image.fromarray((case.mask[0].numpy() * 255).astype(np.uint8)).resize(img.size)
+    out = labkit.refine(img, mask, I.to_pil(case.hrri), method=method, preset="tiny", steps=2)
+    assert isinstance(out, Image.Image) and out.size == img.size
+
+
+def test_reference_free_mode_and_background_exact_outside_the_box(case):
+    img = _draft(case)
+    out, info = I.refine_tensor(img, case.mask, None, method="focus", preset="tiny", steps=2)
+    x0, y0, x1, y1 = info["box"]
+    outside = torch.ones(64, 64, dtype=torch.bool)
+    outside[y0:y1, x0:x1] = False
+    assert torch.equal(out[:, outside], img[:, outside])  # bit-identical
+    assert not torch.equal(out, img)  # and the region did change
+    row = E.case_metrics(out, case, img, info["box"])
+    assert row["bg_box_maxabs"] == 0.0
+
+
+def test_locate_returns_a_box_inside_the_reference(case):
+    box = I.locate(I.load_refiner("tiny"), _draft(case), case.mask, case.hrri, timesteps=(0.5,))
+    x0, y0, x1, y1 = box
+    assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+
+
+def test_naive_paste_moves_reference_content_into_the_mask(case):
+    img = _draft(case)
+    out, info = I.refine_tensor(img, case.mask, case.hrri, method="paste", reference_box=case.ref_bbox)
+    assert info["reference_box"] == case.ref_bbox
+    far = torch.nn.functional.max_pool2d(case.mask[None], 31, 1, 15)[0, 0] == 0  # well away from the soft edge
+    assert torch.equal(out[:, far], img[:, far]) and not torch.equal(out, img)
+
+
+def test_table_shape_columns_best_and_cis():
+    cases = D.eval_set(n=2, degradations=("blur", "glyph"), size=64, cache=False)
+    methods = {"input": lambda c: I.refine_tensor(_draft(c), c.mask, method="input"),
+               "paste": lambda c: I.refine_tensor(_draft(c), c.mask, c.hrri, method="paste", reference_box=c.ref_bbox),
+               "target": lambda c: (c.hrgt.clone(), {})}
+    df, samples = E.run(cases, methods, _draft, progress=False)
+    assert len(df) == 3 * 4 and set(df.method) == set(methods) and len(samples["input"]) == 4
+    cols = [c for c in E.COLUMNS if c in df]
+    assert cols == ["region_mse", "region_psnr", "region_ssim", "region_hf_err", "mse_bg", "ssim_bg", "psnr", "ssim"]
+    assert df.scene.nunique() == 2  # each scene under both degradations
+    tab = E.table(df, "method", cols)
+    assert tab.shape == (3, 1 + 3 * len(cols) + 1)
+    assert ((tab[[f"{c}_lo" for c in cols]].values <= tab[cols].values + 1e-9).all()
+            and (tab[cols].values <= tab[[f"{c}_hi" for c in cols]].values + 1e-9).all())
+    win = E.best(tab, cols)
+    assert win["region_mse"] == "target" and win["region_hf_err"] == "target"  # the target is perfect in the region
+    assert win["mse_bg"] == "input"  # and the input is perfect on its own background
+    p = E.paired(df, "input", "input")
+    assert p["diff"] == 0 and p["ci_low"] == p["ci_high"] == 0
+    assert E.paired(df, "target", "input", "region_mse")["diff"] < 0
+
+
+def test_bootstrap_ci_covers_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    lo1, hi1 = E.bootstrap_ci(rng.normal(1, 1, 20))
+    lo2, hi2 = E.bootstrap_ci(rng.normal(1, 1, 2000))
+    assert lo2 < 1 < hi2 and (hi2 - lo2) < (hi1 - lo1)
+    x = np.r_[rng.normal(0, 1, 50), rng.normal(0, 1, 50)]  # two copies of one noisy scene set...
+    g = np.r_[np.arange(50), np.arange(50)]
+    x[50:] = x[:50]
+    lo_c, hi_c = E.bootstrap_ci(x, groups=g)  # ...are 50 scenes, not 100 cases: a wider interval
+    lo_n, hi_n = E.bootstrap_ci(x)
+    assert (hi_c - lo_c) > 1.2 * (hi_n - lo_n)
+
+
+def test_perceptual_columns_say_unavailable_without_local_weights(monkeypatch):
+    monkeypatch.delenv("LABKIT_CLIP", raising=False)
+    monkeypatch.delenv("LABKIT_DINO", raising=False)
+    p = E.perceptual_models()
+    assert set(p) == {"lpips", "dino", "clip"} and all(isinstance(v, str) and "unavailable" in v for v in p.values())
