@@ -201,7 +201,7 @@ def triplet_maps(bb, trip, timesteps, path: str = "teacher", sample_steps: int =
     each t) or on the model's own Euler sampling path from noise (t = the sampler's steps)."""
     from .sampling import euler
     size = trip.hrgt.shape[-1]
-    up = torch.nn.functional.interpolate(trip.lrgi[None], size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    up = trip.draft[None]
     z_gt, z_draft, z_ref = bb.encode(trip.hrgt[None]), bb.encode(up), bb.encode(trip.hrri[None])
     patch = bb.multiple
     n_tok = (size // patch) ** 2

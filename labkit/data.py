@@ -239,6 +239,12 @@ class Triplet:
     meta: dict = field(default_factory=dict)  # source, content, degradation, factor, seed, split
     extra_refs: list = field(default_factory=list)  # more (3, S, S) views of the same content (multi-reference)
 
+    @property
+    def draft(self) -> torch.Tensor:
+        """LRGI bicubic-upsampled to HRGT's size (3, S, S): the input every refiner starts from."""
+        up = torch.nn.functional.interpolate(self.lrgi[None], size=self.hrgt.shape[-2:], mode="bicubic", align_corners=False)
+        return up[0].clamp(0, 1)
+
 
 def bbox_of(mask: np.ndarray | torch.Tensor) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of the nonzero pixels (x1, y1 exclusive); raises on an empty mask."""

@@ -21,7 +21,6 @@ import torch
 
 from . import data as D
 from . import metrics as Mt
-from .focus import resize
 from .models import pack_references
 from .sampling import sde_mean, sde_sample, sde_step
 from .train import LoopConfig, run_loop
@@ -104,7 +103,7 @@ def references(case, k: int, budget: int, multiple: int = 16) -> list[torch.Tens
 
 def draft_of(case) -> torch.Tensor:
     """The bicubic-upsampled LRGI every method starts from."""
-    return resize(case.lrgi, case.hrgt.shape[-2:])
+    return case.draft
 
 
 @torch.no_grad()

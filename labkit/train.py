@@ -298,11 +298,9 @@ class SFTConfig:
 @torch.no_grad()
 def triplet_bank(bb: M.Backbone, n: int, split: str, size: int, factor: int, seed: int = 0) -> dict:
     """Latents of n triplets (HRGT, bicubic-up LRGI, HRRI) plus their pixel masks, for fast CPU steps."""
-    import torch.nn.functional as F
     trips = [D.make_triplet(seed * 100_000 + i, split, size, factor) for i in range(n)]
-    up = lambda t: F.interpolate(t.lrgi[None], size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)  # noqa: E731
     enc = lambda xs: torch.cat([bb.encode(x).cpu() for x in xs])  # noqa: E731
-    return dict(hrgt=enc([t.hrgt[None] for t in trips]), lrgi=enc([up(t) for t in trips]), hrri=enc([t.hrri[None] for t in trips]),
+    return dict(hrgt=enc([t.hrgt[None] for t in trips]), lrgi=enc([t.draft[None] for t in trips]), hrri=enc([t.hrri[None] for t in trips]),
                 mask=torch.stack([t.mask for t in trips]), ref_mask=torch.stack([t.ref_mask for t in trips]))
 
 
@@ -371,8 +369,7 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
 def save_val_grid(trips: list, outputs: list[torch.Tensor], path: Path, title: str = "") -> Path:
     """One PNG: a row per val triplet (LRGI up, HRRI, output, HRGT) - the images the training log points at."""
     from . import viz
-    from .focus import resize
-    rows = [[resize(t.lrgi, t.hrgt.shape[-2:]), t.hrri, y, t.hrgt] for t, y in zip(trips, outputs)]
+    rows = [[t.draft, t.hrri, y, t.hrgt] for t, y in zip(trips, outputs)]
     fig = viz.grid(rows, ["LRGI (bicubic up)", "HRRI", "output", "HRGT"], size=1.4)
     fig.suptitle(title, fontsize=8, y=1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -393,7 +390,7 @@ def evaluate_refiner(bb: M.Backbone, trips: list, steps: int = 8, seed: int = 0,
     rows, images = [], []
     for i, t in enumerate(trips):
         s = t.hrgt.shape[-1]
-        up = F.interpolate(t.lrgi[None], size=(s, s), mode="bicubic", align_corners=False).clamp(0, 1)
+        up = t.draft[None]
         ctx = [bb.encode(up), bb.encode(t.hrri[None])]
         z = euler(bb, ctx, prompt, shape=(1, 16, s // bb.factor, s // bb.factor), steps=steps,
                   generator=torch.Generator().manual_seed(seed + i))
