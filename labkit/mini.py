@@ -47,13 +47,33 @@ def train_mini(args) -> Path:
         prev = _read_card(args.out)
         card["stages"] = {**prev.get("stages", {}), **card["stages"]}
         card["stages"]["editor"] = dict(loop=asdict(ed_loop), recipe=asdict(EditorConfig()), bank_size=args.bank_size, steps=st["step"],
-                                        seconds=st["seconds"], evals=st["evals"])
+                                        seconds=st["seconds"], evals=st["evals"], heldout=editor_heldout(bb))
     card["wall_seconds_this_run"] = time.time() - t0
     M.save_weights(bb, args.out, card)
     card["sha256"] = weights_hash(args.out)
     write_json(card, Path(args.out) / "card.json")
     write_card_md(card, Path(args.out) / "CARD.md")
     return Path(args.out)
+
+
+def editor_heldout(bb, n: int = 16, steps: int = 8) -> dict:
+    """The editor on held-out (val) examples of each pretraining task vs its no-model baselines (PSNR, dB)."""
+    from .editor import evaluate
+    keep = ("editor_psnr", "input_psnr", "vae_ceiling_psnr", "vae_input_psnr", "editor_region_psnr", "input_region_psnr",
+            "vae_input_region_psnr", "oracle_region_psnr")
+    return {task: {k: round(v, 3) for k, v in r.items() if k in keep}
+            for task, r in evaluate(bb, n=n, steps=steps, split="val")["metrics"].items()}
+
+
+def add_heldout(folder: str | Path = P.MINI_WEIGHTS) -> dict:
+    """Recompute the card's held-out editor numbers for committed weights (no retraining); sha256 unchanged."""
+    card = _read_card(folder)
+    bb = M.build(P.get(card["preset"], weights=None))
+    M.load_weights(bb, folder)
+    card["stages"]["editor"]["heldout"] = editor_heldout(bb)
+    write_json(card, Path(folder) / "card.json")
+    write_card_md(card, Path(folder) / "CARD.md")
+    return card
 
 
 def _read_card(folder) -> dict:
@@ -71,5 +91,9 @@ def write_card_md(card: dict, path: Path) -> None:
         ev = st["evals"][-1] if st.get("evals") else {}
         lines += [f"## {name}", f"- steps: {st['steps']}, wall time: {st['seconds'] / 60:.1f} min",
                   *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in ev.items()], ""]
+        if st.get("heldout"):  # editor vs no-model baselines, held-out PSNR (dB)
+            cols = list(dict.fromkeys(k for r in st["heldout"].values() for k in r))
+            lines += ["| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
+                      *[f"| {t} | " + " | ".join(f"{r[c]:.2f}" if c in r else "" for c in cols) + " |" for t, r in st["heldout"].items()], ""]
     lines += ["## sha256", *[f"- {k}: `{v}`" for k, v in card.get("sha256", {}).items()], ""]
     path.write_text("\n".join(lines))

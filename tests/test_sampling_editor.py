@@ -35,10 +35,20 @@ def test_task_batches_shapes():
     for task in E.TASKS:
         b = E.task_batch(task, rng, "train", cfg)
         assert b["target"].shape == (2, 3, 64, 64)
-        if task == "upscale":
-            assert b["contexts"][0].shape == (2, 3, 32, 32)
+        assert b["contexts"][0].shape == (2, 3, 64, 64)  # every context on the target's grid
         if task == "restore":
             assert len(b["contexts"]) == 2 and b["mask"].shape == (2, 1, 64, 64)
+
+
+def test_upscale_context_is_the_bicubic_draft_of_the_target():
+    from labkit.train import bicubic_x
+    cfg = E.EditorConfig(batch=3, size=64)
+    for f in (2, 4):
+        b = E.task_batch("upscale", np.random.default_rng(1), "train", cfg, factor=f)
+        assert torch.allclose(b["contexts"][0], bicubic_x(b["target"], f))
+    b = E.task_batch("upscale", np.random.default_rng(1), "train", E.EditorConfig(batch=16, size=64))
+    used = [f for i in range(16) for f in (2, 4) if torch.allclose(b["contexts"][0][i:i + 1], bicubic_x(b["target"][i:i + 1], f))]
+    assert len(used) == 16 and set(used) == {2, 4}  # every draft is x2 or x4, and both occur
 
 
 def test_oracle_paste_copies_the_true_region():
@@ -50,3 +60,11 @@ def test_oracle_paste_copies_the_true_region():
         assert torch.equal(o[:, ~m], t.lrgi[:, ~m])  # outside the mask: the context, untouched
         a, b = o[:, m].flatten().numpy(), t.hrgt[:, m].flatten().numpy()
         assert np.corrcoef(a, b)[0, 1] > 0.8  # inside: the reference's content through the true warp
+
+
+def test_baseline_claim_says_whether_the_vae_ceiling_leaves_room():
+    r = dict(editor_psnr=22.0, input_psnr=21.0, vae_ceiling_psnr=23.0)
+    c = E.baseline_claim(r, "dB")
+    assert c["holds"] and c["reachable"] and "reachable" in c["note"]
+    c = E.baseline_claim(dict(editor_psnr=22.0, input_psnr=25.0, vae_ceiling_psnr=23.0), "dB")
+    assert not c["holds"] and not c["reachable"] and "no latent editor" in c["note"]
