@@ -43,7 +43,8 @@ PHOTOS: dict[str, tuple[str, str, str, str]] = {
 }
 SPLITS = ("train", "val", "test")
 N_RENDERED = {"train": 24, "val": 6, "test": 8}  # rendered text and logo sources per split
-DEGRADATIONS = ("blur", "color", "elastic", "noise", "glyph", "vae")
+DEGRADATIONS = ("blur", "color", "elastic", "noise", "glyph", "vae")  # the benchmark's artifacts ("mixed" draws 2)
+EDIT_DEGRADATIONS = ("smear", "occlude")  # strong ones for editor pretraining: they survive the VAE, so only the reference can undo them
 
 _WORDS = {  # disjoint vocabularies so rendered test text never appeared in training
     "train": "refine detail glyph latent token vector kernel signal focus region crop paste brand "
@@ -312,11 +313,15 @@ def degrade(rng: np.random.Generator, img: np.ndarray, kind: str, vae_roundtrip:
                          for k in range(3)], -1)
     if kind == "noise":
         return img + rng.normal(0, rng.uniform(0.04, 0.1), img.shape).astype(np.float32)
+    if kind == "smear":  # detail gone, colour kept: the low frequencies stay with the image, the high must come from elsewhere
+        return ndimage.gaussian_filter(img, sigma=(rng.uniform(3.0, 5.0),) * 2 + (0,))
+    if kind == "occlude":  # content gone: a flat random colour
+        return np.broadcast_to(rng.uniform(0.15, 0.85, 3).astype(np.float32), img.shape).copy()
     if kind == "vae":
         if vae_roundtrip is None:  # no VAE given: a coarse 4x down/up stands in, and says so in meta
             return resize(resize(img, h // 4, order=1), h, order=0)
         return vae_roundtrip(img)
-    raise ValueError(f"unknown degradation {kind!r}; choose from {DEGRADATIONS}")
+    raise ValueError(f"unknown degradation {kind!r}; choose from {DEGRADATIONS + EDIT_DEGRADATIONS}")
 
 
 def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int = 2, degradation: str = "mixed",

@@ -60,7 +60,8 @@ def editor_heldout(bb, n: int = 16, steps: int = 8) -> dict:
     """The editor on held-out (val) examples of each pretraining task vs its no-model baselines (PSNR, dB)."""
     from .editor import evaluate
     keep = ("editor_psnr", "input_psnr", "vae_ceiling_psnr", "vae_input_psnr", "editor_region_psnr", "input_region_psnr",
-            "vae_input_region_psnr", "oracle_region_psnr")
+            "vae_input_region_psnr", "oracle_region_psnr", "editor_wrong_ref_region_psnr", "ref_gain_region_db",
+            "editor_region_psnr_strong", "input_region_psnr_strong", "editor_wrong_ref_region_psnr_strong")
     return {task: {k: round(v, 3) for k, v in r.items() if k in keep}
             for task, r in evaluate(bb, n=n, steps=steps, split="val")["metrics"].items()}
 

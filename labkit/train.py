@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--vae-steps", type=int, default=3500)
     m.add_argument("--vae-minutes", type=float, default=35)
     m.add_argument("--editor-steps", type=int, default=10000)
-    m.add_argument("--editor-minutes", type=float, default=40)
+    m.add_argument("--editor-minutes", type=float, default=42)
     m.add_argument("--bank-size", type=int, default=2048, help="pre-encoded examples per editor task (restore: 2x)")
     m.add_argument("--stage", choices=["all", "vae", "editor"], default="all")
     m.add_argument("--seed", type=int, default=0)

@@ -68,3 +68,26 @@ def test_baseline_claim_says_whether_the_vae_ceiling_leaves_room():
     assert c["holds"] and c["reachable"] and "reachable" in c["note"]
     c = E.baseline_claim(dict(editor_psnr=22.0, input_psnr=25.0, vae_ceiling_psnr=23.0), "dB")
     assert not c["holds"] and not c["reachable"] and "no latent editor" in c["note"]
+
+
+def test_strong_restore_artifacts_remove_what_only_the_reference_has():
+    from labkit import data as D
+    img = D.to_numpy(D.make_triplet(3, "val", 128, factor=1, degradation="blur").hrgt)
+    rng = np.random.default_rng(0)
+    hf = lambda x: np.abs(np.diff(x, axis=1)).mean()  # noqa: E731  (mean horizontal gradient)
+    smear = D.degrade(rng, img, "smear")
+    assert abs(smear.mean() - img.mean()) < 0.01 and hf(smear) < 0.5 * hf(img)  # colour kept, detail gone
+    occ = D.degrade(rng, img, "occlude")
+    assert occ.shape == img.shape and np.ptp(occ.reshape(-1, 3), 0).max() == 0  # one flat colour: content gone
+
+
+def test_restore_batches_use_the_requested_artifacts():
+    cfg = E.EditorConfig(batch=4, size=64)
+    kinds = ["smear", "occlude", "blur", "occlude"]
+    b = E.task_batch("restore", np.random.default_rng(0), "train", cfg, degradations=kinds)
+    assert [t.meta["degradation"] for t in b["trips"]] == kinds
+    m = b["mask"] > 0.5
+    occluded = b["contexts"][0][1][:, m[1, 0]]  # inside the mask of the occluded example: (nearly) one colour
+    assert occluded.std(dim=1).max() < 0.05
+    drawn = E.task_batch("restore", np.random.default_rng(0), "train", E.EditorConfig(batch=32, size=64))
+    assert {t.meta["degradation"] for t in drawn["trips"]} <= set(cfg.restore_degradations)
