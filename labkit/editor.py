@@ -98,12 +98,13 @@ def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024)
     bb.vae.requires_grad_(False)
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]  # a changed recipe rebuilds the bank
     path = Path(loop.out_dir) / f"bank_{bank_size}_{cfg.size}_{key}.pt"
+    active = [t for t, p in zip(TASKS, cfg.task_probs) if p > 0]  # tasks the mix draws (a probe may train one)
     if path.exists():
         banks = torch.load(path)
     else:
-        banks = {t: build_bank(bb, t, bank_size * (2 if t == "restore" else 1), "train", cfg, loop.seed) for t in TASKS}
+        banks = {t: build_bank(bb, t, bank_size * (2 if t == "restore" else 1), "train", cfg, loop.seed) for t in active}
         atomic_save(lambda p: torch.save(banks, p), path)
-    val = {t: build_bank(bb, t, 32, "val", cfg, seed=500) for t in TASKS}
+    val = {t: build_bank(bb, t, 32, "val", cfg, seed=500) for t in active}
     bb.transformer.requires_grad_(True)
     bb.text.requires_grad_(True)
 

@@ -419,6 +419,10 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--stage", choices=["all", "vae", "editor"], default="all")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--fresh", action="store_true", help="delete earlier checkpoints of this run first")
+    m.add_argument("--init", default=None, help="editor stage: start from these trained weights (VAE + editor) instead of "
+                                                "random init + the VAE in --out (probes: more steps on one task)")
+    m.add_argument("--task-probs", type=float, nargs=4, default=None, help="editor task mix: reconstruct upscale denoise restore")
+    m.add_argument("--upscale", type=int, nargs="+", default=None, help="editor upscale factors drawn per example")
     s = sub.add_parser("sft", help="fine-tune adapters (FreqMoLE / LoRA) on LRGI + HRRI -> HRGT triplets")
     s.add_argument("--preset", default="mini")
     s.add_argument("--out", default=str(RUNS / "sft"), help="checkpoints, metrics.csv and the adapter")

@@ -142,3 +142,24 @@ def test_accelerate_launch_one_cpu_process(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "adapter.safetensors").exists()
+
+
+def test_editor_probe_continues_from_weights_on_one_task(tmp_path):
+    """`labkit.train mini --stage editor --init W --task-probs ... --upscale 4`: trains on from W, only the drawn task."""
+    import json
+    from safetensors.torch import load_file
+    from labkit import models as M
+    from labkit import presets as P
+    from labkit.train import main as train_main
+    init = tmp_path / "init"
+    M.save_weights(M.build(P.get("tiny", weights=None)), init, {})
+    out = tmp_path / "out"
+    train_main(["mini", "--preset", "tiny", "--stage", "editor", "--init", str(init), "--task-probs", "0", "1", "0", "0",
+                "--upscale", "4", "--editor-steps", "3", "--bank-size", "8", "--out", str(out), "--run-dir", str(tmp_path / "run")])
+    ed = json.loads((out / "card.json").read_text())["stages"]["editor"]
+    assert ed["recipe"]["task_probs"] == [0, 1, 0, 0] and ed["recipe"]["upscale"] == [4] and ed["init"] == str(init)
+    assert {k for e in ed["evals"] for k in e if k.startswith("val_loss")} == {"val_loss_upscale"}  # only the drawn task
+    a, b = load_file(init / "vae.safetensors"), load_file(out / "vae.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the VAE stays frozen
+    a, b = load_file(init / "transformer.safetensors"), load_file(out / "transformer.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the editor trained on from the given weights
