@@ -8,7 +8,9 @@ The refinement benchmark itself (LRGI x2 + HRRI -> HRGT, instruction "refine") i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -90,9 +92,6 @@ def bank_batch(bank: dict, rng: np.random.Generator, batch: int, max_strength: f
 
 def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024) -> dict:
     """Flow-matching pretraining of bb.transformer (+ instruction embedding); the VAE stays frozen."""
-    import hashlib
-    import json
-    from dataclasses import asdict
     from pathlib import Path
     from .util import atomic_save
     bb.vae.requires_grad_(False)

@@ -37,7 +37,7 @@ def train_mini(args) -> Path:
                                      latent_stats=dict(scaling_factor=bb.vae.config.scaling_factor,
                                                        shift_factor=bb.vae.config.shift_factor))
         M.save_weights(bb, args.out, card)
-    elif getattr(args, "init", None):
+    elif args.init:
         M.load_weights(bb, args.init)  # continue from trained weights (the VAE stays frozen)
     else:
         M.load_weights(bb, args.out, parts=("vae",))
@@ -45,15 +45,14 @@ def train_mini(args) -> Path:
         from .editor import EditorConfig, train_editor
         ed_loop = LoopConfig(steps=args.editor_steps, lr=1e-3, warmup=100, clip=1.0, ckpt_every=250, eval_every=500,
                              max_minutes=args.editor_minutes, seed=args.seed, out_dir=str(run / "editor"))
-        over = dict(task_probs=tuple(args.task_probs) if getattr(args, "task_probs", None) else None,
-                    upscale=tuple(args.upscale) if getattr(args, "upscale", None) else None)
-        ecfg = EditorConfig(**{k: v for k, v in over.items() if v is not None})
+        over = dict(task_probs=args.task_probs, upscale=args.upscale)  # CLI overrides of the recipe (probes)
+        ecfg = EditorConfig(**{k: tuple(v) for k, v in over.items() if v})
         st = train_editor(bb, ed_loop, ecfg, bank_size=args.bank_size)
         prev = _read_card(args.out)
         card["stages"] = {**prev.get("stages", {}), **card["stages"]}
         card["stages"]["editor"] = dict(loop=asdict(ed_loop), recipe=asdict(ecfg), bank_size=args.bank_size, steps=st["step"],
                                         seconds=st["seconds"], evals=st["evals"], heldout=editor_heldout(bb),
-                                        init=getattr(args, "init", None))
+                                        init=args.init)
     card["wall_seconds_this_run"] = time.time() - t0
     M.save_weights(bb, args.out, card)
     card["sha256"] = weights_hash(args.out)
