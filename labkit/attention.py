@@ -122,10 +122,9 @@ def capture(transformer, spec: CaptureSpec, n_image: int, blocks: list[str] | No
 
 
 def block_of(processor_name: str) -> str:
-    """'transformer_blocks.3.attn.processor' -> 'double.3'; 'single_transformer_blocks.1...' -> 'single.1'."""
+    """'transformer_blocks.3.attn.processor' -> 'transformer_blocks.3' (the one spelling of a block name)."""
     parts = processor_name.split(".")
-    kind = "single" if parts[0] == "single_transformer_blocks" else "double"
-    return f"{kind}.{parts[1]}"
+    return f"{parts[0]}.{parts[1]}"
 
 
 def tokens_in_mask(mask: torch.Tensor, patch: int, offset: int = 0, thr: float = 0.5) -> torch.Tensor:
@@ -199,7 +198,7 @@ def triplet_maps(bb, trip, timesteps, path: str = "teacher", sample_steps: int =
                  seed: int = 0, renorm: bool = True) -> tuple[dict, tuple[int, int]]:
     """M[(query set, t, block)] (N_ref,) for one triplet, on the teacher-forced path (true target noised to
     each t) or on the model's own Euler sampling path from noise (t = the sampler's steps)."""
-    from .sampling import euler
+    from .sampling import sample
     size = trip.hrgt.shape[-1]
     up = trip.draft[None]
     z_gt, z_draft, z_ref = bb.encode(trip.hrgt[None]), bb.encode(up), bb.encode(trip.hrri[None])
@@ -214,7 +213,7 @@ def triplet_maps(bb, trip, timesteps, path: str = "teacher", sample_steps: int =
                 eps = torch.randn(z_gt.shape, generator=g).to(z_gt)
                 bb((1 - t) * z_gt + t * eps, float(t), [z_draft, z_ref], prompt=prompt)
         else:
-            euler(bb, [z_draft, z_ref], prompt, shape=tuple(z_gt.shape), steps=sample_steps, generator=g)
+            sample(bb, [z_draft, z_ref], prompt, shape=tuple(z_gt.shape), steps=sample_steps, generator=g)
     return {k: v[0] for k, v in rec.maps.items()}, (size // patch, size // patch)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -155,13 +155,6 @@ def load_source(split: str, content: str, name: str) -> np.ndarray:
     return render_text(split, index) if content == "text" else render_logo(split, index)
 
 
-def data_card() -> str:
-    """Markdown table of the bundled photo sources with their provenance and split."""
-    rows = ["| name | package | licence / provenance | split |", "|---|---|---|---|"]
-    rows += [f"| {n} | {p} (`{k}`) | {lic} | {s} |" for n, (p, k, lic, s) in PHOTOS.items()]
-    return "\n".join(rows)
-
-
 # ----------------------------------------------------------------------------------------------
 # crops for backbone training
 def random_crop(rng: np.random.Generator, img: np.ndarray, size: int, zoom: tuple[float, float] = (0.5, 1.0)) -> np.ndarray:
@@ -170,7 +163,7 @@ def random_crop(rng: np.random.Generator, img: np.ndarray, size: int, zoom: tupl
     side = int(min(h, w) * rng.uniform(*zoom))
     side = max(min(side, h, w), min(size, h, w))
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    crop = resize(img[y:y + side, x:x + side], size)
+    crop = resize_np(img[y:y + side, x:x + side], size)
     return crop[:, ::-1].copy() if rng.random() < 0.5 else crop
 
 
@@ -201,15 +194,28 @@ def heldout_crops(split: str, n: int, size: int, seed: int = 1234) -> tuple[torc
     return to_tensor(np.stack(out)), labels
 
 
-def resize(img: np.ndarray, size: int | tuple[int, int], order: int = 3) -> np.ndarray:
-    """Resize (H, W, C) to size (square int or (h, w)), anti-aliased when shrinking; order 3 bicubic, 1 bilinear, 0 nearest."""
+def resize(img: torch.Tensor, size: int | tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """THE resize: (..., C, H, W) tensor to size (square int or (h, w)), anti-aliased when shrinking,
+    clamped to [0, 1]; mode bicubic | bilinear | nearest | area."""
     import torch.nn.functional as F
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
-    mode = {0: "nearest", 1: "bilinear", 3: "bicubic"}[order]
-    kw = dict(align_corners=False, antialias=hw[0] < img.shape[0]) if order else {}
-    out = F.interpolate(x, size=hw, mode=mode, **kw)[0].permute(1, 2, 0).numpy()
-    return np.clip(out, 0, 1).astype(np.float32)
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    x = img.reshape(-1, *img.shape[-3:]).float()
+    shrink = hw[0] < x.shape[-2] or hw[1] < x.shape[-1]
+    kw = dict(align_corners=False, antialias=shrink) if mode in ("bicubic", "bilinear") else {}
+    out = F.interpolate(x, size=hw, mode=mode, **kw).clamp(0, 1)
+    return out.reshape(*img.shape[:-2], *hw)
+
+
+def resize_np(img: np.ndarray, size: int | tuple[int, int], mode: str = "bicubic") -> np.ndarray:
+    """resize() for an (H, W, C) numpy image (this module's pixel format)."""
+    return to_numpy(resize(to_tensor(img), size, mode))
+
+
+def bicubic_draft(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """THE low-res draft: bicubic down by `factor` (anti-aliased) and back up to the same size (the
+    no-model baseline at equal scale, the upscale task's context, Triplet.draft's recipe)."""
+    h, w = images.shape[-2:]
+    return resize(resize(images, (h // factor, w // factor)), (h, w))
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -243,8 +249,7 @@ class Triplet:
     @property
     def draft(self) -> torch.Tensor:
         """LRGI bicubic-upsampled to HRGT's size (3, S, S): the input every refiner starts from."""
-        up = torch.nn.functional.interpolate(self.lrgi[None], size=self.hrgt.shape[-2:], mode="bicubic", align_corners=False)
-        return up[0].clamp(0, 1)
+        return resize(self.lrgi, self.hrgt.shape[-2:])
 
 
 def bbox_of(mask: np.ndarray | torch.Tensor) -> tuple[int, int, int, int]:
@@ -319,7 +324,7 @@ def degrade(rng: np.random.Generator, img: np.ndarray, kind: str, vae_roundtrip:
         return np.broadcast_to(rng.uniform(0.15, 0.85, 3).astype(np.float32), img.shape).copy()
     if kind == "vae":
         if vae_roundtrip is None:  # no VAE given: a coarse 4x down/up stands in, and says so in meta
-            return resize(resize(img, h // 4, order=1), h, order=0)
+            return resize_np(resize_np(img, h // 4, "bilinear"), h, "nearest")
         return vae_roundtrip(img)
     raise ValueError(f"unknown degradation {kind!r}; choose from {DEGRADATIONS + EDIT_DEGRADATIONS}")
 
@@ -351,8 +356,8 @@ def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int =
     hrri = np.clip((hrri ** rng.uniform(0.8, 1.25)) * rng.uniform(0.85, 1.15) * rng.uniform(0.92, 1.08, 3), 0, 1)
     kinds = list(rng.choice([d for d in DEGRADATIONS if d != "vae" or vae_roundtrip], 2, replace=False)) \
         if degradation == "mixed" else [degradation]
-    low = resize(hrgt, size // factor)
-    m_low = resize(mask[..., None], size // factor, order=1)
+    low = resize_np(hrgt, size // factor)
+    m_low = resize_np(mask[..., None], size // factor, "bilinear")
     bad = low
     for k in kinds:
         bad = degrade(rng, bad, k, vae_roundtrip)
@@ -384,14 +389,41 @@ def eval_set(n: int = 64, degradations: Sequence[str] = ("blur", "color", "elast
              factor: int = 2, split: str = "test", seed: int = 0, cache: bool = True, extra_refs: int = 0) -> list[Triplet]:
     """The fixed evaluation set: n cases × each degradation, built on demand and cached on disk
     (extra_refs > 0: the same cases with more reference views, for multi-reference studies)."""
-    key = dict(n=n, d=list(degradations), size=size, factor=factor, split=split, seed=seed, v=1)
+    key = dict(n=n, d=list(degradations), size=size, factor=factor, split=split, seed=seed, v=2)
     key = json.dumps(key | (dict(extra_refs=extra_refs) if extra_refs else {}))
-    path = CACHE_DIR / f"eval_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-    if cache and path.exists():
-        return [Triplet(**d) for d in torch.load(path, weights_only=False)]
+    path = CACHE_DIR / f"eval_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if cache and (path / "cases.json").exists():
+        return load_triplets(path)
     cases = [make_triplet(seed * 100_003 + i, split, size, factor, degradation=d, extra_refs=extra_refs)
              for i in range(n) for d in degradations]
     if cache:
-        from .util import atomic_save
-        atomic_save(lambda p: torch.save([asdict(c) for c in cases], p), path)
+        save_triplets(cases, path)
     return cases
+
+
+TENSORS = ("hrgt", "hrri", "lrgi", "mask", "ref_mask", "scribble")
+
+
+def save_triplets(cases: Sequence[Triplet], folder: Path) -> Path:
+    """Triplets as one safetensors file (pixels) + cases.json (boxes, warp, meta): no pickles. Atomic."""
+    from safetensors.torch import save_file
+
+    from .util import atomic_save, write_json
+    tensors = {f"{i}.{k}": getattr(c, k).contiguous() for i, c in enumerate(cases) for k in TENSORS}
+    tensors |= {f"{i}.extra.{j}": r.contiguous() for i, c in enumerate(cases) for j, r in enumerate(c.extra_refs)}
+    meta = [dict(bbox=c.bbox, ref_bbox=c.ref_bbox, warp=c.warp.tolist(), meta=c.meta, n_extra=len(c.extra_refs)) for c in cases]
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save(lambda p: save_file(tensors, p), folder / "pixels.safetensors")
+    write_json(meta, folder / "cases.json")  # written last: its presence marks a complete cache
+    return folder
+
+
+def load_triplets(folder: Path) -> list[Triplet]:
+    """The inverse of save_triplets."""
+    from safetensors.torch import load_file
+    px = load_file(str(folder / "pixels.safetensors"))
+    out = []
+    for i, m in enumerate(json.loads((folder / "cases.json").read_text())):
+        out.append(Triplet(**{k: px[f"{i}.{k}"] for k in TENSORS}, bbox=tuple(m["bbox"]), ref_bbox=tuple(m["ref_bbox"]),
+                           warp=np.array(m["warp"]), meta=m["meta"], extra_refs=[px[f"{i}.extra.{j}"] for j in range(m["n_extra"])]))
+    return out

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import data as D
+from .loop import LoopConfig, Step, run_loop
 from .losses import flow_matching_loss, sample_t
-from .train import LoopConfig, bicubic_x, run_loop
 
 TASKS = ("reconstruct", "upscale", "denoise", "restore")
 EVAL_TASKS = ("reconstruct", "upscale_x2", "upscale_x4", "denoise", "restore")  # upscale scored per factor
@@ -56,7 +57,7 @@ def task_batch(task: str, rng: np.random.Generator, split: str, cfg: EditorConfi
         ctx = x
     elif task == "upscale":  # aligned draft: a half-size context with integer ids would sit on the wrong grid
         fs = [factor] * b if factor else rng.choice(cfg.upscale, b).tolist()
-        ctx = torch.cat([bicubic_x(x[i:i + 1], int(f)) for i, f in enumerate(fs)])
+        ctx = torch.cat([D.bicubic_draft(x[i:i + 1], int(f)) for i, f in enumerate(fs)])
     elif task == "denoise":
         sig = torch.from_numpy(rng.uniform(*cfg.noise, (b, 1, 1, 1))).float()
         ctx = (x + sig * torch.from_numpy(rng.standard_normal(x.shape)).float()).clamp(0, 1)
@@ -90,28 +91,50 @@ def bank_batch(bank: dict, rng: np.random.Generator, batch: int, max_strength: f
     return bank["target"][idx], [c[idx] for c in bank["contexts"]]
 
 
+def save_banks(banks: dict, path: Path) -> None:
+    """Editor banks as one safetensors file (no pickles), written atomically."""
+    from safetensors.torch import save_file
+
+    from .util import atomic_save
+    flat = {}
+    for task, b in banks.items():
+        flat |= {f"{task}.target": b["target"], f"{task}.strength": b["strength"]}
+        flat |= {f"{task}.context.{i}": c for i, c in enumerate(b["contexts"])}
+    atomic_save(lambda p: save_file({k: v.contiguous() for k, v in flat.items()}, p), path)
+
+
+def load_banks(path: Path) -> dict:
+    """The inverse of save_banks."""
+    from safetensors.torch import load_file
+    flat, banks = load_file(str(path)), {}
+    for task in dict.fromkeys(k.split(".")[0] for k in flat):
+        n = sum(k.startswith(f"{task}.context.") for k in flat)
+        banks[task] = dict(target=flat[f"{task}.target"], strength=flat[f"{task}.strength"],
+                           contexts=[flat[f"{task}.context.{i}"] for i in range(n)])
+    return banks
+
+
 def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024) -> dict:
     """Flow-matching pretraining of bb.transformer (+ instruction embedding); the VAE stays frozen."""
-    from pathlib import Path
-    from .util import atomic_save
     bb.vae.requires_grad_(False)
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]  # a changed recipe rebuilds the bank
-    path = Path(loop.out_dir) / f"bank_{bank_size}_{cfg.size}_{key}.pt"
+    path = Path(loop.out_dir) / f"bank_{bank_size}_{cfg.size}_{key}.safetensors"
     active = [t for t, p in zip(TASKS, cfg.task_probs) if p > 0]  # tasks the mix draws (a probe may train one)
     if path.exists():
-        banks = torch.load(path)
+        banks = load_banks(path)
     else:
         banks = {t: build_bank(bb, t, bank_size * (2 if t == "restore" else 1), "train", cfg, loop.seed) for t in active}
-        atomic_save(lambda p: torch.save(banks, p), path)
+        save_banks(banks, path)
     val = {t: build_bank(bb, t, 32, "val", cfg, seed=500) for t in active}
     bb.transformer.requires_grad_(True)
     bb.text.requires_grad_(True)
 
-    def loss_fn(rng, step):
-        task = TASKS[rng.choice(len(TASKS), p=cfg.task_probs)]
-        x0, ctx = bank_batch(banks[task], rng, cfg.batch, max_strength=min(1.0, step / (cfg.curriculum_frac * loop.steps)))
-        t = sample_t(rng, x0.shape[0])
-        loss = flow_matching_loss(bb, x0, ctx, task, t, torch.from_numpy(rng.standard_normal(x0.shape)).float())
+    def loss_fn(s: Step):
+        task = TASKS[s.rng.choice(len(TASKS), p=cfg.task_probs)]  # one task per global batch (sequence lengths match)
+        x0, ctx = bank_batch(banks[task], s.rng, cfg.batch * s.world, max_strength=min(1.0, s.step / (cfg.curriculum_frac * loop.steps)))
+        t = sample_t(s.rng, x0.shape[0])
+        eps = torch.from_numpy(s.rng.standard_normal(x0.shape)).float()
+        loss = flow_matching_loss(s.model, s.shard(x0), [s.shard(c) for c in ctx], task, s.shard(t), s.shard(eps))
         return loss, {f"loss_{task}": loss.detach()}
 
     def eval_fn(step):
@@ -123,7 +146,7 @@ def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024)
             out[f"val_loss_{task}"] = float(flow_matching_loss(bb, x0, ctx, task, ts, torch.from_numpy(g.standard_normal(x0.shape)).float()))
         return out
 
-    state = run_loop(loop, {"transformer": bb.transformer, "text": bb.text}, loss_fn, eval_fn)
+    state = run_loop(loop, bb, loss_fn, eval_fn, run_config=dict(editor=asdict(cfg), bank_size=bank_size))
     bb.requires_grad_(False)
     return state
 
@@ -146,8 +169,9 @@ def evaluate(bb, n: int = 16, steps: int = 8, seed: int = 0, split: str = "val",
     input, its VAE round trip, the oracle paste, and the same editor given another example's reference
     (editor_wrong_ref: if it matches editor, the reference is ignored), overall, on the strong artifacts
     (EDIT_DEGRADATIONS) and per degradation; every artifact in cfg.restore_degradations equally often."""
-    from .metrics import psnr, ssim
-    from .sampling import euler
+    from .evaluate import bootstrap_ci
+    from .metrics import case_metrics
+    from .sampling import sample
     cfg = cfg or EditorConfig(batch=n)
     out, samples = {}, {}
     for i, name in enumerate(EVAL_TASKS):
@@ -157,22 +181,24 @@ def evaluate(bb, n: int = 16, steps: int = 8, seed: int = 0, split: str = "val",
                        factor=int(f) if f else None, degradations=kinds)
         x, inp = b["target"], b["contexts"][0]
         ctx = [bb.encode(c) for c in b["contexts"]]
-        z = euler(bb, ctx, task, shape=(n, 16, x.shape[-2] // bb.factor, x.shape[-1] // bb.factor), steps=steps,
-                  generator=torch.Generator().manual_seed(seed))
-        z1 = euler(bb, ctx, task, shape=z.shape, steps=1, generator=torch.Generator().manual_seed(seed))  # E[x0 | context]
-        y, y1, ceil, vin = bb.decode(z).cpu(), bb.decode(z1).cpu(), bb.roundtrip(x).cpu(), bb.decode(ctx[0]).cpu()
-        r = dict(editor_psnr=psnr(y, x).mean().item(), editor_ssim=ssim(y, x).mean().item(), editor_mean_psnr=psnr(y1, x).mean().item(),
-                 input_psnr=psnr(inp, x).mean().item(), input_ssim=ssim(inp, x).mean().item(),
-                 vae_ceiling_psnr=psnr(ceil, x).mean().item(), vae_input_psnr=psnr(vin, x).mean().item())
+        shape = (n, 16, x.shape[-2] // bb.factor, x.shape[-1] // bb.factor)
+        run = lambda c, k=steps: bb.decode(sample(bb, c, task, shape, steps=k, generator=torch.Generator().manual_seed(seed))).cpu()  # noqa: E731
+        y, y1 = run(ctx), run(ctx, 1)  # y1: one step from pure noise = E[x0 | context]
+        ceil, vin = bb.roundtrip(x).cpu(), bb.decode(ctx[0]).cpu()
+        m = b["mask"] if task == "restore" else torch.ones_like(x[:, :1])  # the region: the degraded part, or the whole image
+        met = {k: case_metrics(v, x, m) for k, v in dict(editor=y, editor_mean=y1, input=inp, vae_ceiling=ceil, vae_input=vin).items()}
+        r = dict(editor_psnr=met["editor"]["psnr"].mean().item(), editor_ssim=met["editor"]["ssim"].mean().item(),
+                 editor_mean_psnr=met["editor_mean"]["psnr"].mean().item(), input_psnr=met["input"]["psnr"].mean().item(),
+                 input_ssim=met["input"]["ssim"].mean().item(), vae_ceiling_psnr=met["vae_ceiling"]["psnr"].mean().item(),
+                 vae_input_psnr=met["vae_input"]["psnr"].mean().item())
         if task == "restore":
-            m = b["mask"]
             oracle = torch.stack([oracle_paste(t) for t in b["trips"]])
             wrong = [ctx[0], ctx[1].roll(1, 0)]  # each example given another example's reference, same noise
-            y_wrong = bb.decode(euler(bb, wrong, task, shape=z.shape, steps=steps, generator=torch.Generator().manual_seed(seed))).cpu()
-            per = dict(editor=psnr(y, x, m), editor_mean=psnr(y1, x, m), editor_wrong_ref=psnr(y_wrong, x, m), input=psnr(inp, x, m),
-                       vae_input=psnr(vin, x, m), vae_ceiling=psnr(ceil, x, m), oracle=psnr(oracle, x, m))
-            r.update({f"{k}_region_psnr": v.mean().item() for k, v in per.items()}, editor_bg_psnr=psnr(y, x, 1 - m).mean().item())
-            from .evaluate import bootstrap_ci
+            met["editor_wrong_ref"] = case_metrics(run(wrong), x, m)
+            met["oracle"] = case_metrics(oracle, x, m)
+            per = {k: v["region_psnr"] for k, v in met.items()}
+            r.update({f"{k}_region_psnr": v.mean().item() for k, v in per.items()},
+                     editor_bg_psnr=case_metrics(y, x, 1 - m)["region_psnr"].mean().item())
             gain = (per["editor"] - per["editor_wrong_ref"]).numpy()  # dB the true reference buys, per example
             r.update(ref_gain_region_db=float(gain.mean()), ref_gain_region_ci=list(bootstrap_ci(gain, seed=seed)))
             strong = torch.tensor([k in D.EDIT_DEGRADATIONS for k in kinds])

@@ -46,21 +46,11 @@ def perceptual_models() -> dict:
 
 
 def case_metrics(out: torch.Tensor, case, draft: torch.Tensor, box=None, perceptual: dict | None = None) -> dict:
-    """One output (3, H, W) against HRGT (region, whole) and against the draft (background)."""
-    y, gt, inp, m = out[None], case.hrgt[None], draft[None], case.mask[None]
-    bg = 1 - m
-    row = dict(region_mse=Mt.mse(y, gt, m).item(), region_psnr=Mt.psnr(y, gt, m).item(), region_ssim=Mt.ssim(y, gt, m).item(),
-               region_hf_err=abs(float(torch.log2(Mt.hf_energy_ratio(y, gt, m).clamp_min(1e-6)))),
-               region_hf=Mt.hf_energy_ratio(y, gt, m).item(), mse_bg=Mt.mse(y, inp, bg).item(),
-               ssim_bg=Mt.ssim(y, inp, bg).item(), psnr=Mt.psnr(y, gt).item(), ssim=Mt.ssim(y, gt).item())
-    if box is not None:
-        x0, y0, x1, y1 = box
-        outside = torch.ones_like(m)
-        outside[..., y0:y1, x0:x1] = 0
-        row["bg_box_mse"] = Mt.mse(y, inp, outside).item() if outside.sum() else 0.0
-        row["bg_box_maxabs"] = float(((y - inp).abs() * outside).max())
+    """One output (3, H, W) of a case: labkit.metrics.case_row (region and whole vs HRGT, background vs the
+    draft, outside the paste box) plus the perceptual columns that have local weights."""
+    row = Mt.case_row(out, case.hrgt, case.mask, draft, box)
     for name, fn in (perceptual or {}).items():
-        row[name] = float(fn(y, gt)) if callable(fn) else float("nan")
+        row[name] = float(fn(out[None], case.hrgt[None])) if callable(fn) else float("nan")
     return row
 
 

@@ -93,10 +93,8 @@ def capture_hidden(transformer, n_target: int, n_text: int | None = None) -> Ite
             store.setdefault(name, []).append(img[:, :n_target].detach().float().cpu())
         return fn
 
-    for i, blk in enumerate(transformer.transformer_blocks):
-        handles.append(blk.register_forward_hook(hook(f"double.{i}")))
-    for i, blk in enumerate(transformer.single_transformer_blocks):
-        handles.append(blk.register_forward_hook(hook(f"single.{i}")))
+    for name in block_names(transformer):
+        handles.append(transformer.get_submodule(name).register_forward_hook(hook(name)))
     try:
         yield store
     finally:
@@ -106,8 +104,8 @@ def capture_hidden(transformer, n_target: int, n_text: int | None = None) -> Ite
 
 def block_names(transformer) -> list[str]:
     """Names in depth order, matching capture_hidden's keys."""
-    return [f"double.{i}" for i in range(len(transformer.transformer_blocks))] + \
-           [f"single.{i}" for i in range(len(transformer.single_transformer_blocks))]
+    return [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))] + \
+           [f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))]
 
 
 @torch.no_grad()
@@ -126,10 +124,8 @@ def layerwise_similarity(bb, x_t: torch.Tensor, t: float, contexts, prompt: str,
 @torch.no_grad()
 def triplet_latents(bb, trips) -> dict[str, torch.Tensor]:
     """Normalised latents (N, 16, h, w) of HRGT, HRRI and the bicubic-upsampled LRGI of each triplet."""
-    def up(x):
-        return F.interpolate(x[None], size=trips[0].hrgt.shape[-2:], mode="bicubic", align_corners=False)[0].clamp(0, 1)
     stack = lambda xs: torch.cat([bb.encode(x[None]).cpu().float() for x in xs])  # noqa: E731
-    return dict(hrgt=stack([t.hrgt for t in trips]), hrri=stack([t.hrri for t in trips]), lrgi=stack([up(t.lrgi) for t in trips]))
+    return dict(hrgt=stack([t.hrgt for t in trips]), hrri=stack([t.hrri for t in trips]), lrgi=stack([t.draft for t in trips]))
 
 
 def closeness(z: dict[str, torch.Tensor], sigma: float = 1.0) -> dict[str, torch.Tensor]:

@@ -127,7 +127,7 @@ def generate(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor]
              budget: int | None = None) -> torch.Tensor:
     """Euler-sample the target from contexts [draft (id 1), references (ids 2..) packed under a pixel budget]."""
     from .models import pack_references
-    from .sampling import euler
+    from .sampling import sample
     bb = r.bb
     h, w = draft.shape[-2:]
     if h % bb.multiple or w % bb.multiple:
@@ -135,7 +135,7 @@ def generate(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor]
                          f"{h // bb.multiple * bb.multiple}x{w // bb.multiple * bb.multiple} or use method='focus'")
     refs = pack_references(list(references), budget or h * w, bb.multiple) if references else []
     ctx = [bb.encode(draft[None].to(bb.device))] + [bb.encode(x[None].to(bb.device)) for x in refs]
-    z = euler(bb, ctx, r.prompt, shape=(1, ctx[0].shape[1], h // bb.factor, w // bb.factor), steps=steps,
+    z = sample(bb, ctx, r.prompt, shape=(1, ctx[0].shape[1], h // bb.factor, w // bb.factor), steps=steps,
               generator=torch.Generator().manual_seed(seed))
     return bb.decode(z)[0].cpu()
 

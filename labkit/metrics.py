@@ -6,8 +6,6 @@ reported as unavailable (None), never replaced by a stand-in under their names.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -60,11 +58,6 @@ def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
     return (s * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-8)
 
 
-def psnr_from_mse(m: float) -> float:
-    """PSNR (dB) of a mean squared error for [0, 1] images."""
-    return 10 * math.log10(1.0 / max(m, 1e-10))
-
-
 def hf_energy_ratio(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, sigma: float = 1.0) -> torch.Tensor:
     """Σ m·HF(pred)² / Σ m·HF(target)² per image (B,): 1 = detail kept, < 1 = blurred, > 1 = over-sharpened."""
     from .frequency import split
@@ -82,12 +75,35 @@ def spectrum_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                         for x, y in zip(a, b)])
 
 
-def region_report(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """RefineEval-style numbers: in the region (mask) and on the background (1 - mask), and whole image."""
-    bg = 1 - _b(mask)
-    return dict(mse=mse(pred, target, mask), psnr=psnr(pred, target, mask), ssim=ssim(pred, target, mask),
-                hf_ratio=hf_energy_ratio(pred, target, mask), mse_bg=mse(pred, target, bg), ssim_bg=ssim(pred, target, bg),
-                psnr_all=psnr(pred, target), ssim_all=ssim(pred, target))
+def case_metrics(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, draft: torch.Tensor | None = None,
+                 box: tuple[int, int, int, int] | None = None) -> dict[str, torch.Tensor]:
+    """THE per-case numbers every labkit evaluator reports, per image (B,), one meaning for each name:
+
+    region_mse / region_psnr / region_ssim: output vs target inside the mask; region_hf: HF energy ratio
+    in the mask (1 = the target's detail), region_hf_err = |log2 region_hf|; psnr / ssim: whole image vs
+    target. With the draft (the input): mse_bg / ssim_bg = output vs *draft* outside the mask
+    (preservation, RefineEval's MSE_bg). With a paste box: bg_box_mse / bg_box_maxabs = output vs draft
+    outside the box (0 = bit-identical)."""
+    y, gt, m = _b(out), _b(target), _b(mask).expand(_b(out).shape[0], -1, -1, -1)
+    hf = hf_energy_ratio(y, gt, m)
+    row = dict(region_mse=mse(y, gt, m), region_psnr=psnr(y, gt, m), region_ssim=ssim(y, gt, m), region_hf=hf,
+               region_hf_err=torch.log2(hf.clamp_min(1e-6)).abs(), psnr=psnr(y, gt), ssim=ssim(y, gt))
+    if draft is not None:
+        inp = _b(draft).expand_as(y)
+        row.update(mse_bg=mse(y, inp, 1 - m), ssim_bg=ssim(y, inp, 1 - m))
+        if box is not None:
+            x0, y0, x1, y1 = box
+            outside = torch.ones_like(m)
+            outside[..., y0:y1, x0:x1] = 0
+            row["bg_box_mse"] = mse(y, inp, outside) if outside.sum() else torch.zeros(y.shape[0])
+            row["bg_box_maxabs"] = ((y - inp).abs() * outside).flatten(1).amax(1)
+    return row
+
+
+def case_row(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, draft: torch.Tensor | None = None,
+             box: tuple[int, int, int, int] | None = None, prefix: str = "") -> dict[str, float]:
+    """case_metrics of one image (3, H, W) as plain floats (a table row), names optionally prefixed."""
+    return {prefix + k: float(v[0]) for k, v in case_metrics(out, target, mask, draft, box).items()}
 
 
 def perceptual_unavailable(name: str) -> dict:

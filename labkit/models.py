@@ -49,6 +49,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.preset, self.transformer, self.vae, self.text = preset, transformer, vae, text
         self.pipe = pipe  # the FluxKontextPipeline for flux-kontext (T5 + CLIP live there)
+        self.scheduler_config = dict(pipe.scheduler.config) if pipe is not None else dict(preset.scheduler)
         self.factor = preset.vae_factor
         self.multiple = preset.multiple
 

@@ -36,6 +36,9 @@ class Preset:
     n_text_tokens: int = 4  # length of the learned instruction sequence
     dtype: str = "float32"  # compute dtype on CUDA; CPU always runs float32
     hub_id: str | None = None  # what to download on a GPU box (never fetched by labkit)
+    # FlowMatchEulerDiscreteScheduler config: tiny/mini sample on plain linspace sigmas (what mini trained
+    # on); a pipeline folder brings its own (FLUX: dynamic shift from the token count)
+    scheduler: dict = field(default_factory=lambda: dict(shift=1.0, use_dynamic_shifting=False))
 
     @property
     def latent_channels(self) -> int:

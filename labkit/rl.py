@@ -5,8 +5,9 @@ One iteration: for each of `inputs` training triplets, G samples from the SDE sa
 Gaussian policy with a known log-probability), a reward per sample, advantages normalised within the
 group, then the PPO-clipped surrogate over the sampled steps (+ β·KL to the reference policy, β = 0 by
 default as in the papers). Inputs may carry K references packed into the sequence under a total pixel
-budget (SELF), with the budget growing in stages over training. Built on labkit.train.run_loop:
-accelerate, AdamW, clipping, atomic checkpoints, exact resume, metrics CSV.
+budget (SELF), with the budget growing in stages over training. Built on labkit.loop.run_loop:
+accelerate, AdamW, clipping, atomic checkpoints, exact resume, metrics CSV. Log-probabilities, ratios
+and the KL are computed in fp32 whatever the autocast (labkit.sampling.sde_mean), as Flow-GRPO does.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import torch
 from . import data as D
 from . import metrics as Mt
 from .models import pack_references
+from .loop import LoopConfig, Step, run_loop
 from .sampling import sde_mean, sde_sample, sde_step
-from .train import LoopConfig, run_loop
 from .util import write_json
 
 
@@ -73,6 +74,7 @@ def group_advantages(rewards: torch.Tensor, clamp: float = 5.0, eps: float = 1e-
 
 def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict]:
     """PPO loss mean(max(-A·r, -A·clip(r, 1±ε))) with r = exp(logp - logp_old); also ratio and clip fraction."""
+    logp, logp_old, adv = logp.float(), logp_old.float(), adv.float()
     ratio = torch.exp(logp - logp_old)
     loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
     clipped = ((ratio - 1).abs() > clip_range).float().mean()
@@ -101,15 +103,10 @@ def references(case, k: int, budget: int, multiple: int = 16) -> list[torch.Tens
     return pack_references(views, budget, multiple)
 
 
-def draft_of(case) -> torch.Tensor:
-    """The bicubic-upsampled LRGI every method starts from."""
-    return case.draft
-
-
 @torch.no_grad()
 def contexts(bb, case, k: int, budget: int) -> list[torch.Tensor]:
     """Encoded contexts [draft, ref_1..ref_k] (each (1, 16, h, w))."""
-    return [bb.encode(draft_of(case)[None])] + [bb.encode(r[None]) for r in references(case, k, budget, bb.multiple)]
+    return [bb.encode(case.draft[None])] + [bb.encode(r[None]) for r in references(case, k, budget, bb.multiple)]
 
 
 @torch.no_grad()
@@ -121,12 +118,15 @@ def rollout(bb, case, ctx: list[torch.Tensor], cfg: GRPOConfig, reward: Callable
     traj = sde_sample(bb, ctx_g, cfg.prompt, (g, ctx[0].shape[1], h // bb.factor, w // bb.factor), cfg.sample_steps,
                       cfg.noise_level, generator)
     out = bb.decode(traj["latents"][-1]).cpu()
-    r = reward(out, case, draft_of(case))
+    r = reward(out, case, case.draft)
     return dict(traj=traj, ctx=ctx_g, outputs=out, reward=r)
 
 
-def grpo_loss(bb, rolls: list[dict], cfg: GRPOConfig, rng: np.random.Generator, ref_state: dict | None = None) -> tuple[torch.Tensor, dict]:
-    """The clipped surrogate (+ β·KL) over the stochastic steps of every rollout (a random train_frac of them)."""
+def grpo_loss(bb, rolls: list[dict], cfg: GRPOConfig, rng: np.random.Generator, ref_state: dict | None = None,
+              model=None) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate (+ β·KL) over the stochastic steps of every rollout (a random train_frac of them);
+    model: what the gradient flows through (the loop's prepared module; default bb)."""
+    model = model or bb
     adv = group_advantages(torch.stack([r["reward"]["total"] for r in rolls]), cfg.adv_clamp)
     n_sde = rolls[0]["traj"]["log_probs"].shape[0]
     k = max(1, round(cfg.train_frac * n_sde))
@@ -148,7 +148,7 @@ def grpo_loss(bb, rolls: list[dict], cfg: GRPOConfig, rng: np.random.Generator, 
         for j in steps:
             t0, t1 = float(tr["times"][j]), float(tr["times"][j + 1])
             x_t, x_next = tr["latents"][j], tr["latents"][j + 1]
-            v = bb(x_t, t0, roll["ctx"], prompt_embeds=embeds)
+            v = model(x_t, t0, roll["ctx"], prompt_embeds=embeds)
             _, lp, mean, std = sde_step(v, x_t, t0, t1, cfg.noise_level, x_next=x_next)
             loss, part = clipped_objective(lp, tr["log_probs"][j], adv[p], cfg.clip_range)
             if (p, j) in ref_means:
@@ -178,13 +178,11 @@ def evaluate_policy(bb, cases: Sequence, reward: Callable, steps: int = 8, seed:
     for i, c in enumerate(cases):
         s = c.hrgt.shape[-1]
         views = [c.hrri, *c.extra_refs][:k]
-        out = generate(r, draft_of(c), views, steps, seed + i, budget=budget or s * s)
-        rw = reward(out[None], c, draft_of(c))
-        m = c.mask[None]
-        rows.append(dict(case=i, scene=c.meta.get("seed", i), k=k, budget=budget or s * s, reward=float(rw["total"][0]), detail=float(rw["detail"][0]),
-                         consistency=float(rw["consistency"][0]), region_psnr=float(Mt.psnr(out[None], c.hrgt[None], m)),
-                         region_ssim=float(Mt.ssim(out[None], c.hrgt[None], m)),
-                         region_hf=float(Mt.hf_energy_ratio(out[None], c.hrgt[None], m)), psnr=float(Mt.psnr(out[None], c.hrgt[None]))))
+        out = generate(r, c.draft, views, steps, seed + i, budget=budget or s * s)
+        rw = reward(out[None], c, c.draft)
+        rows.append(dict(case=i, scene=c.meta.get("seed", i), k=k, budget=budget or s * s, reward=float(rw["total"][0]),
+                         detail=float(rw["detail"][0]), consistency=float(rw["consistency"][0]),
+                         **Mt.case_row(out, c.hrgt, c.mask, c.draft)))
     return rows
 
 
@@ -200,23 +198,24 @@ def train_grpo(bb, loop: LoopConfig, cfg: GRPOConfig, spec: dict, reward: Callab
     bb.requires_grad_(False)
     for n, p_ in bb.transformer.named_parameters():
         p_.requires_grad_("lora_" in n)
-    params = [p_ for p_ in bb.transformer.parameters() if p_.requires_grad]
-    if not params:
+    if not any(p_.requires_grad for p_ in bb.transformer.parameters()):
         raise ValueError("no adapter in the transformer: inject or load one (labkit.freqmole.inject / load) before GRPO")
     ref_state = {k: v.detach().clone() for k, v in FM.adapter_state(bb.transformer).items()}
     bank = [D.make_triplet(loop.seed * 100_000 + i, "train", cfg.size, cfg.factor, extra_refs=cfg.max_refs - 1) for i in range(cfg.bank)]
     val = list(val_cases) if val_cases is not None else [D.make_triplet(7 * 100_000 + i, "val", cfg.size, cfg.factor) for i in range(cfg.n_val)]
 
-    def loss_fn(rng, step):
+    def loss_fn(s: Step):
         t0 = time.time()
-        budget = budget_at(cfg, step, loop.steps)
+        rng = s.rng
+        budget = budget_at(cfg, s.step, loop.steps)
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         rolls = []
-        for i in rng.choice(len(bank), cfg.inputs, replace=len(bank) < cfg.inputs):
-            k = int(rng.integers(1, cfg.max_refs + 1))
-            rolls.append(rollout(bb, bank[i], contexts(bb, bank[i], k, budget), cfg, reward, gen))
+        picks = rng.choice(len(bank), cfg.inputs * s.world, replace=len(bank) < cfg.inputs * s.world)
+        ks = rng.integers(1, cfg.max_refs + 1, len(picks))
+        for i, k in zip(s.shard(picks), s.shard(ks)):  # each rank rolls out its share of the inputs
+            rolls.append(rollout(bb, bank[i], contexts(bb, bank[i], int(k), budget), cfg, reward, gen))
         t1 = time.time()
-        loss, logs = grpo_loss(bb, rolls, cfg, rng, ref_state)
+        loss, logs = grpo_loss(bb, rolls, cfg, rng, ref_state, model=s.model)
         rew = torch.stack([r["reward"]["total"] for r in rolls])
         logs.update(reward=float(rew.mean()), reward_std=float(rew.std(1).mean()), budget=budget,
                     detail=float(torch.stack([r["reward"]["detail"] for r in rolls]).mean()),
@@ -229,11 +228,13 @@ def train_grpo(bb, loop: LoopConfig, cfg: GRPOConfig, spec: dict, reward: Callab
         return dict(val_reward=float(np.mean([r["reward"] for r in rows])), val_region_psnr=float(np.mean([r["region_psnr"] for r in rows])),
                     kl_to_start=policy_kl(bb, val[:2], ref_state, cfg))
 
-    state = run_loop(loop, {"transformer": bb.transformer}, loss_fn, eval_fn, params=params)
-    from .util import git_commit
-    FM.save(bb.transformer, dict(spec, grpo=asdict(cfg), grpo_training=dict(steps=state["step"], seed=loop.seed, lr=loop.lr, git=git_commit())),
-            loop.out_dir)
-    write_json(dict(history=state["history"], evals=state["evals"]), Path(loop.out_dir) / "train_state.json")
+    state = run_loop(loop, bb, loss_fn, eval_fn, run_config=dict(grpo=asdict(cfg), spec=spec))
+    if state["main"]:
+        from .util import git_commit
+        FM.save(bb.transformer, dict(spec, grpo=asdict(cfg), grpo_training=dict(steps=state["step"], seed=loop.seed, lr=loop.lr,
+                                                                                 mixed_precision=loop.mixed_precision, git=git_commit())),
+                loop.out_dir)
+        write_json(dict(history=state["history"], evals=state["evals"]), Path(loop.out_dir) / "train_state.json")
     return state
 
 

@@ -70,9 +70,14 @@ def test_region_and_background_metrics():
     b = a.clone()
     m = _mask(32, 32, (8, 8, 16, 16))[None]
     b[..., 8:16, 8:16] += 0.1
-    rep = metrics.region_report(b, a, m)
-    assert rep["mse_bg"].item() == 0 and abs(rep["mse"].item() - 0.01) < 1e-6
-    assert rep["ssim_bg"].item() > rep["ssim"].item()
+    draft = a.clone()
+    draft[..., 8:16, 8:16] = 0.0  # a wrong region in the input; the output fixed it except for +0.1
+    rep = metrics.case_row(b[0], a[0], m[0], draft=draft[0], box=(8, 8, 16, 16))
+    assert rep["mse_bg"] == 0 and abs(rep["region_mse"] - 0.01) < 1e-6  # bg is vs the draft, region vs the target
+    assert rep["ssim_bg"] > rep["region_ssim"] and rep["bg_box_maxabs"] == 0.0
+    assert abs(rep["region_psnr"] - 20.0) < 1e-3 and rep["psnr"] > rep["region_psnr"]
+    moved = metrics.case_row(b[0], a[0], m[0], draft=a[0] * 0.5, box=(8, 8, 16, 16))
+    assert moved["mse_bg"] > 0.01 and moved["bg_box_maxabs"] > 0.1  # a changed background is seen
 
 
 def test_hf_ratio_detects_blur():

@@ -1,3 +1,7 @@
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -5,32 +9,94 @@ import torch
 import labkit
 from labkit import data as D
 from labkit import losses as L
-from labkit.train import LoopConfig, run_loop
+from labkit.loop import LoopConfig, NonFiniteError, RunConfigMismatch, run_loop
 
 
 def _editor_loss(bb, fixed: bool):
-    """Flow-matching 'reconstruct' loss on tiny; fixed=True overfits one batch."""
+    """Flow-matching 'reconstruct' loss on tiny, through the loop's prepared module; fixed=True overfits one batch."""
     x_fixed = D.crop_batch(np.random.default_rng(0), "train", 4, 64)
 
-    def loss_fn(rng, step):
-        x = x_fixed if fixed else D.crop_batch(rng, "train", 4, 64)
+    def loss_fn(s):
+        x = x_fixed if fixed else D.crop_batch(s.rng, "train", 4, 64)
         with torch.no_grad():
             z = bb.encode(x)
-        r = np.random.default_rng(1) if fixed else rng
+        r = np.random.default_rng(1) if fixed else s.rng
         t = L.sample_t(r, 4)
         eps = torch.from_numpy(r.standard_normal(z.shape)).float()
-        return L.flow_matching_loss(bb, z, [z], "reconstruct", t, eps), {}
+        return L.flow_matching_loss(s.model, z, [z], "reconstruct", t, eps), {}
     return loss_fn
 
 
-def test_few_steps_lower_the_loss(tmp_path):
+def _trainable_tiny():
     bb = labkit.load("tiny")
     bb.transformer.requires_grad_(True)
-    cfg = LoopConfig(steps=40, lr=3e-3, warmup=5, ckpt_every=1000, out_dir=str(tmp_path), progress=False)
-    st = run_loop(cfg, {"transformer": bb.transformer}, _editor_loss(bb, fixed=True))
+    return bb
+
+
+def test_few_steps_lower_the_loss(tmp_path):
+    bb = _trainable_tiny()
+    cfg = LoopConfig(steps=40, lr=3e-3, warmup=5, ckpt_every=1000, out_dir=str(tmp_path), progress=False, mixed_precision="no")
+    st = run_loop(cfg, bb, _editor_loss(bb, fixed=True))
     losses = [h["loss"] for h in st["history"]]
     assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
-    assert (tmp_path / "metrics.csv").exists() and (tmp_path / "ckpt.pt").exists()
+    assert (tmp_path / "metrics.csv").exists() and (tmp_path / "ckpt" / "trainable.safetensors").exists()
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pth"))  # no pickled run state
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_precision_is_pinned_and_nothing_is_left_on_the_module(tmp_path, precision):
+    """fp32 and bf16 autocast, whatever this CPU offers: trainable weights stay fp32, the loss falls, and after
+    training the module computes exactly what a fresh copy with the same weights computes (no autocast left)."""
+    bb = _trainable_tiny()
+    cfg = LoopConfig(steps=20, lr=3e-3, warmup=2, ckpt_every=1000, out_dir=str(tmp_path), progress=False, mixed_precision=precision)
+    st = run_loop(cfg, bb, _editor_loss(bb, fixed=True))
+    losses = [h["loss"] for h in st["history"]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert all(p.dtype == torch.float32 for p in bb.transformer.parameters())
+    assert "forward" not in bb.__dict__ and "_original_forward" not in bb.__dict__
+    fresh = labkit.load("tiny")
+    fresh.transformer.load_state_dict(bb.transformer.state_dict())
+    x = torch.randn(1, 16, 8, 8)
+    assert torch.equal(bb(x, 0.5, [x]), fresh(x, 0.5, [x]))
+
+
+def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path):
+    bb = _trainable_tiny()
+    inner = _editor_loss(bb, fixed=True)
+
+    def loss_fn(s):
+        loss, logs = inner(s)
+        return (loss * float("nan") if s.step == 3 else loss), logs
+    cfg = LoopConfig(steps=10, lr=1e-3, warmup=1, ckpt_every=1, out_dir=str(tmp_path), progress=False, mixed_precision="no")
+    with pytest.raises(NonFiniteError, match="step 4: loss is nan"):
+        run_loop(cfg, bb, loss_fn)
+    state = json.loads((tmp_path / "ckpt" / "loop_state.json").read_text())
+    assert state["step"] == 3  # the last good step is what was saved
+    assert all(torch.isfinite(p).all() for p in bb.transformer.parameters())
+
+
+def test_cli_with_a_huge_lr_exits_nonzero_and_writes_no_adapter(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "labkit.train", "sft", "--preset", "tiny", "--steps", "6", "--size", "64", "--batch", "2",
+                        "--bank", "2", "--rank", "2", "--lr", "1e6", "--val-images", "0", "--mixed-precision", "no", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "error: step" in r.stderr and ("loss is" in r.stderr or "gradient norm is" in r.stderr)
+    assert not (tmp_path / "adapter.safetensors").exists()
+
+
+def test_finished_run_resumes_with_the_same_config_and_refuses_another(tmp_path):
+    def run(lr, fresh=False):
+        bb = _trainable_tiny()
+        cfg = LoopConfig(steps=4, lr=lr, warmup=1, ckpt_every=2, out_dir=str(tmp_path), progress=False, mixed_precision="no", fresh=fresh)
+        st = run_loop(cfg, bb, _editor_loss(bb, fixed=True), run_config=dict(recipe="x"))
+        return st, torch.cat([p.flatten() for p in bb.transformer.parameters()])
+    a, wa = run(1e-3)
+    b, wb = run(1e-3)  # same config: resumes the finished run, nothing more to do
+    assert b["step"] == 4 and len(b["history"]) == 4 and torch.equal(wa, wb)
+    with pytest.raises(RunConfigMismatch, match=r"lr: 0.001 -> 0.01.*fresh"):
+        run(1e-2)
+    c, wc = run(1e-2, fresh=True)
+    assert c["step"] == 4 and not torch.equal(wa, wc)
 
 
 class Killed(Exception):
@@ -40,18 +106,17 @@ class Killed(Exception):
 @pytest.mark.parametrize("ema", [0.0, 0.9])
 def test_resume_after_kill_matches_uninterrupted(tmp_path, ema):
     def run(out, kill_at=None):
-        bb = labkit.load("tiny")
-        bb.transformer.requires_grad_(True)
+        bb = _trainable_tiny()
         inner = _editor_loss(bb, fixed=False)
         calls = {"n": 0}
 
-        def loss_fn(rng, step):
+        def loss_fn(s):
             calls["n"] += 1
             if kill_at and calls["n"] == kill_at:
                 raise Killed
-            return inner(rng, step)
-        cfg = LoopConfig(steps=10, lr=1e-3, warmup=2, ckpt_every=4, out_dir=str(out), progress=False, ema=ema)
-        return run_loop(cfg, {"transformer": bb.transformer}, loss_fn), bb
+            return inner(s)
+        cfg = LoopConfig(steps=10, lr=1e-3, warmup=2, ckpt_every=4, out_dir=str(out), progress=False, ema=ema, mixed_precision="no")
+        return run_loop(cfg, bb, loss_fn), bb
 
     full, bb_a = run(tmp_path / "a")
     with pytest.raises(Killed):
@@ -68,10 +133,10 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, ema):
 def test_ema_weights_lag_the_raw_weights(tmp_path):
     """With EMA the loop ends on the averaged weights: between the start and the raw end point."""
     def run(ema):
-        bb = labkit.load("tiny")
-        bb.transformer.requires_grad_(True)
-        cfg = LoopConfig(steps=12, lr=3e-3, warmup=1, ckpt_every=1000, out_dir=str(tmp_path / str(ema)), progress=False, ema=ema)
-        run_loop(cfg, {"transformer": bb.transformer}, _editor_loss(bb, fixed=True))
+        bb = _trainable_tiny()
+        cfg = LoopConfig(steps=12, lr=3e-3, warmup=1, ckpt_every=1000, out_dir=str(tmp_path / str(ema)), progress=False, ema=ema,
+                         mixed_precision="no")
+        run_loop(cfg, bb, _editor_loss(bb, fixed=True))
         return torch.cat([p.flatten() for p in bb.transformer.parameters()])
     w0 = torch.cat([p.flatten() for p in labkit.load("tiny").transformer.parameters()])
     raw, avg = run(0.0), run(0.95)
@@ -108,26 +173,64 @@ def test_frequency_loss_zero_at_target_and_positive_elsewhere():
     assert loss2.item() > 0.1
 
 
-@pytest.mark.parametrize("adapter, extra", [("freqmole", dict(w_freq=0.5, boundary_alpha=9.0)), ("lora", dict(mask_weight=1.0))])
-def test_sft_lowers_loss_and_trains_only_adapters(tmp_path, adapter, extra):
-    from labkit.train import SFTConfig, train_sft
+@pytest.mark.parametrize("adapter, extra, precision", [("freqmole", dict(w_freq=0.5, boundary_alpha=9.0), "no"),
+                                                      ("lora", dict(mask_weight=1.0), "no"),
+                                                      ("freqmole", dict(w_freq=0.5, boundary_alpha=9.0), "bf16")])
+def test_sft_lowers_loss_and_trains_only_adapters(tmp_path, adapter, extra, precision):
     from labkit import freqmole as FM
+    from labkit.sft import SFTConfig, train_sft
     bb = labkit.load("tiny")
     base = {k: v.clone() for k, v in bb.transformer.state_dict().items()}
     cfg = SFTConfig(adapter=adapter, rank=4, size=64, batch=4, bank=4, val_images=2, val_steps=2, **extra)
     st = train_sft(bb, LoopConfig(steps=30, lr=3e-3, warmup=3, ckpt_every=1000, eval_every=30, out_dir=str(tmp_path),
-                                  progress=False), cfg)
+                                  progress=False, mixed_precision=precision), cfg)
     losses = [h["loss"] for h in st["history"]]
     assert np.mean(losses[-6:]) < np.mean(losses[:6])
     after = {k.replace(".base_layer", ""): v for k, v in bb.transformer.state_dict().items() if "lora_" not in k}
     assert set(after) == set(base)
     assert [k for k in base if not torch.equal(base[k], after[k])] == []  # base weights untouched
+    assert all(p.dtype == torch.float32 for n, p in bb.transformer.named_parameters() if "lora_" in n)
     assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "metrics.csv").exists()
     assert (tmp_path / "val" / "step_000030.png").exists() and "val_region_psnr" in st["evals"][-1]
     fresh = labkit.load("tiny")
     FM.load(fresh.transformer, tmp_path)
     x = torch.randn(1, 16, 8, 8)
-    assert torch.allclose(fresh(x, 0.5, [x, x], prompt="refine"), bb(x, 0.5, [x, x], prompt="refine"), atol=1e-5)
+    assert torch.allclose(fresh(x, 0.5, [x, x], prompt="refine"), bb(x, 0.5, [x, x], prompt="refine"), atol=1e-6)
+
+
+def test_alpha_freezing_survives_resume(tmp_path):
+    """α frozen from step 3: a run stopped after steps 3 and 5 and resumed ends where the uninterrupted run ends,
+    and its α after step 8 is its α after step 3 (the freeze holds across resumes)."""
+    from safetensors.torch import load_file
+
+    from labkit import freqmole as FM
+    from labkit.sft import SFTConfig, train_sft
+    cfg = SFTConfig(adapter="freqmole", rank=2, size=64, batch=2, bank=4, val_images=0, alpha_freeze_step=3)
+
+    def run(out, stop_after=None):
+        bb = labkit.load("tiny")  # max_minutes ~0 makes the run stop (and save) after one more step; it is not part of the config
+        loop = LoopConfig(steps=8, lr=3e-2, warmup=1, ckpt_every=1, eval_every=1000, out_dir=str(out), progress=False,
+                          mixed_precision="no", max_minutes=1e-9 if stop_after else None)
+        train_sft(bb, loop, cfg)
+        return bb
+
+    def alphas(out):
+        return {k: v for k, v in load_file(str(out / "ckpt" / "trainable.safetensors")).items() if "lora_freq_alpha" in k}
+    full = run(tmp_path / "a")
+    for _ in range(3):
+        run(tmp_path / "b", stop_after=True)
+    a3 = alphas(tmp_path / "b")
+    for _ in range(2):
+        run(tmp_path / "b", stop_after=True)
+    resumed = run(tmp_path / "b")
+    fa, fb = FM.adapter_state(full.transformer), FM.adapter_state(resumed.transformer)
+    assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
+    a8 = alphas(tmp_path / "b")
+    assert a3 and all(torch.equal(a3[k], a8[k]) for k in a3)  # frozen after step 3, through two resumes
+    t = labkit.load("tiny").transformer
+    FM.inject(t, "freqmole", rank=2)
+    init = {"transformer." + k: v for k, v in FM.adapter_state(t).items() if "lora_freq_alpha" in k}
+    assert set(init) == set(a3) and any(not torch.equal(init[k], a3[k]) for k in a3)  # α did train before the freeze
 
 
 @pytest.mark.slow
