@@ -10,7 +10,7 @@ from labkit import data as D
 from labkit import models as M
 from labkit import presets as P
 from labkit.editor import EditorConfig
-from labkit.train import VAEConfig
+from labkit.mini import VAEConfig
 
 
 def timed(step, reps: int = 4) -> float:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ def _font_files() -> list[str]:
     return sorted(str(p) for p in folder.glob("DejaVu*.ttf"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_photo(name: str) -> np.ndarray:
     """A photo shipped by an installed package, as (H, W, 3) float32 in [0, 1]."""
     package, key, _, _ = PHOTOS[name]
@@ -83,7 +83,7 @@ def load_photo(name: str) -> np.ndarray:
     return img / 255.0 if img.max() > 1.5 else img
 
 
-@lru_cache(maxsize=None)
+@cache
 def render_text(split: str, index: int, size: int = 384) -> np.ndarray:
     """A page of words in DejaVu fonts at mixed sizes and colours (deterministic per split/index)."""
     rng = np.random.default_rng([hash_str(split), index, 1])
@@ -103,7 +103,7 @@ def render_text(split: str, index: int, size: int = 384) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def render_logo(split: str, index: int, size: int = 384) -> np.ndarray:
     """A synthetic logo: flat shapes and bold letters over a gradient (deterministic per split/index)."""
     rng = np.random.default_rng([hash_str(split), index, 2])

@@ -182,7 +182,8 @@ def evaluate(bb, n: int = 16, steps: int = 8, seed: int = 0, split: str = "val",
         x, inp = b["target"], b["contexts"][0]
         ctx = [bb.encode(c) for c in b["contexts"]]
         shape = (n, 16, x.shape[-2] // bb.factor, x.shape[-1] // bb.factor)
-        run = lambda c, k=steps: bb.decode(sample(bb, c, task, shape, steps=k, generator=torch.Generator().manual_seed(seed))).cpu()  # noqa: E731
+        def run(c, k=steps, task=task, shape=shape):
+            return bb.decode(sample(bb, c, task, shape, steps=k, generator=torch.Generator().manual_seed(seed))).cpu()
         y, y1 = run(ctx), run(ctx, 1)  # y1: one step from pure noise = E[x0 | context]
         ceil, vin = bb.roundtrip(x).cpu(), bb.decode(ctx[0]).cpu()
         m = b["mask"] if task == "restore" else torch.ones_like(x[:, :1])  # the region: the degraded part, or the whole image

@@ -137,13 +137,6 @@ def alpha_by_block(transformer) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
-def set_alpha_trainable(transformer, trainable: bool) -> None:
-    """Freeze (or unfreeze) every α, e.g. after N steps as the paper's notes suggest."""
-    for name, p in transformer.named_parameters():
-        if "lora_freq_alpha" in name:
-            p.requires_grad_(trainable)
-
-
 def save(transformer, spec: dict, folder: str | os.PathLike) -> Path:
     """adapter.safetensors + adapter.json (the spec), both written atomically."""
     folder = Path(folder)

@@ -3,7 +3,7 @@ spectra, band energies, and per-block hidden-state capture with forward hooks.""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -55,14 +55,6 @@ def radial_spectrum(x: torch.Tensor, bins: int | None = None) -> torch.Tensor:
     bins = bins or min(h, w) // 2
     idx = (r / r.max() * bins).long().clamp(max=bins - 1).flatten()
     return torch.zeros(bins).index_add_(0, idx, p.flatten()) / torch.bincount(idx, minlength=bins).clamp_min(1)
-
-
-def band_energy(x: torch.Tensor, sigma: float = 1.0) -> tuple[float, float]:
-    """Fraction of (mean-removed) energy in the LF and HF parts of (B, C, H, W)."""
-    x = x.float() - x.float().mean((-2, -1), keepdim=True)
-    lf, hf = split(x, sigma)
-    e_l, e_h = (lf ** 2).sum().item(), (hf ** 2).sum().item()
-    return e_l / (e_l + e_h + 1e-12), e_h / (e_l + e_h + 1e-12)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,9 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -79,7 +79,6 @@ class Step:
     rank: int = 0
     world: int = 1
     micro: int = 0  # micro-batch index within the step (grad_accum > 1)
-    extra: dict = field(default_factory=dict)
 
     def shard(self, x):
         """This rank's share of a global batch (tensor, array or list along dim 0)."""

@@ -120,6 +120,7 @@ class FeatureSimilarity:
 
     def __init__(self, path: str, device: str = "cpu"):
         import os
+
         from transformers import AutoConfig
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no local model folder at {path}: download e.g. openai/clip-vit-base-patch32 or "

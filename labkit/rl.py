@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import data as D
 from . import metrics as Mt
-from .models import pack_references
 from .loop import LoopConfig, Step, run_loop
+from .models import pack_references
 from .sampling import sde_mean, sde_sample, sde_step
 from .util import write_json
 

@@ -3,7 +3,7 @@ Flow-GRPO SDE step with its log-probability (t: 1 = noise -> 0 = clean, as diffu
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

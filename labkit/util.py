@@ -6,8 +6,9 @@ import os
 import random
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,5 +90,10 @@ def write_results(out_dir: str | os.PathLike, preset: str, params: dict, claims:
     """Write out_dir/results.json: claims, params, preset, git commit, versions and the key numbers."""
     if not claims:
         raise ValueError("results.json needs at least one claim (see DESIGN.md)")
+    bad = [f"{k}.{f}={c.get(f)}" for k, c in claims.items() for f in ("value", "baseline")
+           if isinstance(c.get(f), float) and not np.isfinite(c[f])]
+    if bad:
+        raise ValueError(f"non-finite claim numbers ({', '.join(bad[:3])}): a run produced NaN/inf; results.json not written "
+                         "- find the step that diverged (the training loop stops on non-finite losses) before reporting")
     obj = dict(claims=claims, preset=preset, params=params, git=git_commit(), versions=versions(), **numbers)
     return write_json(obj, Path(out_dir) / "results.json")

@@ -14,8 +14,8 @@ class NaiveProcessor(FluxAttnProcessor):
         self.store, self.name = store, name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
         from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         q, k = attn.norm_q(q.unflatten(-1, (-1, attn.head_dim))), attn.norm_k(k.unflatten(-1, (-1, attn.head_dim)))
         if attn.added_kv_proj_dim is not None:
@@ -66,14 +66,16 @@ def test_streaming_equals_naive(tiny, renorm):
 def test_processors_restored_and_memory_independent_of_heads(tiny):
     x, ctx, spec = _setup(tiny)
     before = {n: type(p) for n, p in tiny.transformer.attn_processors.items()}
+    plain = tiny(x, 0.7, ctx)
     with A.capture(tiny.transformer, spec, n_image=48) as rec:
-        tiny(x, 0.7, ctx)
+        captured = tiny(x, 0.7, ctx)
         tiny(x, 0.3, ctx)
+    assert torch.allclose(captured, plain, atol=1e-5)  # capturing does not change what the model computes
     assert {n: type(p) for n, p in tiny.transformer.attn_processors.items()} == before
-    n_blocks = len(before)
-    # stored: query sets × timesteps × blocks × (B, N_ref) — no head or query dimension
-    assert rec.stored_numel() == 2 * 2 * n_blocks * 2 * 16
-    assert all(v.shape == (2, 16) for v in rec.maps.values())
+    assert torch.equal(tiny(x, 0.7, ctx), plain)  # and the default processors are back
+    # what is kept is one (B, N_ref) row per (query set, t, block): no head or query dimension
+    assert {k[1] for k in rec.maps} == {0.7, 0.3} and {k[2] for k in rec.maps} == {A.block_of(n) for n in before}
+    assert rec.stored_numel() == sum(v.numel() for v in rec.maps.values()) and all(v.shape == (2, 16) for v in rec.maps.values())
 
 
 def test_postprocessing_and_iou():
@@ -87,7 +89,14 @@ def test_postprocessing_and_iou():
     assert 0 < A.chance_box_iou(box, box, 128, rng) < 0.5
 
 
-def test_crop_reference_upsamples_region():
-    ref = torch.rand(3, 128, 128)
-    out = A.crop_reference(ref, (32, 32, 64, 64), margin=0.25)
-    assert out.shape[-1] % 16 == 0 and out.shape[-1] >= 96
+def test_crop_reference_returns_the_box_content_upsampled():
+    """Align→Focus: the crop holds exactly the (grown) box of the reference, at the working resolution."""
+    from labkit.data import resize
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 128), torch.linspace(0, 1, 128), indexing="ij")
+    ref = torch.stack([yy, xx, (yy * xx)])  # every pixel different: a crop of the wrong place cannot match
+    out = A.crop_reference(ref, (32, 40, 64, 88), margin=0.0, out_size=128)
+    assert out.shape[-2] % 16 == 0 and out.shape[-1] % 16 == 0 and out.shape[-2] * out.shape[-1] >= 0.8 * 128 * 128
+    assert abs(out.shape[-2] / out.shape[-1] - 48 / 32) < 0.15  # aspect of the box kept
+    back = resize(out, (48, 32))
+    assert (back - ref[:, 40:88, 32:64]).abs().mean() < 0.01
+    assert (back - ref[:, 0:48, 0:32]).abs().mean() > 0.1

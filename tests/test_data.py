@@ -35,8 +35,8 @@ def test_triplet_geometry(seed):
 
 def test_artifacts_only_inside_mask():
     t = D.make_triplet(11, "val", size=128, factor=2, degradation="noise")
-    low = D.to_tensor(D.resize(D.to_numpy(t.hrgt), 64))
-    m_low = D.to_tensor(D.resize(D.to_numpy(t.mask), 64, order=1))  # the blend mask the generator uses
+    low = D.resize(t.hrgt, 64)
+    m_low = D.resize(t.mask, 64, "bilinear")  # the blend mask the generator uses
     diff = (t.lrgi - low).abs().sum(0)
     assert diff[m_low[0] == 0].max() < 1e-5 and diff[m_low[0] > 0.5].mean() > 0.02
 
@@ -61,10 +61,15 @@ def test_bad_inputs():
 
 def test_eval_set_cached_and_fixed(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "CACHE_DIR", tmp_path)
-    a = D.eval_set(n=2, degradations=("blur", "color"), size=64)
-    b = D.eval_set(n=2, degradations=("blur", "color"), size=64)
-    assert len(a) == 4 and len(list(tmp_path.glob("eval_*.pt"))) == 1
-    assert all(torch.equal(x.hrgt, y.hrgt) for x, y in zip(a, b))
+    a = D.eval_set(n=2, degradations=("blur", "color"), size=64, extra_refs=1)
+    folders = list(tmp_path.glob("eval_*"))
+    assert len(folders) == 1 and {p.name for p in folders[0].iterdir()} == {"pixels.safetensors", "cases.json"}  # no pickles
+    b = D.eval_set(n=2, degradations=("blur", "color"), size=64, extra_refs=1)  # from the cache
+    fresh = D.eval_set(n=2, degradations=("blur", "color"), size=64, extra_refs=1, cache=False)
+    assert len(a) == 4
+    for x, y in zip(b, fresh):  # the cache round-trips every field
+        assert all(torch.equal(getattr(x, k), getattr(y, k)) for k in D.TENSORS) and torch.equal(x.extra_refs[0], y.extra_refs[0])
+        assert x.bbox == y.bbox and x.ref_bbox == y.ref_bbox and x.meta == y.meta and np.allclose(x.warp, y.warp)
     assert {t.meta["split"] for t in a} == {"test"}
 
 

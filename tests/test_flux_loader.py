@@ -9,7 +9,7 @@ import labkit
 
 
 def _tiny_pipeline(tmp_path):
-    from diffusers import FluxKontextPipeline, FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
     bb = labkit.load("tiny")

@@ -74,7 +74,7 @@ def test_region_and_background_metrics():
     draft[..., 8:16, 8:16] = 0.0  # a wrong region in the input; the output fixed it except for +0.1
     rep = metrics.case_row(b[0], a[0], m[0], draft=draft[0], box=(8, 8, 16, 16))
     assert rep["mse_bg"] == 0 and abs(rep["region_mse"] - 0.01) < 1e-6  # bg is vs the draft, region vs the target
-    assert rep["ssim_bg"] > rep["region_ssim"] and rep["bg_box_maxabs"] == 0.0
+    assert rep["bg_box_maxabs"] == 0.0 and rep["region_ssim"] < 1
     assert abs(rep["region_psnr"] - 20.0) < 1e-3 and rep["psnr"] > rep["region_psnr"]
     moved = metrics.case_row(b[0], a[0], m[0], draft=a[0] * 0.5, box=(8, 8, 16, 16))
     assert moved["mse_bg"] > 0.01 and moved["bg_box_maxabs"] > 0.1  # a changed background is seen
@@ -94,7 +94,7 @@ def test_seam_error_zero_for_identical():
 
 
 def test_feature_similarity_from_local_folder(tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, CLIPConfig
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8, projection_dim=16)
     CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "clip")

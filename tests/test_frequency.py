@@ -23,8 +23,6 @@ def test_radial_spectrum_separates_smooth_from_noise():
     s_noise, s_smooth = Fq.radial_spectrum(x), Fq.radial_spectrum(Fq.lowpass(x, 2.0))
     assert s_noise.shape == (16,)
     assert s_smooth[-4:].mean() < 0.05 * s_noise[-4:].mean()
-    lf, hf = Fq.band_energy(Fq.lowpass(x, 2.0))
-    assert lf > hf
 
 
 def test_capture_one_entry_per_block_and_hooks_removed(tiny):
@@ -41,7 +39,7 @@ def test_capture_one_entry_per_block_and_hooks_removed(tiny):
     # than perturbing the target at the first block
     with Fq.capture_hidden(tiny.transformer, n_target=16) as s2:
         tiny(x + 1, 0.5, [ctx])
-    assert not torch.allclose(s2["double.0"][0], store["double.0"][0])
+    assert not torch.allclose(s2["transformer_blocks.0"][0], store["transformer_blocks.0"][0])
 
 
 def test_layerwise_similarity_last_is_one(tiny):

@@ -3,7 +3,8 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import labkit
 from labkit import models as M
@@ -110,8 +111,9 @@ def test_pack_references_budget_and_errors():
 
 
 def test_committed_mini_card_matches_weights():
-    from labkit.mini import weights_hash
     import json
+
+    from labkit.mini import weights_hash
     folder = P.MINI_WEIGHTS
     if not (folder / "card.json").exists():
         pytest.skip("mini weights not committed yet (make mini)")

@@ -48,6 +48,7 @@ def test_notebook_hygiene(nb):
 @pytest.mark.slow
 def test_sweep_collects_points_into_one_table(tmp_path):
     import pandas as pd
+
     from labkit.sweep import grid
     csv = grid("03_vae_crop_vs_full", {"seed": [0, 1]}, preset="tiny", out=tmp_path,
                extra=dict(n_images=2, fracs=[0.05, 0.4], upsamples=["work"]))

@@ -5,15 +5,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import labkit
 from labkit import data as D
 from labkit import freqmole as FM
 from labkit import rl
+from labkit.loop import LoopConfig
 from labkit.models import pack_references
-from labkit.sampling import sde_mean, sde_sample, sde_step, sde_std
-from labkit.train import LoopConfig
+from labkit.sampling import sde_mean, sde_sample, sde_std, sde_step
 
 
 @pytest.mark.parametrize("t, t_next", [(1.0, 0.8), (0.6, 0.4), (0.2, 0.05)])
@@ -84,8 +85,8 @@ def test_sde_sample_trajectory_shapes(tiny):
     assert tr["latents"].shape == (5, 2, 16, 8, 8) and tr["log_probs"].shape == (3, 2) and torch.isfinite(tr["log_probs"]).all()
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.1])
-def test_few_grpo_steps_change_only_adapter_weights(tmp_path, beta):
+@pytest.mark.parametrize("beta, precision", [(0.0, "no"), (0.1, "no"), (0.1, "bf16")])
+def test_few_grpo_steps_change_only_adapter_weights(tmp_path, beta, precision):
     bb = labkit.load("tiny")
     spec = FM.inject(bb.transformer, "freqmole", rank=2)
     with torch.no_grad():  # a non-zero start, so the policy is not the base model
@@ -96,12 +97,14 @@ def test_few_grpo_steps_change_only_adapter_weights(tmp_path, beta):
     cfg = rl.GRPOConfig(group=3, inputs=2, sample_steps=3, eval_steps=2, size=64, bank=3, n_val=1, beta=beta, max_refs=2,
                         budgets=(0.5, 1.0))
     st_ = rl.train_grpo(bb, LoopConfig(steps=3, lr=1e-2, warmup=1, ckpt_every=100, eval_every=3, out_dir=str(tmp_path),
-                                       progress=False), cfg, spec)
+                                       progress=False, mixed_precision=precision), cfg, spec)
     after = bb.transformer.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all("lora_" in k for k in changed)
     h = st_["history"]
-    assert len(h) == 3 and all(np.isfinite(x["loss"]) and x["ratio"] == pytest.approx(1, abs=1e-3) for x in h)
+    tol = 1e-3 if precision == "no" else 5e-2  # bf16 rollouts and updates round differently, in fp32 log-prob space
+    assert len(h) == 3 and all(np.isfinite(x["loss"]) and x["ratio"] == pytest.approx(1, abs=tol) for x in h)
+    assert all(np.isfinite(v) for e in st_["evals"] for v in e.values() if isinstance(v, float))
     assert "val_reward" in st_["evals"][-1] and st_["evals"][-1]["kl_to_start"] > 0
     assert h[0]["budget"] == 2048 and h[-1]["budget"] == 4096
     assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "metrics.csv").exists()

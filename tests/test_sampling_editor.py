@@ -1,14 +1,16 @@
 import numpy as np
 import torch
 
+from labkit import data as D
 from labkit import editor as E
-from labkit.sampling import euler, timesteps
+from labkit.sampling import sample, times
 
 
 class StraightFlow:
     """A 'model' that knows x0: on the straight path v = (x_t - x0) / t, so Euler must land on x0."""
 
     device = torch.device("cpu")
+    scheduler_config = dict(shift=1.0, use_dynamic_shifting=False)
 
     def __init__(self, x0):
         self.x0 = x0
@@ -20,13 +22,32 @@ class StraightFlow:
         return (x_t - self.x0) / t
 
 
-def test_euler_integrates_a_straight_flow_exactly():
+def test_sampler_integrates_a_straight_flow_exactly():
     x0 = torch.randn(2, 16, 4, 4)
-    out, path = euler(StraightFlow(x0), [], "reconstruct", shape=(2, 16, 4, 4), steps=5,
-                      generator=torch.Generator().manual_seed(0), return_path=True)
+    out, path = sample(StraightFlow(x0), [], "reconstruct", shape=(2, 16, 4, 4), steps=5,
+                       generator=torch.Generator().manual_seed(0), return_path=True)
     assert torch.allclose(out, x0, atol=1e-5) and len(path) == 6
-    ts = timesteps(4, shift=3.0)
-    assert ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
+    # img2img: from x0 itself noised to strength 0.4, the remaining 2 of 5 steps also land on x0
+    out2, path2 = sample(StraightFlow(x0), [], "reconstruct", shape=(2, 16, 4, 4), steps=5, init=x0, strength=0.4,
+                         generator=torch.Generator().manual_seed(0), return_path=True)
+    assert torch.allclose(out2, x0, atol=1e-5) and len(path2) == 3
+
+
+def test_sampler_uses_the_scheduler_as_the_flux_kontext_pipeline_does():
+    """With FLUX's scheduler config the noise levels are the pipeline's: sigmas linspace(1, 1/N, N) shifted by
+    mu(token count) through diffusers' own retrieve_timesteps; with mini's config they are plain linspace."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
+    flux = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                max_image_seq_len=4096, num_train_timesteps=1000)
+    bb = StraightFlow(None)
+    bb.scheduler_config = flux
+    for steps, tokens in [(4, 64), (28, 4096), (8, 1024)]:
+        sch = FlowMatchEulerDiscreteScheduler(**flux)
+        ts, _ = retrieve_timesteps(sch, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(tokens))
+        assert torch.allclose(times(bb, steps, tokens)[:-1], ts.float() / 1000, atol=1e-6)
+    bb.scheduler_config = dict(shift=1.0, use_dynamic_shifting=False)
+    assert torch.allclose(times(bb, 4, 64), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
 
 
 def test_task_batches_shapes():
@@ -41,13 +62,12 @@ def test_task_batches_shapes():
 
 
 def test_upscale_context_is_the_bicubic_draft_of_the_target():
-    from labkit.train import bicubic_x
     cfg = E.EditorConfig(batch=3, size=64)
     for f in (2, 4):
         b = E.task_batch("upscale", np.random.default_rng(1), "train", cfg, factor=f)
-        assert torch.allclose(b["contexts"][0], bicubic_x(b["target"], f))
+        assert torch.allclose(b["contexts"][0], D.bicubic_draft(b["target"], f))
     b = E.task_batch("upscale", np.random.default_rng(1), "train", E.EditorConfig(batch=16, size=64))
-    used = [f for i in range(16) for f in (2, 4) if torch.allclose(b["contexts"][0][i:i + 1], bicubic_x(b["target"][i:i + 1], f))]
+    used = [f for i in range(16) for f in (2, 4) if torch.allclose(b["contexts"][0][i:i + 1], D.bicubic_draft(b["target"][i:i + 1], f))]
     assert len(used) == 16 and set(used) == {2, 4}  # every draft is x2 or x4, and both occur
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -58,6 +59,20 @@ def test_precision_is_pinned_and_nothing_is_left_on_the_module(tmp_path, precisi
     fresh.transformer.load_state_dict(bb.transformer.state_dict())
     x = torch.randn(1, 16, 8, 8)
     assert torch.equal(bb(x, 0.5, [x]), fresh(x, 0.5, [x]))
+
+
+def test_gradient_checkpointing_and_accumulation_change_memory_not_the_result(tmp_path):
+    """Checkpointing recomputes activations: same losses and weights; 2 micro-batches of the same batch = 1 batch."""
+    def run(name, **kw):
+        bb = _trainable_tiny()
+        cfg = LoopConfig(steps=4, lr=3e-3, warmup=1, ckpt_every=1000, out_dir=str(tmp_path / name), progress=False,
+                         mixed_precision="no", **kw)
+        st = run_loop(cfg, bb, _editor_loss(bb, fixed=True))
+        assert not bb.transformer.gradient_checkpointing  # switched off again after training
+        return [h["loss"] for h in st["history"]], torch.cat([p.flatten() for p in bb.transformer.parameters()])
+    (la, wa), (lb, wb), (lc, wc) = run("plain"), run("gc", gradient_checkpointing=True), run("acc", grad_accum=2)
+    assert np.allclose(la, lb, rtol=1e-5) and torch.allclose(wa, wb, atol=1e-6)
+    assert np.allclose(la, lc, rtol=1e-4) and torch.allclose(wa, wc, atol=1e-5)
 
 
 def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path):
@@ -250,7 +265,9 @@ def test_accelerate_launch_one_cpu_process(tmp_path):
 def test_editor_probe_continues_from_weights_on_one_task(tmp_path):
     """`labkit.train mini --stage editor --init W --task-probs ... --upscale 4`: trains on from W, only the drawn task."""
     import json
+
     from safetensors.torch import load_file
+
     from labkit import models as M
     from labkit import presets as P
     from labkit.train import main as train_main
@@ -266,3 +283,70 @@ def test_editor_probe_continues_from_weights_on_one_task(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # the VAE stays frozen
     a, b = load_file(init / "transformer.safetensors"), load_file(out / "transformer.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the editor trained on from the given weights
+
+
+DDP_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+import labkit
+from labkit import util
+from labkit import freqmole as FM
+from labkit.loop import LoopConfig
+from labkit.sft import SFTConfig, train_sft
+
+out, log, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+writes = []
+_save = util.atomic_save
+def spy(write, path):
+    writes.append(str(path))
+    return _save(write, path)
+util.atomic_save = spy
+for mod in list(sys.modules.values()):
+    if getattr(mod, "__name__", "").startswith("labkit.") and getattr(mod, "atomic_save", None) is _save:
+        mod.atomic_save = spy
+torch.set_num_threads(1)
+bb = labkit.load("tiny")
+cfg = SFTConfig(adapter="lora", rank=2, size=64, batch=batch, bank=8, val_images=0)
+train_sft(bb, LoopConfig(steps=4, lr=1e-2, warmup=1, ckpt_every=2, eval_every=1000, out_dir=str(out), progress=False,
+                         mixed_precision="no"), cfg)
+from accelerate import PartialState
+rank = PartialState().process_index
+save_file(FM.adapter_state(bb.transformer), str(log / f"weights_{rank}.safetensors"))
+(log / f"writes_{rank}.json").write_text(json.dumps(writes))
+"""
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_sync_gradients_and_match_one_process_with_the_doubled_batch(tmp_path):
+    """Two CPU processes under accelerate launch: both ranks end with the same weights, equal (within fp
+    tolerance) to one process with batch 2B, and only rank 0 writes labkit's files.
+
+    accelerate 1.15's `--cpu --num_processes 2` starts ONE process unless MPI is set up (its simple launcher);
+    `--multi_gpu` with no visible GPU starts two torchrun processes that join a gloo (CPU) process group."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    script = tmp_path / "ddp_sft.py"
+    script.write_text(DDP_SCRIPT)
+    launcher = Path(sys.executable).parent / "accelerate"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+    def launch(n, batch, name):
+        log = tmp_path / name
+        log.mkdir()
+        cmd = [str(launcher), "launch", "--num_processes", str(n), "--multi_gpu" if n > 1 else "--cpu", "--num_machines", "1",
+               "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(script), str(log / "out"), str(log), str(batch)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return log
+    two, one = launch(2, 2, "two"), launch(1, 4, "one")
+    w0, w1, ws = (load_file(str(p)) for p in (two / "weights_0.safetensors", two / "weights_1.safetensors", one / "weights_0.safetensors"))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # gradients were synchronised
+    init = {k: v for k, v in w0.items() if "lora_B" in k}
+    assert any(v.abs().max() > 0 for v in init.values())  # and training moved the adapter
+    assert all(torch.allclose(w0[k], ws[k], atol=2e-5, rtol=1e-4) for k in w0)  # = one process with the doubled batch
+    assert json.loads((two / "writes_1.json").read_text()) == []  # rank 1 writes nothing of labkit's
+    assert any("adapter.safetensors" in p for p in json.loads((two / "writes_0.json").read_text()))
