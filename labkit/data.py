@@ -254,7 +254,10 @@ class Triplet:
 
 def bbox_of(mask: np.ndarray | torch.Tensor) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of the nonzero pixels (x1, y1 exclusive); raises on an empty mask."""
-    m = np.asarray(mask.squeeze().cpu() if isinstance(mask, torch.Tensor) else mask).squeeze() > 0.5
+    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+    while m.ndim > 2 and m.shape[0] == 1:  # (1, H, W) -> (H, W); a 1-pixel-high mask stays 2-D
+        m = m[0]
+    m = m > 0.5
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W) or (1, H, W), got shape {m.shape}")
     ys, xs = np.nonzero(m)

@@ -21,7 +21,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .util import atomic_save, write_json
+from .util import atomic_dir, write_json
 
 # The linears diffusers' Kontext LoRA script adapts, anchored on the block lists (the model's final
 # proj_out and the embedders are never matched).
@@ -138,27 +138,41 @@ def alpha_by_block(transformer) -> dict[str, float]:
 
 
 def save(transformer, spec: dict, folder: str | os.PathLike) -> Path:
-    """adapter.safetensors + adapter.json (the spec), both written atomically."""
-    folder = Path(folder)
+    """The adapter folder: adapter.safetensors + adapter.json (the spec), written together (atomic_dir)."""
     sd = adapter_state(transformer)
-    atomic_save(lambda p: save_file(sd, p), folder / "adapter.safetensors")
-    write_json(spec, folder / "adapter.json")
-    return folder
+    with atomic_dir(folder) as tmp:
+        save_file(sd, str(tmp / "adapter.safetensors"))
+        write_json(spec, tmp / "adapter.json")
+    return Path(folder)
 
 
-def load(transformer, folder: str | os.PathLike) -> dict:
-    """Re-inject the adapters described by adapter.json (custom module re-registered) and load the weights
-    strictly: a FreqMoLE file loaded into plain LoRA modules would be an error, not silently dropped."""
+def adapter_folder(folder: str | os.PathLike) -> Path:
+    """The folder holding adapter.json: `folder` itself, or the `adapter/` a training run writes into its --out."""
     folder = Path(folder)
-    if not (folder / "adapter.json").exists():
-        raise FileNotFoundError(f"no adapter.json in {folder}: save adapters with labkit.freqmole.save")
+    for p in (folder, folder / "adapter"):
+        if (p / "adapter.json").exists() and (p / "adapter.safetensors").exists():
+            return p
+    raise FileNotFoundError(f"no adapter (adapter.json + adapter.safetensors) in {folder} or {folder / 'adapter'}: "
+                            "save adapters with labkit.freqmole.save, or train one with `python -m labkit.train sft --out DIR`")
+
+
+def load(transformer, folder: str | os.PathLike, identity: dict | None = None) -> dict:
+    """Re-inject the adapters described by adapter.json (custom module re-registered) and load the weights
+    strictly: a FreqMoLE file loaded into plain LoRA modules would be an error, not silently dropped.
+    identity (Backbone.identity()): refuse, in one line, an adapter trained on another backbone."""
+    folder = adapter_folder(folder)
     spec = json.loads((folder / "adapter.json").read_text())
+    if identity and spec.get("model_hash") and (spec.get("preset"), spec.get("model_hash")) != (identity["preset"], identity["model_hash"]):
+        raise ValueError(f"adapter {folder} was trained on preset {spec.get('preset')!r} (model {spec['model_hash']}), but this backbone "
+                         f"is {identity['preset']!r} (model {identity['model_hash']}): load it on that backbone or retrain it on this one "
+                         f"(python -m labkit.train sft --preset {identity['preset']} ...)")
     inject(transformer, spec["kind"], spec["rank"], spec["alpha"], spec["dropout"], spec.get("prior"))
     sd = load_file(folder / "adapter.safetensors")
     mine = adapter_state(transformer)
-    if set(sd) != set(mine):
-        raise ValueError(f"adapter file and modules disagree: {len(set(sd) ^ set(mine))} tensors differ "
-                         f"(e.g. {sorted(set(sd) ^ set(mine))[:2]})")
+    if set(sd) != set(mine) or any(sd[k].shape != mine[k].shape for k in sd):
+        raise ValueError(f"adapter file and modules disagree ({len(set(sd) ^ set(mine))} tensor names differ, "
+                         f"e.g. {sorted(set(sd) ^ set(mine))[:2]}): {folder} was made for another model "
+                         f"({spec.get('preset', 'preset not recorded')}); load it on the backbone it was trained on")
     transformer.load_state_dict(sd, strict=False)
     return spec
 

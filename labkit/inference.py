@@ -32,37 +32,101 @@ ADAPTERS = REPO / "figures" / "04_train_freqmole" / "adapters"
 
 # ------------------------------------------------------------------------------------------------
 # inputs
-def as_image_tensor(x, name: str = "image") -> torch.Tensor:
-    """PIL / (3, H, W) or (1, 3, H, W) tensor / (H, W, 3) array -> (3, H, W) float tensor in [0, 1]."""
+def _array(x, name: str) -> np.ndarray | torch.Tensor:
     from PIL import Image
     if isinstance(x, Image.Image):
-        return torch.from_numpy(np.asarray(x.convert("RGB"), np.float32) / 255.0).permute(2, 0, 1).contiguous()
-    if isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[-1] == 3:
-        x = torch.from_numpy(x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)).permute(2, 0, 1)
-    if isinstance(x, torch.Tensor):
-        x = x[0] if x.ndim == 4 and x.shape[0] == 1 else x
-        if x.ndim == 3 and x.shape[0] == 3:
-            return x.detach().float().cpu().clamp(0, 1)
-        raise ValueError(f"{name} must be (3, H, W) in [0, 1]; got shape {tuple(x.shape)}")
-    raise TypeError(f"{name} must be a PIL.Image, a (3, H, W) tensor in [0, 1] or an (H, W, 3) array; got {type(x).__name__}")
+        return np.asarray(x)
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return x
+    raise TypeError(f"{name} must be a PIL.Image, a (3, H, W) tensor or an (H, W, 3) array; got {type(x).__name__}")
+
+
+def as_image_tensor(x, name: str = "image") -> torch.Tensor:
+    """PIL / (3, H, W) or (1, 3, H, W) tensor / (H, W, 3) array -> (3, H, W) float tensor in [0, 1].
+
+    Integer data (uint8 PIL images and arrays, integer tensors) is read as 0..255; float data must already be
+    in [0, 1] and finite - anything else is refused with what was given and how to fix it."""
+    from PIL import Image
+    if isinstance(x, Image.Image):
+        x = x.convert("RGB")
+    a = _array(x, name)
+    t = torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a.detach().cpu()
+    if isinstance(a, np.ndarray) and t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
+        t = t.permute(2, 0, 1)  # (H, W, 3) arrays
+    t = t[0] if t.ndim == 4 and t.shape[0] == 1 else t
+    if t.ndim != 3 or t.shape[0] != 3:
+        raise ValueError(f"{name} must be RGB: (3, H, W) tensor or (H, W, 3) array / PIL image; got shape {tuple(t.shape)} "
+                         "(convert grey or RGBA images with PIL's .convert('RGB'))")
+    if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"{name} has dtype {t.dtype}: pass uint8 (0..255) or float (0..1) pixels")
+    if not t.is_floating_point():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"{name} is integer with values in [{lo}, {hi}]; expected 0..255 (uint8)")
+        return t.float() / 255.0
+    t = t.float()
+    bad = (~torch.isfinite(t)).sum().item()
+    if bad:
+        raise ValueError(f"{name} holds {bad} NaN/inf values: pass finite pixels (e.g. torch.nan_to_num(x).clamp(0, 1))")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        hint = "divide by 255" if hi <= 255 and lo >= 0 else "rescale it to [0, 1] (e.g. (x + 1) / 2 for [-1, 1] data)"
+        raise ValueError(f"{name} is float with values in [{lo:.3g}, {hi:.3g}]; expected [0, 1]: {hint}")
+    return t.clamp(0, 1)
 
 
 def as_mask_tensor(m, hw: tuple[int, int]) -> torch.Tensor:
-    """PIL / tensor / array mask -> (1, H, W) in {0, 1}; checks its size against the image and that it is not empty."""
+    """PIL / tensor / array mask -> (1, H, W) in {0, 1}: bool, 0/1 or 0/255 integers, or float in [0, 1]
+    (> 0.5 is inside); checks its size against the image and that it is not empty."""
     from PIL import Image
     if isinstance(m, Image.Image):
-        m = np.asarray(m.convert("L"), np.float32) / 255.0
-    t = torch.as_tensor(np.asarray(m, np.float32) if not isinstance(m, torch.Tensor) else m).float().cpu()
+        m = m.convert("L")
+    a = _array(m, "mask")
+    t = torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a.detach().cpu()
     while t.ndim > 2 and t.shape[0] == 1:
         t = t[0]
+    if t.ndim == 3 and t.shape[-1] == 1:
+        t = t[..., 0]
     if t.ndim != 2:
         raise ValueError(f"mask must be (H, W) or (1, H, W); got shape {tuple(t.shape)}")
     if tuple(t.shape) != tuple(hw):
         raise ValueError(f"mask size {tuple(t.shape)} does not match the image {tuple(hw)}: resize the mask to the image (nearest)")
-    t = (t > 0.5).float()[None]
-    if t.sum() == 0:
-        raise ValueError("empty mask: mark at least one pixel of the region to refine (mask > 0.5)")
-    return t
+    if t.dtype == torch.bool:
+        inside = t
+    elif not t.is_floating_point():  # 0/1 or 0/255 integer masks (a PIL 'L' mask may hold either)
+        inside = t > (0 if int(t.max()) <= 1 else 127)
+    else:
+        if not torch.isfinite(t).all() or float(t.min()) < 0 or float(t.max()) > 1 + 1e-6:
+            raise ValueError(f"float mask values must be finite and in [0, 1]; got [{float(t.min()):.3g}, {float(t.max()):.3g}] "
+                             "(pass a uint8 0/255 mask, or divide by 255)")
+        inside = t > 0.5
+    if not inside.any():
+        raise ValueError("empty mask: mark at least one pixel of the region to refine (mask > 0.5, or > 127 for 0..255 masks)")
+    return inside.float()[None]
+
+
+def check_steps(steps) -> int:
+    """Sampler steps: an integer >= 1 (numpy integers accepted)."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 (the number of sampler steps); got {steps!r}")
+    return int(steps)
+
+
+def resolve_seed(seed) -> int:
+    """seed=None draws a fresh random seed (reported back in the output's info); else an integer."""
+    if seed is None:
+        return int(np.random.SeedSequence().entropy % 2**31)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, or None for a fresh random one; got {seed!r}")
+    return int(seed)
+
+
+def check_size(hw: tuple[int, int], multiple: int, name: str = "image") -> None:
+    """Model methods need at least one packing unit per side (VAE x8 and 2x2 packing: `multiple` pixels)."""
+    h, w = hw
+    if h < multiple or w < multiple:
+        raise ValueError(f"{name} is {h}x{w} pixels; the model methods need at least {multiple}x{multiple} (one VAE x8 "
+                         f"latent 2x2 patch): upsample it first, e.g. PIL .resize(({max(w, multiple)}, {max(h, multiple)}))")
 
 
 def as_references(reference) -> list[torch.Tensor]:
@@ -93,13 +157,17 @@ class Refiner:
 
 
 def resolve_adapter(adapter: str | os.PathLike) -> Path:
-    """An adapter folder (with adapter.json) by path, or by name under figures/04_train_freqmole/adapters."""
+    """An adapter folder by path (the folder, or a training run's --out holding adapter/), or by name under
+    figures/04_train_freqmole/adapters."""
+    from .freqmole import adapter_folder
     for p in (Path(adapter), ADAPTERS / str(adapter)):
-        if (p / "adapter.json").exists():
-            return p
+        try:
+            return adapter_folder(p)
+        except FileNotFoundError:
+            pass
     have = sorted(p.name for p in ADAPTERS.glob("*") if (p / "adapter.json").exists()) if ADAPTERS.exists() else []
-    raise FileNotFoundError(f"no adapter {str(adapter)!r} (looked for adapter.json in {adapter} and {ADAPTERS / str(adapter)}); "
-                            f"available: {have or 'none'} - run `make figures NB=04_train_freqmole` to train them")
+    raise FileNotFoundError(f"no adapter {str(adapter)!r} (looked for adapter.json in {adapter}, {Path(adapter) / 'adapter'} and "
+                            f"{ADAPTERS / str(adapter)}); available: {have or 'none'} - run `make figures NB=04_train_freqmole` to train them")
 
 
 @functools.lru_cache(maxsize=8)
@@ -111,7 +179,7 @@ def load_refiner(preset: str = "mini", adapter: str | None = None, device: str =
     if adapter is None:
         return Refiner(bb, "restore")
     folder = resolve_adapter(adapter)
-    spec = FM.load(bb.transformer, folder)
+    spec = FM.load(bb.transformer, folder, identity=bb.identity())
     bb.eval().requires_grad_(False)
     import hashlib
     sha = hashlib.sha256((folder / "adapter.safetensors").read_bytes()).hexdigest()
@@ -176,7 +244,7 @@ def naive_paste(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor
 def focus_refine(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int,
                  margin: float = 16, working_area: int | None = None) -> tuple[torch.Tensor, tuple]:
     """Focus-and-Refine: crop + upsample to the working area, refine the crop, soft-paste back into the box."""
-    area = working_area or draft.shape[-2] * draft.shape[-1]
+    area = working_area or r.bb.preset.resolution ** 2  # the preset's working area (mini 128², flux-kontext 1024²)
     c_img, c_mask, box = F_.focus_crop(draft, mask, area, r.bb.multiple, margin)
     out = generate(r, c_img, references, steps, seed, budget=area)
     soft = F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
@@ -187,15 +255,18 @@ def focus_refine(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, references
 def refine_tensor(image, mask, reference=None, method: str = "focus", adapter: str | None = None, steps: int = 8,
                   seed: int = 0, preset: str = "mini", device: str = "cpu", reference_box=None, margin: float = 16,
                   working_area: int | None = None) -> tuple[torch.Tensor, dict]:
-    """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter)."""
+    """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter, seed)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    steps, seed = check_steps(steps), resolve_seed(seed)
     img = as_image_tensor(image)
     m = as_mask_tensor(mask, img.shape[-2:])
     refs = as_references(reference)
-    info: dict = dict(method=method, adapter=adapter)
+    info: dict = dict(method=method, adapter=adapter, seed=seed, steps=steps)
     if method == "input":
         return img.clone(), info
+    from .presets import get
+    check_size(img.shape[-2:], get(preset).multiple)
     if method in ("paste", "align") and not refs:
         raise ValueError(f"method {method!r} needs a reference image; pass reference=... or use 'focus'/'full' (reference-free)")
     r = load_refiner(preset, adapter, device) if method != "paste" or reference_box is None else None
@@ -218,12 +289,15 @@ def refine_tensor(image, mask, reference=None, method: str = "focus", adapter: s
 
 def refine(image, mask, reference=None, method: str = "focus", adapter: str | None = None, steps: int = 8, seed: int = 0,
            preset: str = "mini", **kw):
-    """Refine the masked region of `image` (optionally from reference image(s)); PIL image of the input's size.
+    """Refine the masked region of `image` (optionally from reference image(s)); PIL image of the input's size
+    (its .info['labkit_seed'] holds the seed used: seed=None draws a fresh one).
 
     method: input | paste | full | focus | align (module docstring); adapter: None (frozen editor), a name
     under figures/04_train_freqmole/adapters (lora, freqmole, freqmole+freq, freqmole+boundary) or a folder."""
-    out, _ = refine_tensor(image, mask, reference, method, adapter, steps, seed, preset, **kw)
-    return to_pil(out)
+    out, info = refine_tensor(image, mask, reference, method, adapter, steps, seed, preset, **kw)
+    pil = to_pil(out)
+    pil.info.update(labkit_seed=info["seed"], labkit_method=method)  # seed=None: the seed that was drawn
+    return pil
 
 
 def describe_adapters() -> dict:

@@ -53,6 +53,18 @@ class Backbone(nn.Module):
         self.factor = preset.vae_factor
         self.multiple = preset.multiple
 
+    def identity(self) -> dict:
+        """Which backbone this is: preset name and a short hash of the base transformer (config + a bf16-rounded
+        sample of every weight, adapters excluded), recorded with adapters so they load only where they were trained."""
+        import hashlib
+        h = hashlib.sha256(json.dumps(dict(self.transformer.config), sort_keys=True, default=str).encode())
+        for name, t in self.transformer.state_dict().items():
+            if "lora_" in name:
+                continue
+            h.update(name.replace(".base_layer", "").encode())
+            h.update(t.detach().flatten()[:256].to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return dict(preset=self.preset.name, model_hash=h.hexdigest()[:12])
+
     # -- devices ----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -192,9 +204,14 @@ def build(preset: P.Preset) -> Backbone:
     return Backbone(preset, transformer, vae, text)
 
 
-def load(preset: str = "mini", device: str | torch.device = "cpu", seed: int = 0, **overrides) -> Backbone:
-    """Load a backbone by preset name; overrides replace preset fields (e.g. weights='/path')."""
-    cfg = P.get(preset, **overrides)
+def load(preset: str | os.PathLike = "mini", device: str | torch.device = "cpu", seed: int = 0, **overrides) -> Backbone:
+    """Load a backbone by preset name (tiny | mini | flux-kontext), or from a diffusers FluxKontextPipeline
+    folder (the save_pretrained layout) given as a path; overrides replace preset fields (e.g. weights='/path')."""
+    if isinstance(preset, os.PathLike) or (isinstance(preset, str) and preset not in P.PRESETS and
+                                           (os.sep in preset or Path(preset).expanduser().exists())):
+        overrides["weights"] = str(Path(preset).expanduser())
+        preset = "flux-kontext"
+    cfg = P.get(str(preset), **overrides)
     if cfg.text == "t5clip":
         return _load_pipeline(cfg, device)
     torch.manual_seed(seed)
@@ -245,12 +262,42 @@ def resolve_flux_path(cfg: P.Preset) -> Path:
         path = Path(cfg.weights).expanduser()
         if not (path / "model_index.json").exists():
             raise FileNotFoundError(f"no diffusers folder (model_index.json) at {path}; {how}")
+        check_pipeline_folder(path)
         return path
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(cfg.hub_id, local_files_only=True))  # cache only: never a network call
     except Exception as e:
         raise FileNotFoundError(f"FLUX.1-Kontext-dev is not in the local HF cache ({type(e).__name__}); {how}") from None
+
+
+PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def check_pipeline_folder(path: Path) -> dict:
+    """Validate a FluxKontextPipeline folder before diffusers reads it; errors name the file and the problem."""
+    index = path / "model_index.json"
+    fix = "re-save it with pipe.save_pretrained(folder) or download it again"
+    try:
+        spec = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index} is not valid JSON ({e.msg} at line {e.lineno}): {fix}") from None
+    if not isinstance(spec, dict) or "_class_name" not in spec:
+        raise ValueError(f"{index} has no '_class_name' (expected 'FluxKontextPipeline'): not a diffusers pipeline folder; {fix}")
+    missing = [p for p in PIPELINE_PARTS if not isinstance(spec.get(p), list) or spec[p][0] is None]
+    if missing:
+        raise ValueError(f"{index} lists no {missing} (a FluxKontextPipeline needs {list(PIPELINE_PARTS)}); {fix}")
+    for part in PIPELINE_PARTS:
+        sub = path / part
+        need = sub / ("scheduler_config.json" if part == "scheduler" else "config.json")
+        if part.startswith("tokenizer"):
+            if not sub.is_dir() or not any(sub.iterdir()):
+                raise FileNotFoundError(f"{sub} is missing or empty (model_index.json lists a {part}); {fix}")
+        elif not need.exists():
+            raise FileNotFoundError(f"{need} is missing (model_index.json lists a {part}); {fix}")
+        elif part in ("transformer", "vae", "text_encoder", "text_encoder_2") and not any(sub.glob("*.safetensors")):
+            raise FileNotFoundError(f"no *.safetensors weights in {sub}: labkit loads weights only from safetensors; {fix}")
+    return spec
 
 
 def _load_pipeline(cfg: P.Preset, device) -> Backbone:

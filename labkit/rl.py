@@ -233,7 +233,7 @@ def train_grpo(bb, loop: LoopConfig, cfg: GRPOConfig, spec: dict, reward: Callab
         from .util import git_commit
         FM.save(bb.transformer, dict(spec, grpo=asdict(cfg), grpo_training=dict(steps=state["step"], seed=loop.seed, lr=loop.lr,
                                                                                  mixed_precision=loop.mixed_precision, git=git_commit())),
-                loop.out_dir)
+                Path(loop.out_dir) / "adapter")
         write_json(dict(history=state["history"], evals=state["evals"]), Path(loop.out_dir) / "train_state.json")
     return state
 

@@ -75,9 +75,11 @@ def sft_loss(model, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Ten
 
 
 def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
-    """Inject adapters into the frozen editor, fine-tune on train triplets, save adapter.safetensors + adapter.json."""
+    """Inject adapters into the frozen editor, fine-tune on train triplets; the adapter (safetensors + json with
+    provenance and the backbone's identity) goes to <out_dir>/adapter/, written as one folder."""
     from . import freqmole as FM
     bb.requires_grad_(False)
+    identity = bb.identity()  # recorded with the adapter: it loads only on this backbone
     if cfg.frozen_dtype != "float32":
         bb.transformer.to(getattr(torch, cfg.frozen_dtype))  # the frozen base; the adapters are cast to fp32 by the loop
     spec = FM.inject(bb.transformer, cfg.adapter, rank=cfg.rank)
@@ -113,7 +115,7 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
         from .util import git_commit
         provenance = dict(steps=state["step"], seed=loop.seed, lr=loop.lr, ema=loop.ema, git=git_commit(),
                           mixed_precision=loop.mixed_precision, val=state["evals"][-1] if state["evals"] else None)
-        FM.save(bb.transformer, dict(spec, sft=asdict(cfg), training=provenance, preset=bb.preset.name), loop.out_dir)
+        FM.save(bb.transformer, dict(spec, **identity, sft=asdict(cfg), training=provenance), Path(loop.out_dir) / "adapter")
         write_json(dict(history=state["history"], evals=state["evals"]), Path(loop.out_dir) / "train_state.json")
     return state
 

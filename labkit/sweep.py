@@ -2,7 +2,13 @@
 parameter sweeps whose points collect into one tidy table.
 
     python -m labkit.sweep figures --preset mini [--only 03_vae_crop_vs_full]
-    python -m labkit.sweep grid NOTEBOOK --param lr=1e-3,3e-3 --param seed=0,1
+    python -m labkit.sweep grid NOTEBOOK --param lr=1e-3,3e-3 --param seed=0,1 [--timeout 3600]
+
+A notebook's outputs are written into a temporary folder and swapped into place when it finishes, so a kill
+leaves the old figures or the new ones, never a mix. In a grid every point runs in its own process with a
+timeout; a failed point becomes a row with its error and log path, the others still run, the table is
+rewritten (atomically) after every point, a rerun skips the points already done, and the command exits
+non-zero if any point failed.
 """
 from __future__ import annotations
 
@@ -10,10 +16,14 @@ import argparse
 import itertools
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from .util import REPO, write_json
+from .util import REPO, atomic_dir, atomic_save, write_json
 
 NOTEBOOKS = REPO / "notebooks"
 FIGURES = REPO / "figures"
@@ -31,21 +41,19 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
 
 
 def run_notebook(path: str | os.PathLike, out_dir: str | os.PathLike, kernel: str = "python3", **params) -> dict:
-    """Execute one notebook with papermill (parameters injected), return the results.json it wrote."""
+    """Execute one notebook with papermill (parameters injected) into a temporary folder that replaces out_dir
+    when it succeeds; return the results.json it wrote."""
     import papermill as pm
     path, out_dir = Path(path), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    res = out_dir / "results.json"
-    if res.exists():
-        res.unlink()  # never read a stale result
     EXECUTED.mkdir(parents=True, exist_ok=True)
     env = {"PAPERMILL_EXECUTION": "1", "MPLBACKEND": os.environ.get("MPLBACKEND", "module://matplotlib_inline.backend_inline")}
     os.environ.update(env)
-    pm.execute_notebook(str(path), str(EXECUTED / f"{out_dir.name}__{path.name}"), parameters=dict(out_dir=str(out_dir), **params),
-                        kernel_name=kernel, cwd=str(path.parent), progress_bar=False)
-    if not res.exists():
-        raise RuntimeError(f"{path.name} ran but wrote no {res}")
-    return json.loads(res.read_text())
+    with atomic_dir(out_dir) as tmp:
+        pm.execute_notebook(str(path), str(EXECUTED / f"{out_dir.name}__{path.name}"), parameters=dict(out_dir=str(tmp), **params),
+                            kernel_name=kernel, cwd=str(path.parent), progress_bar=False)
+        if not (tmp / "results.json").exists():
+            raise RuntimeError(f"{path.name} ran but wrote no results.json")
+    return json.loads((out_dir / "results.json").read_text())
 
 
 def figures(preset: str = "mini", only: list[str] | None = None) -> Path:
@@ -72,28 +80,60 @@ def write_summary() -> Path:
             fmt = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)  # noqa: E731
             lines.append(f"| {res.parent.name} ({r.get('preset')}) | {name} | {fmt(c.get('value'))} | {fmt(c.get('baseline'))} | "
                          f"{c.get('unit', '')} | {'yes' if c.get('holds') else '**no**'} | {c.get('paper', '')} |")
-    path = FIGURES / "SUMMARY.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    text = "\n".join(lines) + "\n"
+    return atomic_save(lambda p: Path(p).write_text(text), FIGURES / "SUMMARY.md")
 
 
-def grid(notebook: str, params: dict[str, list], preset: str = "mini", out: Path | None = None, extra: dict | None = None) -> Path:
-    """Run one notebook at every point of a parameter grid (plus fixed `extra` parameters); collect each
-    point's claims into one tidy CSV (one row per point)."""
+def run_point(nb: Path, out_dir: Path, preset: str, params: dict, timeout: float | None) -> dict:
+    """One notebook run in its own process group with a timeout: dict(status, error, log, seconds, claims)."""
+    log = out_dir.with_name(out_dir.name + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "labkit.sweep", "run", str(nb), str(out_dir), "--preset", preset, "--params-json", json.dumps(params)]
+    t0, status, error = time.time(), "ok", ""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the kernel too: it is in the same process group
+            proc.wait()
+            rc, status, error = -9, "timeout", f"timed out after {timeout:g} s"
+    if rc and status == "ok":
+        status = "failed"
+        errs = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if re.match(r"^\s*[\w.]*(Error|Exception)\b", ln)]
+        error = errs[-1] if errs else f"exit status {rc}"
+    res = out_dir / "results.json"
+    claims = json.loads(res.read_text())["claims"] if status == "ok" and res.exists() else {}
+    return dict(status=status, error=error, log=str(log.relative_to(REPO) if log.is_relative_to(REPO) else log),
+                seconds=round(time.time() - t0, 1), claims=claims)
+
+
+def grid(notebook: str, params: dict[str, list], preset: str = "mini", out: Path | None = None, extra: dict | None = None,
+         timeout: float | None = 3600) -> Path:
+    """Run one notebook at every point of a parameter grid (plus fixed `extra` parameters), each in its own
+    process with a timeout; collect each point's claims (or its error) into one tidy CSV, rewritten after
+    every point. Points already done (status ok) in an earlier table are skipped."""
     import pandas as pd
     nb = notebooks([notebook])[0]
-    out = out or FIGURES / "sweep" / nb.stem
-    rows = []
-    keys = list(params)
+    out = Path(out or FIGURES / "sweep" / nb.stem)
+    out.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if (out / "table.json").exists():
+        done = {r["point"]: r for r in json.loads((out / "table.json").read_text()) if r.get("status") == "ok"}
+    rows, keys = [], list(params)
     for values in itertools.product(*params.values()):
         point = dict(zip(keys, values))
         tag = "_".join(f"{k}-{v}" for k, v in point.items())
-        r = run_notebook(nb, out / tag, preset=preset, **(extra or {}), **point)
-        rows.append({**point, **{f"{k}": c["value"] for k, c in r["claims"].items()},
-                     **{f"{k}_holds": c["holds"] for k, c in r["claims"].items()}})
-    table = pd.DataFrame(rows)
-    table.to_csv(out / "table.csv", index=False)
-    write_json(rows, out / "table.json")
+        if tag in done and (out / tag / "results.json").exists():
+            rows.append(done[tag])
+        else:
+            r = run_point(nb, out / tag, preset, {**(extra or {}), **point}, timeout)
+            rows.append({"point": tag, **point, "status": r["status"], "error": r["error"], "log": r["log"], "seconds": r["seconds"],
+                         **{f"{k}": c["value"] for k, c in r["claims"].items()}, **{f"{k}_holds": c["holds"] for k, c in r["claims"].items()}})
+            print(f"[sweep] {tag}: {r['status']} {r['error']}", flush=True)
+        table = pd.DataFrame(rows)
+        atomic_save(lambda p, t=table: t.to_csv(p, index=False), out / "table.csv")
+        write_json(rows, out / "table.json")
     return out / "table.csv"
 
 
@@ -116,12 +156,29 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("notebook")
     g.add_argument("--preset", default="mini")
     g.add_argument("--param", action="append", default=[], help="name=v1,v2,... (repeatable)")
+    g.add_argument("--timeout", type=float, default=3600, help="seconds per point before it is killed and marked failed")
+    g.add_argument("--out", default=None, help="folder of the sweep (default figures/sweep/<notebook>)")
+    r = sub.add_parser("run", help="run one notebook into a folder (what each grid point runs in its own process)")
+    r.add_argument("notebook")
+    r.add_argument("out_dir")
+    r.add_argument("--preset", default="mini")
+    r.add_argument("--params-json", default="{}")
     a = ap.parse_args(argv)
     if a.cmd == "figures":
         figures(a.preset, a.only)
+    elif a.cmd == "run":
+        run_notebook(a.notebook, a.out_dir, preset=a.preset, **json.loads(a.params_json))
     else:
+        import pandas as pd
         params = {k: [_parse_value(v) for v in vs.split(",")] for k, vs in (p.split("=", 1) for p in a.param)}
-        print(grid(a.notebook, params, a.preset))
+        path = grid(a.notebook, params, a.preset, out=Path(a.out) if a.out else None, timeout=a.timeout)
+        table = pd.read_csv(path)
+        print(path)
+        failed = table[table.status != "ok"]
+        if len(failed):
+            print(f"labkit.sweep: {len(failed)} of {len(table)} points failed: " + "; ".join(f"{r.point}: {r.error} (log {r.log})"
+                                                                                        for r in failed.itertuples()), file=sys.stderr)
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def test_few_grpo_steps_change_only_adapter_weights(tmp_path, beta, precision):
     assert all(np.isfinite(v) for e in st_["evals"] for v in e.values() if isinstance(v, float))
     assert "val_reward" in st_["evals"][-1] and st_["evals"][-1]["kl_to_start"] > 0
     assert h[0]["budget"] == 2048 and h[-1]["budget"] == 4096
-    assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "metrics.csv").exists()
+    assert (tmp_path / "adapter" / "adapter.safetensors").exists() and (tmp_path / "metrics.csv").exists()
     fresh = labkit.load("tiny")
     spec2 = FM.load(fresh.transformer, tmp_path)
     assert "grpo" in spec2

@@ -96,7 +96,7 @@ def test_cli_with_a_huge_lr_exits_nonzero_and_writes_no_adapter(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "error: step" in r.stderr and ("loss is" in r.stderr or "gradient norm is" in r.stderr)
-    assert not (tmp_path / "adapter.safetensors").exists()
+    assert not (tmp_path / "adapter" / "adapter.safetensors").exists()
 
 
 def test_finished_run_resumes_with_the_same_config_and_refuses_another(tmp_path):
@@ -205,7 +205,7 @@ def test_sft_lowers_loss_and_trains_only_adapters(tmp_path, adapter, extra, prec
     assert set(after) == set(base)
     assert [k for k in base if not torch.equal(base[k], after[k])] == []  # base weights untouched
     assert all(p.dtype == torch.float32 for n, p in bb.transformer.named_parameters() if "lora_" in n)
-    assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "metrics.csv").exists()
+    assert (tmp_path / "adapter" / "adapter.safetensors").exists() and (tmp_path / "metrics.csv").exists()
     assert (tmp_path / "val" / "step_000030.png").exists() and "val_region_psnr" in st["evals"][-1]
     fresh = labkit.load("tiny")
     FM.load(fresh.transformer, tmp_path)
@@ -259,7 +259,7 @@ def test_accelerate_launch_one_cpu_process(tmp_path):
            "--batch", "2", "--bank", "2", "--rank", "2", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "adapter.safetensors").exists()
+    assert (tmp_path / "adapter" / "adapter.safetensors").exists()
 
 
 def test_editor_probe_continues_from_weights_on_one_task(tmp_path):
@@ -349,4 +349,5 @@ def test_two_cpu_processes_sync_gradients_and_match_one_process_with_the_doubled
     assert any(v.abs().max() > 0 for v in init.values())  # and training moved the adapter
     assert all(torch.allclose(w0[k], ws[k], atol=2e-5, rtol=1e-4) for k in w0)  # = one process with the doubled batch
     assert json.loads((two / "writes_1.json").read_text()) == []  # rank 1 writes nothing of labkit's
-    assert any("adapter.safetensors" in p for p in json.loads((two / "writes_0.json").read_text()))
+    assert any("run.json" in p for p in json.loads((two / "writes_0.json").read_text()))
+    assert (two / "out" / "adapter" / "adapter.safetensors").exists()
