@@ -17,7 +17,7 @@ import functools
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -191,21 +191,69 @@ def load_refiner(preset: str = "mini", adapter: str | None = None, device: str =
 # ------------------------------------------------------------------------------------------------
 # the pieces
 @torch.no_grad()
-def generate(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int,
-             budget: int | None = None) -> torch.Tensor:
-    """Euler-sample the target from contexts [draft (id 1), references (ids 2..) packed under a pixel budget]."""
+def edit(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int, budget: int | None = None,
+         prompt: str | None = None, guidance: float | None = None, latents: torch.Tensor | None = None,
+         size: tuple[int, int] | None = None, negative_prompt: str | None = None, true_cfg: float = 1.0) -> torch.Tensor:
+    """Kontext-style sampling of a target (size: draft's by default) from contexts [draft (id 1), references
+    (ids 2..) packed under a pixel budget (SELF)]: (3, H, W) in [0, 1]. latents: the initial noise, packed
+    (1, seq, 64) as the pipeline takes it or (1, 16, h, w); else drawn from `seed` exactly as the pipeline draws it."""
     from .models import pack_references
     from .sampling import sample
     bb = r.bb
-    h, w = draft.shape[-2:]
-    if h % bb.multiple or w % bb.multiple:
-        raise ValueError(f"image sides must be multiples of {bb.multiple} for the model path; got {h}x{w}: resize to "
-                         f"{h // bb.multiple * bb.multiple}x{w // bb.multiple * bb.multiple} or use method='focus'")
+    h, w = size or draft.shape[-2:]
+    for name, (a, b) in (("image", draft.shape[-2:]), ("target", (h, w))):
+        if a % bb.multiple or b % bb.multiple:
+            raise ValueError(f"{name} sides must be multiples of {bb.multiple} for the model path; got {a}x{b}: resize to "
+                             f"{a // bb.multiple * bb.multiple}x{b // bb.multiple * bb.multiple} or use method='focus'")
     refs = pack_references(list(references), budget or h * w, bb.multiple) if references else []
     ctx = [bb.encode(draft[None].to(bb.device))] + [bb.encode(x[None].to(bb.device)) for x in refs]
-    z = sample(bb, ctx, r.prompt, shape=(1, ctx[0].shape[1], h // bb.factor, w // bb.factor), steps=steps,
-              generator=torch.Generator().manual_seed(seed))
-    return bb.decode(z)[0].cpu()
+    shape = (1, ctx[0].shape[1], h // bb.factor, w // bb.factor)
+    if latents is not None and latents.ndim == 3:  # packed, as FluxKontextPipeline(latents=...) takes them
+        latents = bb.unpack(latents, shape[-2], shape[-1])
+    neg = bb.encode_prompt(negative_prompt, batch=1) if negative_prompt is not None and true_cfg > 1 else None
+    z = sample(bb, ctx, prompt or r.prompt, shape=shape, steps=steps, generator=torch.Generator().manual_seed(seed), latents=latents,
+               guidance=guidance, negative_embeds=neg, true_cfg=true_cfg)
+    return bb.decode(z)[0].float().cpu()
+
+
+def kontext_size(h: int, w: int, preset) -> tuple[int, int]:
+    """The context/target size a preset works at: FLUX.1-Kontext's preferred resolution closest in aspect
+    (the pipeline's auto-resize, max_area = resolution²), else the image's own sides floored to the multiple."""
+    if preset.kontext_resolutions:
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+        _, pw, ph = min((abs(w / h - a / b), a, b) for a, b in PREFERRED_KONTEXT_RESOLUTIONS)
+        return ph // preset.multiple * preset.multiple, pw // preset.multiple * preset.multiple
+    return max(preset.multiple, h // preset.multiple * preset.multiple), max(preset.multiple, w // preset.multiple * preset.multiple)
+
+
+def generate(image, prompt: str, references=None, *, preset: str = "mini", steps: int | None = None, guidance: float | None = None,
+             seed: int | None = 0, latents: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+             negative_prompt: str | None = None, true_cfg: float = 1.0, adapter: str | None = None, device: str = "cpu",
+             auto_resize: bool | None = None):
+    """Kontext-style whole-image editing: the image (and optional references) + a prompt -> a PIL image.
+
+    preset: a preset name or a diffusers FluxKontextPipeline folder; steps/guidance default to the preset's
+    (flux-kontext: 28, 2.5); the image is resized as the pipeline's auto-resize does for flux-kontext (the
+    preferred resolution closest in aspect), else floored to the packing multiple; height/width (the output)
+    default to that size (auto_resize=False keeps the image's own size, the pipeline's _auto_resize=False).
+    Given a pipeline folder, the same arguments and initial `latents` (or seed) give the pipeline's own image.
+    negative_prompt + true_cfg > 1: true classifier-free guidance."""
+    r = load_refiner(str(preset), adapter, device)
+    cfg = r.bb.preset
+    steps, seed = check_steps(steps if steps is not None else cfg.steps), resolve_seed(seed)
+    img = as_image_tensor(image)
+    check_size(img.shape[-2:], cfg.multiple)
+    auto = cfg.kontext_resolutions if auto_resize is None else auto_resize
+    hw = kontext_size(*img.shape[-2:], replace(cfg, kontext_resolutions=auto))
+    if tuple(hw) != tuple(img.shape[-2:]):  # resized as the pipeline's image processor does (PIL, Lanczos)
+        from PIL import Image
+        img = as_image_tensor(to_pil(img).resize((hw[1], hw[0]), Image.LANCZOS))
+    size = (height or hw[0], width or hw[1])
+    out = edit(r, img, as_references(references), steps, seed, prompt=prompt, latents=latents, size=size,
+               guidance=guidance if guidance is not None else cfg.guidance, negative_prompt=negative_prompt, true_cfg=true_cfg)
+    pil = to_pil(out)
+    pil.info.update(labkit_seed=seed, labkit_steps=steps)
+    return pil
 
 
 @torch.no_grad()
@@ -242,30 +290,30 @@ def naive_paste(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor
 
 
 def focus_refine(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int,
-                 margin: float = 16, working_area: int | None = None) -> tuple[torch.Tensor, tuple]:
+                 margin: float = 16, working_area: int | None = None, prompt: str | None = None) -> tuple[torch.Tensor, tuple]:
     """Focus-and-Refine: crop + upsample to the working area, refine the crop, soft-paste back into the box."""
     area = working_area or r.bb.preset.resolution ** 2  # the preset's working area (mini 128², flux-kontext 1024²)
     c_img, c_mask, box = F_.focus_crop(draft, mask, area, r.bb.multiple, margin)
-    out = generate(r, c_img, references, steps, seed, budget=area)
+    out = edit(r, c_img, references, steps, seed, budget=area, prompt=prompt)
     soft = F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
     return F_.paste_back(draft, out, box, soft), box
 
 
 # ------------------------------------------------------------------------------------------------
-def refine_tensor(image, mask, reference=None, method: str = "focus", adapter: str | None = None, steps: int = 8,
-                  seed: int = 0, preset: str = "mini", device: str = "cpu", reference_box=None, margin: float = 16,
-                  working_area: int | None = None) -> tuple[torch.Tensor, dict]:
+def refine_tensor(image, mask, reference=None, method: str = "focus", adapter: str | None = None, steps: int | None = None,
+                  seed: int | None = 0, preset: str = "mini", device: str = "cpu", reference_box=None, margin: float = 16,
+                  working_area: int | None = None, prompt: str | None = None) -> tuple[torch.Tensor, dict]:
     """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter, seed)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    steps, seed = check_steps(steps), resolve_seed(seed)
+    from .presets import get
+    steps, seed = check_steps(steps if steps is not None else get(preset).steps), resolve_seed(seed)
     img = as_image_tensor(image)
     m = as_mask_tensor(mask, img.shape[-2:])
     refs = as_references(reference)
     info: dict = dict(method=method, adapter=adapter, seed=seed, steps=steps)
     if method == "input":
         return img.clone(), info
-    from .presets import get
     check_size(img.shape[-2:], get(preset).multiple)
     if method in ("paste", "align") and not refs:
         raise ValueError(f"method {method!r} needs a reference image; pass reference=... or use 'focus'/'full' (reference-free)")
@@ -274,27 +322,27 @@ def refine_tensor(image, mask, reference=None, method: str = "focus", adapter: s
         box = reference_box if reference_box is not None else locate(load_refiner(preset, None, device), img, m, refs[0], seed=seed)
         info["reference_box"] = tuple(int(v) for v in box)
         return naive_paste(img, m, refs[0], box), info
-    info["prompt"] = r.prompt
+    info["prompt"] = prompt or r.prompt
     if method == "full":
-        return generate(r, img, refs, steps, seed), info
+        return edit(r, img, refs, steps, seed, prompt=prompt), info
     if method == "align":
         from .attention import crop_reference
         rbox = reference_box if reference_box is not None else locate(r, img, m, refs[0], seed=seed)
         info["reference_box"] = tuple(int(v) for v in rbox)
         refs = [crop_reference(refs[0], rbox, out_size=None, multiple=r.bb.multiple)] + refs[1:]
-    out, box = focus_refine(r, img, m, refs, steps, seed, margin, working_area)
+    out, box = focus_refine(r, img, m, refs, steps, seed, margin, working_area, prompt)
     info["box"] = tuple(int(v) for v in box)
     return out, info
 
 
-def refine(image, mask, reference=None, method: str = "focus", adapter: str | None = None, steps: int = 8, seed: int = 0,
-           preset: str = "mini", **kw):
+def refine(image, mask, reference=None, method: str = "focus", adapter: str | None = None, steps: int | None = None,
+           seed: int | None = 0, preset: str = "mini", prompt: str | None = None, **kw):
     """Refine the masked region of `image` (optionally from reference image(s)); PIL image of the input's size
     (its .info['labkit_seed'] holds the seed used: seed=None draws a fresh one).
 
     method: input | paste | full | focus | align (module docstring); adapter: None (frozen editor), a name
     under figures/04_train_freqmole/adapters (lora, freqmole, freqmole+freq, freqmole+boundary) or a folder."""
-    out, info = refine_tensor(image, mask, reference, method, adapter, steps, seed, preset, **kw)
+    out, info = refine_tensor(image, mask, reference, method, adapter, steps, seed, preset, prompt=prompt, **kw)
     pil = to_pil(out)
     pil.info.update(labkit_seed=info["seed"], labkit_method=method)  # seed=None: the seed that was drawn
     return pil

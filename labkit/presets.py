@@ -39,6 +39,9 @@ class Preset:
     # FlowMatchEulerDiscreteScheduler config: tiny/mini sample on plain linspace sigmas (what mini trained
     # on); a pipeline folder brings its own (FLUX: dynamic shift from the token count)
     scheduler: dict = field(default_factory=lambda: dict(shift=1.0, use_dynamic_shifting=False))
+    steps: int = 8  # default sampler steps (refine, generate)
+    guidance: float | None = None  # default embedded guidance (guidance-distilled models only)
+    kontext_resolutions: bool = False  # resize inputs to FLUX.1-Kontext's preferred resolutions (its pipeline's auto-resize)
 
     @property
     def latent_channels(self) -> int:
@@ -95,7 +98,7 @@ PRESETS: dict[str, Preset] = {
     ),
     # FLUX.1-Kontext-dev from a local diffusers folder or the HF cache (bf16 on CUDA)
     "flux-kontext": Preset(
-        name="flux-kontext", resolution=1024, text="t5clip", dtype="bfloat16",
+        name="flux-kontext", resolution=1024, text="t5clip", dtype="bfloat16", steps=28, guidance=2.5, kontext_resolutions=True,
         vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16),
         hub_id="black-forest-labs/FLUX.1-Kontext-dev",
     ),

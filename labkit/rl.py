@@ -172,13 +172,13 @@ def budget_at(cfg: GRPOConfig, step: int, total_steps: int) -> int:
 def evaluate_policy(bb, cases: Sequence, reward: Callable, steps: int = 8, seed: int = 0, k: int = 1,
                     budget: int | None = None, prompt: str = "refine") -> list[dict]:
     """Deterministic Euler samples (the 05_evaluate 'full' path) on held-out cases: reward and region metrics."""
-    from .inference import Refiner, generate
+    from .inference import Refiner, edit
     r = Refiner(bb, prompt)
     rows = []
     for i, c in enumerate(cases):
         s = c.hrgt.shape[-1]
         views = [c.hrri, *c.extra_refs][:k]
-        out = generate(r, c.draft, views, steps, seed + i, budget=budget or s * s)
+        out = edit(r, c.draft, views, steps, seed + i, budget=budget or s * s)
         rw = reward(out[None], c, c.draft)
         rows.append(dict(case=i, scene=c.meta.get("seed", i), k=k, budget=budget or s * s, reward=float(rw["total"][0]),
                          detail=float(rw["detail"][0]), consistency=float(rw["consistency"][0]),

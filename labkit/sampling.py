@@ -48,10 +48,13 @@ def times(bb, steps: int, n_tokens: int, strength: float = 1.0) -> torch.Tensor:
 def sample(bb, contexts: Sequence[torch.Tensor], prompt: str | None, shape: tuple[int, ...], steps: int = 8,
            generator: torch.Generator | None = None, latents: torch.Tensor | None = None, init: torch.Tensor | None = None,
            strength: float = 1.0, keep: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
-           prompt_embeds: tuple | None = None, guidance: float | None = None, return_path: bool = False):
+           prompt_embeds: tuple | None = None, guidance: float | None = None, negative_embeds: tuple | None = None,
+           true_cfg: float = 1.0, return_path: bool = False):
     """THE sampler: the backbone's scheduler (Euler steps in fp32, as diffusers), from noise or from `init`
     latents noised to `strength` (img2img); with keep/keep_mask (latent grid, 1 = keep) the kept latents,
     noised to the current level, are blended back after every step (FluxKontextInpaintPipeline's way).
+    guidance: the embedded guidance of guidance-distilled models (FLUX.1-Kontext-dev); negative_embeds +
+    true_cfg > 1: true CFG, v = v_neg + true_cfg·(v - v_neg), as the pipeline.
     Returns latents (B, C, h, w) (and the path of latents when return_path)."""
     n_tokens = shape[-2] * shape[-1] // 4
     sch, start = prepare(bb, steps, n_tokens, strength)
@@ -64,6 +67,9 @@ def sample(bb, contexts: Sequence[torch.Tensor], prompt: str | None, shape: tupl
     path = [x]
     for i, t in enumerate(ts):
         v = bb(x, float(t) / 1000, contexts, prompt_embeds=embeds, **kw)
+        if negative_embeds is not None and true_cfg > 1:
+            v_neg = bb(x, float(t) / 1000, contexts, prompt_embeds=negative_embeds, **kw)
+            v = v_neg + true_cfg * (v - v_neg)
         x = sch.step(v.float(), t, x, return_dict=False)[0].float()
         if keep is not None:
             nxt = ts[i + 1:i + 2]

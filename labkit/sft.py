@@ -51,13 +51,16 @@ def triplet_bank(bb: M.Backbone, n: int, split: str, size: int, factor: int, see
                 mask=torch.stack([t.mask for t in trips]), ref_mask=torch.stack([t.ref_mask for t in trips]))
 
 
-def sft_loss(model, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def sft_loss(model, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Tensor, embeds: tuple | None = None) -> tuple[torch.Tensor, dict]:
     """Flow loss (optionally boundary/mask weighted) + optional frequency loss on the one-step estimate ẑ0.
 
-    model: the Backbone, or the loop's prepared module around it."""
+    model: the Backbone, or the loop's prepared module around it; embeds: the prompt encoded once (1, ...)
+    (the text encoders stay frozen, so like diffusers' Kontext LoRA script they run once, not every step)."""
     x0 = batch["hrgt"]
     x_t = L.noisy(x0, eps, t)
-    v = model(x_t, t, [batch["lrgi"], batch["hrri"]], prompt=cfg.prompt)
+    b = x0.shape[0]
+    kw = dict(prompt=cfg.prompt) if embeds is None else dict(prompt_embeds=(embeds[0].expand(b, -1, -1), embeds[1].expand(b, -1), embeds[2]))
+    v = model(x_t, t, [batch["lrgi"], batch["hrri"]], **kw)
     hw = x0.shape[-2:]
     w = None
     if cfg.boundary_alpha:
@@ -89,6 +92,8 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
     alpha = [p for n, p in bb.transformer.named_parameters() if p.requires_grad and "lora_freq_alpha" in n]
     rest = [p for n, p in bb.transformer.named_parameters() if p.requires_grad and "lora_freq_alpha" not in n]
     groups = [dict(params=rest)] + ([dict(params=alpha, freeze_at=cfg.alpha_freeze_step)] if alpha else [])
+    with torch.no_grad():
+        embeds = tuple(e.detach() for e in bb.encode_prompt(cfg.prompt, batch=1))  # cached: the text side is frozen
 
     def loss_fn(s: Step):
         g = cfg.batch * s.world  # the global batch, identical on every rank; each keeps its share
@@ -96,13 +101,13 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
         t = L.sample_t(s.rng, g)
         eps = torch.from_numpy(s.rng.standard_normal((g, *bank["hrgt"].shape[1:]))).float()
         batch = {k: s.shard(v[idx]) for k, v in bank.items()}
-        return sft_loss(s.model, batch, cfg, s.shard(t), s.shard(eps))
+        return sft_loss(s.model, batch, cfg, s.shard(t), s.shard(eps), embeds)
 
     def eval_fn(step: int) -> dict:
         g = np.random.default_rng(0)
         t = torch.full((16,), 0.5)
         eps = torch.from_numpy(g.standard_normal(val["hrgt"].shape)).float()
-        out = dict(val_loss=float(sft_loss(bb, val, cfg, t, eps)[0]))
+        out = dict(val_loss=float(sft_loss(bb, val, cfg, t, eps, embeds)[0]))
         if val_trips:
             rows, imgs = evaluate_refiner(bb, val_trips, cfg.val_steps, seed=0, prompt=cfg.prompt, return_images=True)
             out["val_region_psnr"] = float(np.mean([r["region_psnr"] for r in rows]))
