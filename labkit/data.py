@@ -229,6 +229,90 @@ def to_numpy(img: torch.Tensor) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# THE input check: images and masks as users hand them in (PIL, tensors, arrays)
+def _array(x, name: str) -> np.ndarray | torch.Tensor:
+    from PIL import Image
+    if isinstance(x, Image.Image):
+        return np.asarray(x)
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return x
+    raise TypeError(f"{name} must be a PIL.Image, a (3, H, W) tensor or an (H, W, 3) array; got {type(x).__name__}")
+
+
+def as_image_tensor(x, name: str = "image") -> torch.Tensor:
+    """PIL / (3, H, W) or (1, 3, H, W) tensor / (H, W, 3) array -> (3, H, W) float tensor in [0, 1].
+
+    Integer data (uint8 PIL images and arrays, integer tensors) is read as 0..255; float data must already be
+    in [0, 1] and finite - anything else is refused with what was given and how to fix it."""
+    from PIL import Image
+    if isinstance(x, Image.Image):
+        x = x.convert("RGB")
+    a = _array(x, name)
+    t = torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a.detach().cpu()
+    if isinstance(a, np.ndarray) and t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
+        t = t.permute(2, 0, 1)  # (H, W, 3) arrays
+    t = t[0] if t.ndim == 4 and t.shape[0] == 1 else t
+    if t.ndim != 3 or t.shape[0] != 3:
+        raise ValueError(f"{name} must be RGB: (3, H, W) tensor or (H, W, 3) array / PIL image; got shape {tuple(t.shape)} "
+                         "(convert grey or RGBA images with PIL's .convert('RGB'))")
+    if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"{name} has dtype {t.dtype}: pass uint8 (0..255) or float (0..1) pixels")
+    if not t.is_floating_point():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"{name} is integer with values in [{lo}, {hi}]; expected 0..255 (uint8)")
+        return t.float() / 255.0
+    t = t.float()
+    bad = (~torch.isfinite(t)).sum().item()
+    if bad:
+        raise ValueError(f"{name} holds {bad} NaN/inf values: pass finite pixels (e.g. torch.nan_to_num(x).clamp(0, 1))")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        hint = "divide by 255" if hi <= 255 and lo >= 0 else "rescale it to [0, 1] (e.g. (x + 1) / 2 for [-1, 1] data)"
+        raise ValueError(f"{name} is float with values in [{lo:.3g}, {hi:.3g}]; expected [0, 1]: {hint}")
+    return t.clamp(0, 1)
+
+
+def as_mask_tensor(m, hw: tuple[int, int]) -> torch.Tensor:
+    """PIL / tensor / array mask -> (1, H, W) in {0, 1}: bool, 0/1 or 0/255 integers, or float in [0, 1]
+    (> 0.5 is inside); checks its size against the image and that it is not empty."""
+    from PIL import Image
+    if isinstance(m, Image.Image):
+        m = m.convert("L")
+    a = _array(m, "mask")
+    t = torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a.detach().cpu()
+    while t.ndim > 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim == 3 and t.shape[-1] == 1:
+        t = t[..., 0]
+    if t.ndim != 2:
+        raise ValueError(f"mask must be (H, W) or (1, H, W); got shape {tuple(t.shape)}")
+    if tuple(t.shape) != tuple(hw):
+        raise ValueError(f"mask size {tuple(t.shape)} does not match the image {tuple(hw)}: resize the mask to the image (nearest)")
+    if t.dtype == torch.bool:
+        inside = t
+    elif not t.is_floating_point():  # 0/1 or 0/255 integer masks (a PIL 'L' mask may hold either)
+        inside = t > (0 if int(t.max()) <= 1 else 127)
+    else:
+        if not torch.isfinite(t).all() or float(t.min()) < 0 or float(t.max()) > 1 + 1e-6:
+            raise ValueError(f"float mask values must be finite and in [0, 1]; got [{float(t.min()):.3g}, {float(t.max()):.3g}] "
+                             "(pass a uint8 0/255 mask, or divide by 255)")
+        inside = t > 0.5
+    if not inside.any():
+        raise ValueError("empty mask: mark at least one pixel of the region to refine (mask > 0.5, or > 127 for 0..255 masks)")
+    return inside.float()[None]
+
+
+def as_references(reference) -> list[torch.Tensor]:
+    """None / one image / a list of images -> list of (3, h, w) tensors."""
+    if reference is None:
+        return []
+    if isinstance(reference, (list, tuple)):
+        return [as_image_tensor(r, f"reference[{i}]") for i, r in enumerate(reference)]
+    return [as_image_tensor(reference, "reference")]
+
+
+# ----------------------------------------------------------------------------------------------
 # LRGI / HRRI / HRGT triplets (RefGC-SR2), with the true correspondence kept
 @dataclass
 class Triplet:
@@ -430,3 +514,155 @@ def load_triplets(folder: Path) -> list[Triplet]:
         out.append(Triplet(**{k: px[f"{i}.{k}"] for k in TENSORS}, bbox=tuple(m["bbox"]), ref_bbox=tuple(m["ref_bbox"]),
                            warp=np.array(m["warp"]), meta=m["meta"], extra_refs=[px[f"{i}.extra.{j}"] for j in range(m["n_extra"])]))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# cases from users: a folder with metadata.jsonl (DESIGN.md, "Cases from users")
+CASE_FORMAT = ("one JSON object per line: draft, reference (a path or a list), mask, target (optional), prompt (optional), "
+               "split (train|val|test, optional), id (optional); paths relative to the folder")
+
+
+@dataclass
+class Case:
+    """One user case: the draft to refine, its reference(s), the mask; target, prompt and split when given.
+    Exposes the Triplet names the evaluators and SFT use (hrgt, hrri, draft, mask, ref_mask, meta)."""
+
+    name: str
+    draft: torch.Tensor  # (3, H, W)
+    references: list  # of (3, h, w), any size
+    mask: torch.Tensor  # (1, H, W) in {0, 1}
+    target: torch.Tensor | None  # (3, H, W)
+    prompt: str | None
+    split: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def hrgt(self) -> torch.Tensor:
+        if self.target is None:
+            raise ValueError(f"case {self.name!r} has no target: scores and SFT need one (add \"target\" to its line in metadata.jsonl)")
+        return self.target
+
+    @property
+    def hrri(self) -> torch.Tensor:
+        """The first reference at the draft's size (what banks stack; refine packs references at their own size)."""
+        return resize(self.references[0], self.draft.shape[-2:])
+
+    @property
+    def extra_refs(self) -> list:
+        return [resize(r, self.draft.shape[-2:]) for r in self.references[1:]]
+
+    @property
+    def ref_mask(self) -> torch.Tensor:
+        return torch.ones_like(self.mask)  # where the region lies in a user's reference is unknown
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int]:
+        return bbox_of(self.mask)
+
+    def resized(self, size: int) -> Case:
+        """The case at size x size (SFT batches need one shape; aspect is not kept)."""
+        r = lambda x, mode="bicubic": resize(x, size, mode)  # noqa: E731
+        return Case(self.name, r(self.draft), [r(x) for x in self.references], (r(self.mask, "bilinear") > 0.5).float(),
+                    None if self.target is None else r(self.target), self.prompt, self.split, self.meta)
+
+
+def _split_of(key: str) -> str:
+    """The deterministic split of a case without one: 80 / 10 / 10 by a stable hash of its draft path."""
+    u = hash_str(key) % 10
+    return "train" if u < 8 else "val" if u == 8 else "test"
+
+
+def load_cases(folder: str | Path, split: str | None = None) -> list[Case]:
+    """Every case of a case folder (or those of one split), validated before any work starts: an error
+    names the line, the file and the fix, listing every problem found."""
+    folder = Path(folder)
+    meta = folder / "metadata.jsonl"
+    if not meta.exists():
+        raise FileNotFoundError(f"no metadata.jsonl in {folder}: write {CASE_FORMAT}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    cases, errors, seen = [], [], {}
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{meta} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"{where}: not valid JSON ({e.msg}); write {CASE_FORMAT}")
+            continue
+        if not isinstance(row, dict) or not all(k in row for k in ("draft", "reference", "mask")):
+            errors.append(f"{where}: needs draft, reference and mask; write {CASE_FORMAT}")
+            continue
+        refs = row["reference"] if isinstance(row["reference"], list) else [row["reference"]]
+        key = (row["draft"], row["mask"], tuple(refs))
+        if key in seen:
+            errors.append(f"{where}: duplicates line {seen[key]} (same draft, mask and reference): remove one of them")
+            continue
+        seen[key] = n
+        sp = row.get("split") or _split_of(row["draft"])
+        if sp not in SPLITS:
+            errors.append(f"{where}: unknown split {sp!r}: use one of {SPLITS} (or leave it out for a deterministic split)")
+            continue
+        try:
+            def read(rel, what):
+                p = folder / rel
+                if not p.exists():
+                    raise ValueError(f"{what} file {rel!r} not found in {folder} (paths are relative to the folder)")
+                try:
+                    return Image.open(p)
+                except Exception as e:  # noqa: BLE001 - PIL raises several kinds
+                    raise ValueError(f"cannot read {what} {rel!r} ({type(e).__name__}: {e}): save it as PNG/JPEG") from None
+            draft = as_image_tensor(read(row["draft"], "draft"), "draft")
+            hw = tuple(draft.shape[-2:])
+            mimg = read(row["mask"], "mask")
+            if tuple(mimg.size[::-1]) != hw:
+                raise ValueError(f"mask {row['mask']!r} is {mimg.size[1]}x{mimg.size[0]} but the draft is {hw[0]}x{hw[1]}: "
+                                 "save the mask at the draft's size")
+            mask = as_mask_tensor(mimg, hw)
+            target = None
+            if row.get("target"):
+                target = as_image_tensor(read(row["target"], "target"), "target")
+                if tuple(target.shape[-2:]) != hw:
+                    raise ValueError(f"target {row['target']!r} is {target.shape[-2]}x{target.shape[-1]} but the draft is "
+                                     f"{hw[0]}x{hw[1]}: the target must be the draft's size")
+            references = [as_image_tensor(read(r, "reference"), f"reference {r!r}") for r in refs]
+        except ValueError as e:
+            errors.append(f"{where}: {e}")
+            continue
+        name = str(row.get("id") or Path(row["draft"]).with_suffix("").as_posix().replace("/", "__"))
+        cases.append(Case(name, draft, references, mask, target, row.get("prompt"), sp,
+                          dict(seed=n, content=row.get("content", "user"), degradation=row.get("kind", "user"), split=sp,
+                               source=row["draft"], line=n)))
+    names = [c.name for c in cases]
+    dup = sorted({x for x in names if names.count(x) > 1})
+    if dup:
+        errors.append(f"{meta}: case names {dup[:3]} repeat (from the draft file names): give those lines an \"id\"")
+    if errors:
+        raise ValueError(f"{len(errors)} problem(s) in {meta}:\n  " + "\n  ".join(errors))
+    if not cases:
+        raise ValueError(f"{meta} holds no cases: write {CASE_FORMAT}")
+    return [c for c in cases if split is None or c.split == split]
+
+
+def write_cases(folder: str | Path, cases: Sequence, prompts: Sequence[str | None] | None = None,
+                splits: Sequence[str | None] | None = None) -> Path:
+    """Write triplets (or Cases) as a case folder (PNG files + metadata.jsonl): to try the commands on known data."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def png(x, rel):
+        a = (to_numpy(x.clamp(0, 1)) * 255).round().astype(np.uint8)
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / rel)
+        return rel
+    lines = []
+    for i, c in enumerate(cases):
+        row = dict(id=f"case{i:03d}", draft=png(c.draft, f"case{i:03d}_draft.png"), mask=png(c.mask, f"case{i:03d}_mask.png"),
+                   reference=png(c.hrri, f"case{i:03d}_ref.png"), target=png(c.hrgt, f"case{i:03d}_target.png"))
+        if prompts and prompts[i]:
+            row["prompt"] = prompts[i]
+        if splits and splits[i]:
+            row["split"] = splits[i]
+        lines.append(json.dumps(row))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

@@ -11,6 +11,7 @@ The eval set shows each scene under several degradations, so confidence interval
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -177,3 +178,113 @@ def distinct_scenes(cases: Sequence, n: int = 4) -> list[int]:
         if len(out) == n:
             break
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluating a set of cases (the eval set, or a user's case folder): methods, table, claims, files
+def methods_for(pipelines: Sequence[str], adapters: dict, steps: int | None, seed: int, preset: str, device: str = "cpu",
+                paste_true_box: bool = False, prompt: str | None = None) -> dict[str, Callable]:
+    """name -> case -> (output, info): the input, (with known boxes) the naive paste, and every model
+    (frozen editor / adapters) through every pipeline (full | focus | align). A case's own prompt wins."""
+    from . import inference as I
+
+    def model(adapter, pipeline):
+        return lambda c: I.refine_tensor(c.draft, c.mask, getattr(c, "references", None) or c.hrri, method=pipeline, adapter=adapter,
+                                         steps=steps, seed=seed, preset=preset, device=device, prompt=getattr(c, "prompt", None) or prompt)
+    out = {"input": lambda c: I.refine_tensor(c.draft, c.mask, method="input")}
+    if paste_true_box:
+        out["paste (true ref box)"] = lambda c: I.refine_tensor(c.draft, c.mask, c.hrri, method="paste", reference_box=c.ref_bbox)
+    for name, folder in adapters.items():
+        for p in pipelines:
+            out[f"{name}/{p}"] = model(folder, p)
+    return out
+
+
+def pair_claim(df: pd.DataFrame, a: str, b: str, paper: str, col: str = "region_psnr", seed: int = 0) -> dict:
+    """A claim 'a beats b' from the paired bootstrap over the same cases: holds if the CI's lower bound > 0."""
+    from .util import claim
+    p = paired(df, a, b, col, seed)
+    return claim(p["value"], p["baseline"], p["ci_low"] > 0, f"{col} (dB)" if "psnr" in col else col, paper,
+                 f"{a} vs {b}: paired diff {p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] "
+                 f"(95% bootstrap CI over {p['n_scenes']} scenes, {p['n']} cases)", ci=[p["ci_low"], p["ci_high"]])
+
+
+def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "mini", pipelines: Sequence[str] = ("full", "focus"),
+                   adapters: dict | None = None, steps: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
+                   params: dict | None = None) -> dict:
+    """Every method on every case -> out_dir/{per_case.csv, table.csv, table.html, table.png, qualitative.png,
+    results.json} (claims: best model vs the input, focus vs full, background exactness), written at once."""
+    from pathlib import Path
+
+    from . import viz
+    from .util import atomic_dir, claim, write_results
+    for c in cases:
+        c.hrgt  # noqa: B018 - every case needs a target to be scored: fail before any work
+    adapters = {"frozen": None, **(adapters or {})}
+    methods = methods_for(pipelines, adapters, steps, seed, preset, device)
+    shown = distinct_scenes(cases, 4)
+    df, samples = run(cases, methods, lambda c: c.draft, progress=progress, keep=shown)
+    columns = [c for c in COLUMNS if c in df and not df[c].isna().all()]
+    tab = table(df, "method", columns, seed=seed)
+    model_rows = tab[tab.method != "input"].set_index("method").region_psnr
+    best_model = model_rows.idxmax()
+    claims = dict(best_model_beats_input=pair_claim(df, best_model, "input", "all papers (a refiner should beat its input)", seed=seed))
+    for name in adapters:
+        if f"{name}/focus" in methods and f"{name}/full" in methods and name == best_model.split("/")[0]:
+            claims["focus_beats_full"] = pair_claim(df, f"{name}/focus", f"{name}/full", "RefineAnything (Focus-and-Refine vs whole image)",
+                                                    seed=seed)
+    focus = df[df.method.str.endswith(("/focus", "/align"))]
+    if len(focus):
+        worst = float(focus.bg_box_maxabs.max())
+        claims["background_exact"] = claim(worst, 0.0, worst == 0.0, "max |output - input| outside the paste box",
+                                           "RefineAnything (Focus-and-Refine paste-back)", f"over {len(focus)} focus/align outputs")
+    with atomic_dir(out_dir) as tmp:
+        df.to_csv(tmp / "per_case.csv", index=False)
+        tab.to_csv(tmp / "table.csv", index=False)
+        render(tab, columns, {}, str(tmp / "table.html"), f"{len(cases)} cases, preset {preset}")
+        viz.save(table_figure(tab, columns, f"mean over {len(cases)} cases (best per column shaded)"), "table", tmp)
+        show = list(methods)[:6]
+        rows = [[cases[i].hrri] + [samples[m][j] for m in show] + [cases[i].hrgt] for j, i in enumerate(shown)]
+        viz.save(viz.grid(rows, ["reference", *show, "target"], [cases[i].meta.get("source", str(i)) for i in shown], size=1.5),
+                 "qualitative", tmp, dict(methods=show, cases=[cases[i].meta for i in shown]))
+        write_results(tmp, preset, dict(params or {}, pipelines=list(pipelines), adapters={k: str(v) for k, v in adapters.items()},
+                                        steps=steps, seed=seed), claims, n_cases=len(cases), best=best(tab, columns),
+                      table=tab.set_index("method")[columns].to_dict())
+    return json.loads((Path(out_dir) / "results.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m labkit.evaluate --data DIR --out OUT [--preset] [--pipelines] [--adapters] [--split] [--steps] [--seed]"""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog="labkit.evaluate", description="Notebook 05's tables on a case folder (metadata.jsonl): "
+                                 "every method on every case with a target, region/background metrics, bootstrap CIs, claims.")
+    ap.add_argument("--data", required=True, help="a case folder with metadata.jsonl; every scored case needs a target")
+    ap.add_argument("--out", required=True, help="output folder (per_case.csv, table.csv/html/png, qualitative.png, results.json)")
+    ap.add_argument("--split", default=None, choices=["train", "val", "test"], help="only this split (default: every case)")
+    ap.add_argument("--preset", default="mini")
+    ap.add_argument("--pipelines", "--methods", nargs="+", default=["full", "focus"], choices=["full", "focus", "align"])
+    ap.add_argument("--adapters", nargs="*", default=[], help="adapter folders or committed names, besides the frozen editor")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args(argv)
+    from pathlib import Path
+
+    from .data import load_cases
+    try:
+        cases = load_cases(a.data, a.split)
+        res = evaluate_cases(cases, a.out, a.preset, a.pipelines, {Path(x).name: x for x in a.adapters}, a.steps, a.seed, a.device,
+                             params=dict(data=str(a.data), split=a.split))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"labkit.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    for k, c in res["claims"].items():
+        print(f"{k}: {c['value']:.3f} vs {c['baseline']:.3f} {c['unit']} -> {'holds' if c['holds'] else 'does not hold'}")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

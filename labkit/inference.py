@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import focus as F_
+from .data import as_image_tensor, as_mask_tensor, as_references  # noqa: F401  (the one input check; re-exported)
 from .util import REPO
 
 METHODS = ("input", "paste", "full", "focus", "align")
@@ -32,79 +33,6 @@ ADAPTERS = REPO / "figures" / "04_train_freqmole" / "adapters"
 
 # ------------------------------------------------------------------------------------------------
 # inputs
-def _array(x, name: str) -> np.ndarray | torch.Tensor:
-    from PIL import Image
-    if isinstance(x, Image.Image):
-        return np.asarray(x)
-    if isinstance(x, (np.ndarray, torch.Tensor)):
-        return x
-    raise TypeError(f"{name} must be a PIL.Image, a (3, H, W) tensor or an (H, W, 3) array; got {type(x).__name__}")
-
-
-def as_image_tensor(x, name: str = "image") -> torch.Tensor:
-    """PIL / (3, H, W) or (1, 3, H, W) tensor / (H, W, 3) array -> (3, H, W) float tensor in [0, 1].
-
-    Integer data (uint8 PIL images and arrays, integer tensors) is read as 0..255; float data must already be
-    in [0, 1] and finite - anything else is refused with what was given and how to fix it."""
-    from PIL import Image
-    if isinstance(x, Image.Image):
-        x = x.convert("RGB")
-    a = _array(x, name)
-    t = torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a.detach().cpu()
-    if isinstance(a, np.ndarray) and t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
-        t = t.permute(2, 0, 1)  # (H, W, 3) arrays
-    t = t[0] if t.ndim == 4 and t.shape[0] == 1 else t
-    if t.ndim != 3 or t.shape[0] != 3:
-        raise ValueError(f"{name} must be RGB: (3, H, W) tensor or (H, W, 3) array / PIL image; got shape {tuple(t.shape)} "
-                         "(convert grey or RGBA images with PIL's .convert('RGB'))")
-    if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)):
-        raise TypeError(f"{name} has dtype {t.dtype}: pass uint8 (0..255) or float (0..1) pixels")
-    if not t.is_floating_point():
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi > 255:
-            raise ValueError(f"{name} is integer with values in [{lo}, {hi}]; expected 0..255 (uint8)")
-        return t.float() / 255.0
-    t = t.float()
-    bad = (~torch.isfinite(t)).sum().item()
-    if bad:
-        raise ValueError(f"{name} holds {bad} NaN/inf values: pass finite pixels (e.g. torch.nan_to_num(x).clamp(0, 1))")
-    lo, hi = float(t.min()), float(t.max())
-    if lo < -1e-6 or hi > 1 + 1e-6:
-        hint = "divide by 255" if hi <= 255 and lo >= 0 else "rescale it to [0, 1] (e.g. (x + 1) / 2 for [-1, 1] data)"
-        raise ValueError(f"{name} is float with values in [{lo:.3g}, {hi:.3g}]; expected [0, 1]: {hint}")
-    return t.clamp(0, 1)
-
-
-def as_mask_tensor(m, hw: tuple[int, int]) -> torch.Tensor:
-    """PIL / tensor / array mask -> (1, H, W) in {0, 1}: bool, 0/1 or 0/255 integers, or float in [0, 1]
-    (> 0.5 is inside); checks its size against the image and that it is not empty."""
-    from PIL import Image
-    if isinstance(m, Image.Image):
-        m = m.convert("L")
-    a = _array(m, "mask")
-    t = torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a.detach().cpu()
-    while t.ndim > 2 and t.shape[0] == 1:
-        t = t[0]
-    if t.ndim == 3 and t.shape[-1] == 1:
-        t = t[..., 0]
-    if t.ndim != 2:
-        raise ValueError(f"mask must be (H, W) or (1, H, W); got shape {tuple(t.shape)}")
-    if tuple(t.shape) != tuple(hw):
-        raise ValueError(f"mask size {tuple(t.shape)} does not match the image {tuple(hw)}: resize the mask to the image (nearest)")
-    if t.dtype == torch.bool:
-        inside = t
-    elif not t.is_floating_point():  # 0/1 or 0/255 integer masks (a PIL 'L' mask may hold either)
-        inside = t > (0 if int(t.max()) <= 1 else 127)
-    else:
-        if not torch.isfinite(t).all() or float(t.min()) < 0 or float(t.max()) > 1 + 1e-6:
-            raise ValueError(f"float mask values must be finite and in [0, 1]; got [{float(t.min()):.3g}, {float(t.max()):.3g}] "
-                             "(pass a uint8 0/255 mask, or divide by 255)")
-        inside = t > 0.5
-    if not inside.any():
-        raise ValueError("empty mask: mark at least one pixel of the region to refine (mask > 0.5, or > 127 for 0..255 masks)")
-    return inside.float()[None]
-
-
 def check_steps(steps) -> int:
     """Sampler steps: an integer >= 1 (numpy integers accepted)."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -127,15 +55,6 @@ def check_size(hw: tuple[int, int], multiple: int, name: str = "image") -> None:
     if h < multiple or w < multiple:
         raise ValueError(f"{name} is {h}x{w} pixels; the model methods need at least {multiple}x{multiple} (one VAE x8 "
                          f"latent 2x2 patch): upsample it first, e.g. PIL .resize(({max(w, multiple)}, {max(h, multiple)}))")
-
-
-def as_references(reference) -> list[torch.Tensor]:
-    """None / one image / a list of images -> list of (3, h, w) tensors."""
-    if reference is None:
-        return []
-    if isinstance(reference, (list, tuple)):
-        return [as_image_tensor(r, f"reference[{i}]") for i, r in enumerate(reference)]
-    return [as_image_tensor(reference, "reference")]
 
 
 def to_pil(x: torch.Tensor):

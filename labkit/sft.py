@@ -38,17 +38,37 @@ class SFTConfig:
     bank: int = 256  # pre-encoded training triplets
     prompt: str = "refine"
     frozen_dtype: str = "float32"  # the frozen editor's weights: float32 | bfloat16 (adapters always train in fp32)
+    data_dir: str = ""  # a case folder (metadata.jsonl): train on its train split, validate on its val split, per-case prompts
     val_images: int = 4  # val triplets sampled at a fixed seed and saved as out/val/step_*.png at each eval
     val_steps: int = 4
 
 
 @torch.no_grad()
-def triplet_bank(bb: M.Backbone, n: int, split: str, size: int, factor: int, seed: int = 0) -> dict:
-    """Latents of n triplets (HRGT, draft = bicubic-up LRGI, HRRI) plus their pixel masks, for fast CPU steps."""
-    trips = [D.make_triplet(seed * 100_000 + i, split, size, factor) for i in range(n)]
-    enc = lambda xs: torch.cat([bb.encode(x).float().cpu() for x in xs])  # noqa: E731
-    return dict(hrgt=enc([t.hrgt[None] for t in trips]), lrgi=enc([t.draft[None] for t in trips]), hrri=enc([t.hrri[None] for t in trips]),
-                mask=torch.stack([t.mask for t in trips]), ref_mask=torch.stack([t.ref_mask for t in trips]))
+def bank_of(bb: M.Backbone, cases: list, prompts: list[str], default_prompt: str) -> dict:
+    """Latents of cases (HRGT, draft, HRRI; one size) plus pixel masks and each case's prompt index into `prompts`
+    (extended in place): encoded once, for fast CPU steps."""
+    enc = lambda xs: torch.cat([bb.encode(x[None]).float().cpu() for x in xs])  # noqa: E731
+    for c in cases:
+        p = getattr(c, "prompt", None) or default_prompt
+        if p not in prompts:
+            prompts.append(p)
+    return dict(hrgt=enc([c.hrgt for c in cases]), lrgi=enc([c.draft for c in cases]), hrri=enc([c.hrri for c in cases]),
+                mask=torch.stack([c.mask for c in cases]), ref_mask=torch.stack([c.ref_mask for c in cases]),
+                prompt=torch.tensor([prompts.index(getattr(c, "prompt", None) or default_prompt) for c in cases]))
+
+
+def sft_data(cfg: SFTConfig, seed: int) -> tuple[list, list]:
+    """Train cases and val cases: the built-in triplets, or a case folder's train and val splits at size x size."""
+    if not cfg.data_dir:
+        return ([D.make_triplet(seed * 100_000 + i, "train", cfg.size, cfg.factor) for i in range(cfg.bank)],
+                [D.make_triplet(7 * 100_000 + i, "val", cfg.size, cfg.factor) for i in range(16)])
+    train = [c.resized(cfg.size) for c in D.load_cases(cfg.data_dir, "train")]
+    val = [c.resized(cfg.size) for c in D.load_cases(cfg.data_dir, "val")]
+    if not train:
+        raise ValueError(f"{cfg.data_dir} has no train cases: mark lines \"split\": \"train\" (or leave split out)")
+    for c in train + val:
+        c.hrgt  # noqa: B018 - SFT needs a target in every case: fail before any work
+    return train, val or train[:4]
 
 
 def sft_loss(model, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Tensor, embeds: tuple | None = None) -> tuple[torch.Tensor, dict]:
@@ -58,8 +78,11 @@ def sft_loss(model, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Ten
     (the text encoders stay frozen, so like diffusers' Kontext LoRA script they run once, not every step)."""
     x0 = batch["hrgt"]
     x_t = L.noisy(x0, eps, t)
-    b = x0.shape[0]
-    kw = dict(prompt=cfg.prompt) if embeds is None else dict(prompt_embeds=(embeds[0].expand(b, -1, -1), embeds[1].expand(b, -1), embeds[2]))
+    if embeds is None:
+        kw = dict(prompt=cfg.prompt)
+    else:  # the prompt table (P, ...) encoded once; each example its own prompt
+        i = batch["prompt"].to(embeds[0].device)
+        kw = dict(prompt_embeds=(embeds[0][i], embeds[1][i], embeds[2]))
     v = model(x_t, t, [batch["lrgi"], batch["hrri"]], **kw)
     hw = x0.shape[-2:]
     w = None
@@ -86,18 +109,21 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
     if cfg.frozen_dtype != "float32":
         bb.transformer.to(getattr(torch, cfg.frozen_dtype))  # the frozen base; the adapters are cast to fp32 by the loop
     spec = FM.inject(bb.transformer, cfg.adapter, rank=cfg.rank)
-    bank = triplet_bank(bb, cfg.bank, "train", cfg.size, cfg.factor, loop.seed)
-    val = triplet_bank(bb, 16, "val", cfg.size, cfg.factor, seed=7)
-    val_trips = [D.make_triplet(7 * 100_000 + i, "val", cfg.size, cfg.factor) for i in range(cfg.val_images)]
+    train_cases, val_cases = sft_data(cfg, loop.seed)
+    prompts: list[str] = []
+    bank, val = bank_of(bb, train_cases, prompts, cfg.prompt), bank_of(bb, val_cases, prompts, cfg.prompt)
+    val_trips = val_cases[:cfg.val_images]
+    n_bank = len(train_cases)
     alpha = [p for n, p in bb.transformer.named_parameters() if p.requires_grad and "lora_freq_alpha" in n]
     rest = [p for n, p in bb.transformer.named_parameters() if p.requires_grad and "lora_freq_alpha" not in n]
     groups = [dict(params=rest)] + ([dict(params=alpha, freeze_at=cfg.alpha_freeze_step)] if alpha else [])
-    with torch.no_grad():
-        embeds = tuple(e.detach() for e in bb.encode_prompt(cfg.prompt, batch=1))  # cached: the text side is frozen
+    with torch.no_grad():  # every prompt encoded once (the text side is frozen); an unknown one fails here, before training
+        enc = [bb.encode_prompt(p, batch=1) for p in prompts]
+        embeds = (torch.cat([e[0] for e in enc]), torch.cat([e[1] for e in enc]), enc[0][2])
 
     def loss_fn(s: Step):
         g = cfg.batch * s.world  # the global batch, identical on every rank; each keeps its share
-        idx = torch.from_numpy(s.rng.choice(cfg.bank, g, replace=cfg.bank < g))
+        idx = torch.from_numpy(s.rng.choice(n_bank, g, replace=n_bank < g))
         t = L.sample_t(s.rng, g)
         eps = torch.from_numpy(s.rng.standard_normal((g, *bank["hrgt"].shape[1:]))).float()
         batch = {k: s.shard(v[idx]) for k, v in bank.items()}
@@ -105,7 +131,7 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
 
     def eval_fn(step: int) -> dict:
         g = np.random.default_rng(0)
-        t = torch.full((16,), 0.5)
+        t = torch.full((val["hrgt"].shape[0],), 0.5)
         eps = torch.from_numpy(g.standard_normal(val["hrgt"].shape)).float()
         out = dict(val_loss=float(sft_loss(bb, val, cfg, t, eps, embeds)[0]))
         if val_trips:
@@ -149,10 +175,10 @@ def evaluate_refiner(bb: M.Backbone, trips: list, steps: int = 8, seed: int = 0,
     for i, t in enumerate(trips):
         s = t.hrgt.shape[-1]
         ctx = [bb.encode(t.draft[None]), bb.encode(t.hrri[None])]
-        z = sample(bb, ctx, prompt, shape=(1, 16, s // bb.factor, s // bb.factor), steps=steps,
+        z = sample(bb, ctx, getattr(t, "prompt", None) or prompt, shape=(1, 16, s // bb.factor, s // bb.factor), steps=steps,
                    generator=torch.Generator().manual_seed(seed + i))
         y = bb.decode(z)[0].float().cpu()
-        rows.append(dict(case=i, content=t.meta["content"], **case_row(y, t.hrgt, t.mask, t.draft),
+        rows.append(dict(case=i, content=t.meta.get("content", "user"), **case_row(y, t.hrgt, t.mask, t.draft),
                          **case_row(t.draft, t.hrgt, t.mask, prefix="lrgi_")))
         images.append(y)
     return (rows, images) if return_images else rows

@@ -3,6 +3,7 @@ loop in labkit.loop):
 
     python -m labkit.train mini [--fresh] [--vae-minutes 35] [--editor-minutes 40]
     python -m labkit.train sft --preset mini --adapter freqmole --w-freq 0.5 --out runs/sft/x [--fresh]
+    python -m labkit.train sft --data DIR --out runs/sft/mine          (a case folder; per-case prompts)
     accelerate launch -m labkit.train sft ...      (N processes; --batch is per process)
 
 A finished --out with the same settings resumes (and ends at once); other settings are refused unless
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--gradient-checkpointing", action="store_true")
     s.add_argument("--fresh", action="store_true", help="start over in --out instead of resuming the run there")
     for f_ in fields(SFTConfig):
-        s.add_argument(f"--{f_.name.replace('_', '-')}", type=type(f_.default), default=f_.default)
+        names = [f"--{f_.name.replace('_', '-')}"] + (["--data"] if f_.name == "data_dir" else [])
+        s.add_argument(*names, dest=f_.name, type=type(f_.default), default=f_.default,
+                       help="a case folder (metadata.jsonl): its train split, validated on its val split" if f_.name == "data_dir" else None)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "mini":
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                               mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                               fresh=args.fresh)
             train_sft(bb, loop, cfg)
-    except (NonFiniteError, RunConfigMismatch) as e:
+    except (NonFiniteError, RunConfigMismatch, ValueError, FileNotFoundError) as e:
         print(f"labkit.train: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 
