@@ -37,8 +37,14 @@ figures: .venv/.done  ## run every notebook on $(PRESET) (default mini) -> figur
 mini: .venv/.done  ## retrain the mini backbone (VAE + editor) from scratch on CPU -> labkit/weights/mini
 	$(PY) -m labkit.train mini --fresh
 
-lab: .venv/.done  ## JupyterLab on the venv kernel
-	.venv/bin/jupyter lab notebooks
+lab: .venv/.done  ## JupyterLab on the venv kernel (root too); it prints the URL with its token
+	@.venv/bin/nbstripout --install --attributes .git/info/attributes 2>/dev/null && git config filter.nbstripout.extrakeys "metadata.language_info metadata.widgets" || true
+	.venv/bin/jupyter lab notebooks --no-browser --ServerApp.ip=127.0.0.1 $(LAB_ARGS) $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+test-browser: .venv/.done  ## opt-in: JupyterLab in headless Chromium runs 00_tour and 01 on tiny, moves a slider (needs chromium)
+	@command -v chromium >/dev/null || { echo "needs Debian's chromium: apt-get install -y chromium"; exit 1; }
+	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt playwright
+	$(PY) -m pytest tests/browser -p no:cacheprovider -q
 
 sweep: .venv/.done  ## papermill sweep: SWEEP_NB over SWEEP_PARAMS (name=v1,v2 ...) -> figures/sweep/<nb>/table.csv
 	$(PY) -m labkit.sweep grid $(SWEEP_NB) --preset $(PRESET) $(SWEEP_PARAMS)

@@ -170,12 +170,14 @@ def budget_at(cfg: GRPOConfig, step: int, total_steps: int) -> int:
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_policy(bb, cases: Sequence, reward: Callable, steps: int = 8, seed: int = 0, k: int = 1,
-                    budget: int | None = None, prompt: str = "refine") -> list[dict]:
+                    budget: int | None = None, prompt: str = "refine", progress: bool = True) -> list[dict]:
     """Deterministic Euler samples (the 05_evaluate 'full' path) on held-out cases: reward and region metrics."""
+    from tqdm.auto import tqdm
+
     from .inference import Refiner, edit
     r = Refiner(bb, prompt)
     rows = []
-    for i, c in enumerate(cases):
+    for i, c in enumerate(tqdm(cases, desc="evaluate policy", leave=False, disable=not progress, mininterval=2)):
         s = c.hrgt.shape[-1]
         views = [c.hrri, *c.extra_refs][:k]
         out = edit(r, c.draft, views, steps, seed + i, budget=budget or s * s)
@@ -224,7 +226,7 @@ def train_grpo(bb, loop: LoopConfig, cfg: GRPOConfig, spec: dict, reward: Callab
         return loss, logs
 
     def eval_fn(step):
-        rows = evaluate_policy(bb, val, reward, cfg.eval_steps, seed=0, prompt=cfg.prompt)
+        rows = evaluate_policy(bb, val, reward, cfg.eval_steps, seed=0, prompt=cfg.prompt, progress=False)
         return dict(val_reward=float(np.mean([r["reward"] for r in rows])), val_region_psnr=float(np.mean([r["region_psnr"] for r in rows])),
                     kl_to_start=policy_kl(bb, val[:2], ref_state, cfg))
 

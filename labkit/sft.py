@@ -135,7 +135,7 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
         eps = torch.from_numpy(g.standard_normal(val["hrgt"].shape)).float()
         out = dict(val_loss=float(sft_loss(bb, val, cfg, t, eps, embeds)[0]))
         if val_trips:
-            rows, imgs = evaluate_refiner(bb, val_trips, cfg.val_steps, seed=0, prompt=cfg.prompt, return_images=True)
+            rows, imgs = evaluate_refiner(bb, val_trips, cfg.val_steps, seed=0, prompt=cfg.prompt, return_images=True, progress=False)
             out["val_region_psnr"] = float(np.mean([r["region_psnr"] for r in rows]))
             save_val_grid(val_trips, imgs, Path(loop.out_dir) / "val" / f"step_{step:06d}.png",
                           f"step {step}: val region PSNR {out['val_region_psnr']:.2f} dB")
@@ -166,13 +166,15 @@ def save_val_grid(trips: list, outputs: list[torch.Tensor], path: Path, title: s
 
 @torch.no_grad()
 def evaluate_refiner(bb: M.Backbone, trips: list, steps: int = 8, seed: int = 0, prompt: str = "refine",
-                     return_images: bool = False):
+                     return_images: bool = False, progress: bool = True):
     """Sample HRGT from [draft, HRRI] with the sampler; per case labkit.metrics.case_row of the output and,
     prefixed 'lrgi_', of the draft itself (the no-model baseline); the output images when return_images."""
+    from tqdm.auto import tqdm
+
     from .metrics import case_row
     from .sampling import sample
     rows, images = [], []
-    for i, t in enumerate(trips):
+    for i, t in enumerate(tqdm(trips, desc="evaluate", leave=False, disable=not progress, mininterval=2)):
         s = t.hrgt.shape[-1]
         ctx = [bb.encode(t.draft[None]), bb.encode(t.hrri[None])]
         z = sample(bb, ctx, getattr(t, "prompt", None) or prompt, shape=(1, 16, s // bb.factor, s // bb.factor), steps=steps,

@@ -66,3 +66,9 @@ def interactive() -> bool:
         return ip is not None and "IPKernelApp" in ip.config and "papermill" not in str(type(ip))
     except Exception:
         return False
+
+
+def short_block(name: str) -> str:
+    """'transformer_blocks.3' -> 'd3', 'single_transformer_blocks.5' -> 's5' (tick labels; the full name elsewhere)."""
+    kind, _, i = name.rpartition(".")
+    return ("s" if kind.startswith("single") else "d") + i
