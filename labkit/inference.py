@@ -112,10 +112,13 @@ def load_refiner(preset: str = "mini", adapter: str | None = None, device: str =
 @torch.no_grad()
 def edit(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int, budget: int | None = None,
          prompt: str | None = None, guidance: float | None = None, latents: torch.Tensor | None = None,
-         size: tuple[int, int] | None = None, negative_prompt: str | None = None, true_cfg: float = 1.0) -> torch.Tensor:
+         size: tuple[int, int] | None = None, negative_prompt: str | None = None, true_cfg: float = 1.0, strength: float = 1.0,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
     """Kontext-style sampling of a target (size: draft's by default) from contexts [draft (id 1), references
     (ids 2..) packed under a pixel budget (SELF)]: (3, H, W) in [0, 1]. latents: the initial noise, packed
-    (1, seq, 64) as the pipeline takes it or (1, 16, h, w); else drawn from `seed` exactly as the pipeline draws it."""
+    (1, seq, 64) as the pipeline takes it or (1, 16, h, w); else drawn from `seed` exactly as the pipeline draws it.
+    strength < 1: start from the draft's latents noised to that level (img2img); with a pixel `mask` (1, H, W) the
+    draft's latents outside the (dilated) mask are blended back after every step (FluxKontextInpaintPipeline's way)."""
     from .models import pack_references
     from .sampling import sample
     bb = r.bb
@@ -130,8 +133,18 @@ def edit(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], st
     if latents is not None and latents.ndim == 3:  # packed, as FluxKontextPipeline(latents=...) takes them
         latents = bb.unpack(latents, shape[-2], shape[-1])
     neg = bb.encode_prompt(negative_prompt, batch=1) if negative_prompt is not None and true_cfg > 1 else None
+    init = keep = keep_mask = None
+    if strength < 1 or mask is not None:
+        if (h, w) != tuple(draft.shape[-2:]):
+            raise ValueError("strength < 1 and mask blending need the target at the draft's size")
+        init = keep = ctx[0]
+        if mask is not None:  # latent cells the mask touches (dilated by one cell) are generated; the rest kept
+            m = torch.nn.functional.adaptive_max_pool2d(mask[None].float(), shape[-2:])
+            keep_mask = 1 - torch.nn.functional.max_pool2d(m, 3, 1, 1).to(bb.device)
+        else:
+            keep = None
     z = sample(bb, ctx, prompt or r.prompt, shape=shape, steps=steps, generator=torch.Generator().manual_seed(seed), latents=latents,
-               guidance=guidance, negative_embeds=neg, true_cfg=true_cfg)
+               guidance=guidance, negative_embeds=neg, true_cfg=true_cfg, init=init, strength=strength, keep=keep, keep_mask=keep_mask)
     return bb.decode(z)[0].float().cpu()
 
 
@@ -209,11 +222,12 @@ def naive_paste(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor
 
 
 def focus_refine(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int,
-                 margin: float = 16, working_area: int | None = None, prompt: str | None = None) -> tuple[torch.Tensor, tuple]:
+                 margin: float = 16, working_area: int | None = None, prompt: str | None = None, strength: float = 1.0,
+                 blend: bool = False) -> tuple[torch.Tensor, tuple]:
     """Focus-and-Refine: crop + upsample to the working area, refine the crop, soft-paste back into the box."""
     area = working_area or r.bb.preset.resolution ** 2  # the preset's working area (mini 128², flux-kontext 1024²)
     c_img, c_mask, box = F_.focus_crop(draft, mask, area, r.bb.multiple, margin)
-    out = edit(r, c_img, references, steps, seed, budget=area, prompt=prompt)
+    out = edit(r, c_img, references, steps, seed, budget=area, prompt=prompt, strength=strength, mask=c_mask if blend else None)
     soft = F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
     return F_.paste_back(draft, out, box, soft), box
 
@@ -221,7 +235,8 @@ def focus_refine(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, references
 # ------------------------------------------------------------------------------------------------
 def refine_tensor(image, mask, reference=None, method: str = "focus", adapter: str | None = None, steps: int | None = None,
                   seed: int | None = 0, preset: str = "mini", device: str = "cpu", reference_box=None, margin: float = 16,
-                  working_area: int | None = None, prompt: str | None = None) -> tuple[torch.Tensor, dict]:
+                  working_area: int | None = None, prompt: str | None = None, strength: float = 1.0,
+                  blend: bool = False) -> tuple[torch.Tensor, dict]:
     """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter, seed)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -243,13 +258,13 @@ def refine_tensor(image, mask, reference=None, method: str = "focus", adapter: s
         return naive_paste(img, m, refs[0], box), info
     info["prompt"] = prompt or r.prompt
     if method == "full":
-        return edit(r, img, refs, steps, seed, prompt=prompt), info
+        return edit(r, img, refs, steps, seed, prompt=prompt, strength=strength, mask=m if blend else None), info
     if method == "align":
         from .attention import crop_reference
         rbox = reference_box if reference_box is not None else locate(r, img, m, refs[0], seed=seed)
         info["reference_box"] = tuple(int(v) for v in rbox)
         refs = [crop_reference(refs[0], rbox, out_size=None, multiple=r.bb.multiple)] + refs[1:]
-    out, box = focus_refine(r, img, m, refs, steps, seed, margin, working_area, prompt)
+    out, box = focus_refine(r, img, m, refs, steps, seed, margin, working_area, prompt, strength, blend)
     info["box"] = tuple(int(v) for v in box)
     return out, info
 
