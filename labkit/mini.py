@@ -131,7 +131,7 @@ def weights_hash(folder: str | Path) -> dict[str, str]:
 
 
 def train_mini(args) -> Path:
-    """Stage 1 VAE, stage 2 editor; each resumable from runs/<name>/<stage>/ckpt.pt."""
+    """Stage 1 VAE, stage 2 editor; each resumable from <run_dir>/<stage>/ckpt/."""
     run = Path(args.run_dir)
     if args.fresh and run.exists():
         shutil.rmtree(run)  # every stage starts over (the loop's own `fresh` covers one run folder)
