@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import bbox_of
+from .data import bbox_of, resize  # noqa: F401  (THE resize; focus.resize is the same function)
 
 Box = tuple[int, int, int, int]
 
@@ -42,15 +42,6 @@ def crop(img: torch.Tensor, box: Box) -> torch.Tensor:
     """The box's pixels (…, C, y1-y0, x1-x0)."""
     x0, y0, x1, y1 = box
     return img[..., y0:y1, x0:x1]
-
-
-def resize(img: torch.Tensor, hw: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """Resize (…, C, H, W) to hw (anti-aliased when shrinking), clamped to [0, 1] for images."""
-    x = img[None] if img.ndim == 3 else img
-    kw = dict(align_corners=False, antialias=hw[0] < x.shape[-2]) if mode in ("bicubic", "bilinear") else {}
-    out = F.interpolate(x.float(), size=hw, mode=mode, **kw)
-    out = out.clamp(0, 1) if mode == "bicubic" else out
-    return out[0] if img.ndim == 3 else out
 
 
 def focus_crop(img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int = 16, margin: float = 64,

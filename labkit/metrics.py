@@ -142,8 +142,8 @@ class FeatureSimilarity:
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D) unit-norm embeddings."""
-        x = F.interpolate(_b(images), size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
-        x = ((x.clamp(0, 1) - self.mean) / self.std).to(self.device)
+        from .data import resize
+        x = ((resize(_b(images), self.size) - self.mean) / self.std).to(self.device)
         out = self.model(pixel_values=x)
         e = out.image_embeds if self.kind == "clip" else out.last_hidden_state[:, 0]
         return F.normalize(e.float(), dim=-1).cpu()

@@ -185,13 +185,12 @@ def reference_sizes(sizes: Sequence[tuple[int, int]], pixel_budget: int, multipl
 
 def pack_references(images: Sequence[torch.Tensor], pixel_budget: int, multiple: int = 16) -> list[torch.Tensor]:
     """Resize K reference images (3, H_k, W_k) with one shared scale under a total pixel budget (SELF)."""
-    import torch.nn.functional as F
+    from .data import resize
     for im in images:
         if im.ndim != 3 or im.shape[0] != 3:
             raise ValueError(f"each reference must be (3, H, W); got {tuple(im.shape)}")
     sizes = reference_sizes([tuple(im.shape[-2:]) for im in images], pixel_budget, multiple)
-    return [F.interpolate(im[None].float(), size=hw, mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
-            for im, hw in zip(images, sizes)]
+    return [resize(im, hw) for im, hw in zip(images, sizes)]
 
 
 def build(preset: P.Preset) -> Backbone:
