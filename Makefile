@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast figures mini lab sweep bench strip clean
+.PHONY: help venv test test-fast lint figures mini lab test-browser sweep bench strip clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,8 +25,11 @@ help:  ## list the targets
 
 venv: .venv/.done  ## create .venv (torch pinned first, then labkit in editable mode)
 
-test: .venv/.done  ## run the test suite (tiny preset; notebooks through papermill)
+test: .venv/.done lint  ## lint, then the test suite (tiny preset; notebooks through papermill)
 	$(PY) -m pytest tests
+
+lint: .venv/.done  ## ruff (configured in pyproject.toml) over labkit, tests, bench
+	.venv/bin/ruff check labkit tests bench
 
 test-fast: .venv/.done  ## unit tests only (no notebooks)
 	$(PY) -m pytest tests -m "not slow"
@@ -44,7 +47,7 @@ lab: .venv/.done  ## JupyterLab on the venv kernel (root too); it prints the URL
 test-browser: .venv/.done  ## opt-in: JupyterLab in headless Chromium runs 00_tour and 01 on tiny, moves a slider (needs chromium)
 	@command -v chromium >/dev/null || { echo "needs Debian's chromium: apt-get install -y chromium"; exit 1; }
 	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt playwright
-	$(PY) -m pytest tests/browser -p no:cacheprovider -q
+	LABKIT_BROWSER=1 $(PY) -m pytest tests/browser -p no:cacheprovider -q
 
 sweep: .venv/.done  ## papermill sweep: SWEEP_NB over SWEEP_PARAMS (name=v1,v2 ...) -> figures/sweep/<nb>/table.csv
 	$(PY) -m labkit.sweep grid $(SWEEP_NB) --preset $(PRESET) $(SWEEP_PARAMS)
