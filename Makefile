@@ -8,6 +8,7 @@ SWEEP_PARAMS ?= --param seed=0,1,2
 export MPLBACKEND := Agg
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+STRIP_KEYS := metadata.language_info metadata.widgets
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test test-fast lint figures mini lab test-browser sweep bench strip clean
@@ -41,7 +42,7 @@ mini: .venv/.done  ## retrain the mini backbone (VAE + editor) from scratch on C
 	$(PY) -m labkit.train mini --fresh
 
 lab: .venv/.done  ## JupyterLab on the venv kernel (root too); it prints the URL with its token
-	@.venv/bin/nbstripout --install --attributes .git/info/attributes 2>/dev/null && git config filter.nbstripout.extrakeys "metadata.language_info metadata.widgets" || true
+	@.venv/bin/nbstripout --install --attributes .git/info/attributes 2>/dev/null && git config filter.nbstripout.extrakeys "$(STRIP_KEYS)" || true
 	.venv/bin/jupyter lab notebooks --no-browser --ServerApp.ip=127.0.0.1 $(LAB_ARGS) $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 test-browser: .venv/.done  ## opt-in: JupyterLab in headless Chromium runs 00_tour and 01 on tiny, moves a slider (needs chromium)
@@ -55,8 +56,8 @@ sweep: .venv/.done  ## papermill sweep: SWEEP_NB over SWEEP_PARAMS (name=v1,v2 .
 bench: .venv/.done  ## ratio benchmarks (printed side by side)
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
 
-strip:  ## strip notebook outputs (keeps tags and kernelspec)
-	.venv/bin/nbstripout --keep-id notebooks/*.ipynb 2>/dev/null || .venv/bin/nbstripout notebooks/*.ipynb
+strip:  ## strip notebook outputs as the git filter does (keeps tags and kernelspec), so a run leaves git clean
+	.venv/bin/nbstripout --extra-keys "$(STRIP_KEYS)" notebooks/*.ipynb
 
 clean:  ## remove caches (keeps .venv and committed figures)
 	rm -rf .cache .pytest_cache
