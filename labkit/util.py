@@ -80,11 +80,12 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def git_commit() -> str:
-    """The current commit (with '-dirty' when the tree has changes), or 'unknown'."""
+    """The current commit (with '-dirty' when labkit/ or notebooks/ differ from it in content), or 'unknown'."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "labkit", "notebooks"],
-                               cwd=REPO, capture_output=True, text=True, timeout=5).stdout.strip()
+        # content, not stat: with the nbstripout filter (make lab) a notebook that was only run is not a change
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "labkit", "notebooks"], cwd=REPO, capture_output=True,
+                               timeout=10).returncode == 1
         return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
     except Exception:
         return "unknown"
