@@ -51,6 +51,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     old = path.with_name(f".{path.name}.old")
     if old.exists() and not path.exists():  # a kill between the two renames of an earlier swap
         old.rename(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # what a killed earlier writer left behind
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp

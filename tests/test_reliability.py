@@ -136,6 +136,10 @@ def test_atomic_dir_keeps_the_old_folder_on_failure_and_swaps_on_success(tmp_pat
         (t / "a.json").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and (target / "a.json").read_text() == "new"
     assert not (target / "b.bin").exists()  # the new folder, not a mix
+    (tmp_path / ".adapter.x1y2.tmp").mkdir()  # what a writer killed by a signal leaves (no finally ran)
+    with atomic_dir(target) as t:
+        (t / "a.json").write_text("newer")
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # the next writer clears it
 
 
 @pytest.mark.slow
