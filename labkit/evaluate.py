@@ -183,7 +183,7 @@ def distinct_scenes(cases: Sequence, n: int = 4) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 # evaluating a set of cases (the eval set, or a user's case folder): methods, table, claims, files
 def methods_for(pipelines: Sequence[str], adapters: dict, steps: int | None, seed: int, preset: str, device: str = "cpu",
-                paste_true_box: bool = False, prompt: str | None = None) -> dict[str, Callable]:
+                paste_true_box: bool = False, prompt: str | None = None, input_label: str = "input") -> dict[str, Callable]:
     """name -> case -> (output, info): the input, (with known boxes) the naive paste, and every model
     (frozen editor / adapters) through every pipeline (full | focus | align). A case's own prompt wins."""
     from . import inference as I
@@ -191,7 +191,7 @@ def methods_for(pipelines: Sequence[str], adapters: dict, steps: int | None, see
     def model(adapter, pipeline):
         return lambda c: I.refine_tensor(c.draft, c.mask, getattr(c, "references", None) or c.hrri, method=pipeline, adapter=adapter,
                                          steps=steps, seed=seed, preset=preset, device=device, prompt=getattr(c, "prompt", None) or prompt)
-    out = {"input": lambda c: I.refine_tensor(c.draft, c.mask, method="input")}
+    out = {input_label: lambda c: I.refine_tensor(c.draft, c.mask, method="input")}
     if paste_true_box:
         out["paste (true ref box)"] = lambda c: I.refine_tensor(c.draft, c.mask, c.hrri, method="paste", reference_box=c.ref_bbox)
     for name, folder in adapters.items():

@@ -25,6 +25,7 @@ import torch
 
 from . import focus as F_
 from .data import as_image_tensor, as_mask_tensor, as_references  # noqa: F401  (the one input check; re-exported)
+from .sampling import check_steps  # noqa: F401  (re-exported: the one steps check)
 from .util import REPO
 
 METHODS = ("input", "paste", "full", "focus", "align")
@@ -33,13 +34,6 @@ ADAPTERS = REPO / "figures" / "04_train_freqmole" / "adapters"
 
 # ------------------------------------------------------------------------------------------------
 # inputs
-def check_steps(steps) -> int:
-    """Sampler steps: an integer >= 1 (numpy integers accepted)."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1 (the number of sampler steps); got {steps!r}")
-    return int(steps)
-
-
 def resolve_seed(seed) -> int:
     """seed=None draws a fresh random seed (reported back in the output's info); else an integer."""
     if seed is None:

@@ -22,11 +22,17 @@ def shift_mu(config, n_tokens: int) -> float:
     return lo + (hi - lo) * (n_tokens - a) / (b - a)
 
 
+def check_steps(steps) -> int:
+    """Sampler steps: an integer >= 1 (numpy integers accepted)."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 (the number of sampler steps); got {steps!r}")
+    return int(steps)
+
+
 def prepare(bb, steps: int, n_tokens: int, strength: float = 1.0):
     """A scheduler set up as FluxKontextPipeline does (sigmas linspace(1, 1/N, N), dynamic shift from the
     target's token count when the config asks for it), cut to the last strength·N steps (img2img)."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    steps = check_steps(steps)
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
     sch = scheduler(bb)
