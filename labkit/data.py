@@ -5,6 +5,7 @@ tensors (3, H, W) in [0, 1]. Everything is deterministic from a seed. Splits are
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -17,6 +18,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from skimage import transform as sktf
+
+from . import presets as P
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "labkit"
 
@@ -54,11 +57,29 @@ _WORDS = {  # disjoint vocabularies so rendered test text never appeared in trai
 }
 
 
-def _font_files() -> list[str]:
-    """The DejaVu TTFs matplotlib ships (sans, serif, mono; all styles)."""
-    import matplotlib
-    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    return sorted(str(p) for p in folder.glob("DejaVu*.ttf"))
+# Training fonts come from the font-* packages on PyPI (installed by pyproject); matplotlib's bundled DejaVu
+# fonts never reach training: they render the val and test splits, a held-out font set.
+TRAIN_FONT_PACKAGES = ("font_lato", "font_source_sans_pro", "font_source_serif_pro", "font_caladea", "font_manrope",
+                       "font_hanken_grotesk", "font_fredoka_one", "font_fjallaone", "font_rhd", "font_amatic_sc", "font_intuitive")
+BOLD_FONT = ("Bold", "Black", "Fredoka", "Fjalla")  # name parts of the heavy faces logos use
+
+
+@cache
+def _font_files(split: str = "val") -> tuple[str, ...]:
+    """TTF/OTF files for a split: train from the font-* packages, val/test matplotlib's DejaVu (held out)."""
+    if split != "train":
+        import matplotlib
+        return tuple(sorted(str(p) for p in (Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("DejaVu*.ttf")))
+    import importlib.resources
+    files = []
+    for pkg in TRAIN_FONT_PACKAGES:
+        try:
+            folder = importlib.resources.files(pkg) / "files"
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(f"the training fonts need the PyPI package {pkg.replace('_', '-')}: "
+                                      "pip install -c constraints.txt -e . (or make venv) installs them") from None
+        files += sorted(str(f) for f in folder.iterdir() if f.name.lower().endswith((".ttf", ".otf")) and "Variable" not in f.name)
+    return tuple(files)
 
 
 @cache
@@ -88,7 +109,7 @@ def render_text(split: str, index: int, size: int = 384) -> np.ndarray:
     """A page of words in DejaVu fonts at mixed sizes and colours (deterministic per split/index)."""
     rng = np.random.default_rng([hash_str(split), index, 1])
     words = _WORDS[split].split()
-    fonts = _font_files()
+    fonts = _font_files(split)
     bg = rng.uniform(0.75, 1.0, 3) if rng.random() < 0.7 else rng.uniform(0.0, 0.3, 3)
     img = Image.new("RGB", (size, size), tuple(int(255 * c) for c in bg))
     draw = ImageDraw.Draw(img)
@@ -107,7 +128,7 @@ def render_text(split: str, index: int, size: int = 384) -> np.ndarray:
 def render_logo(split: str, index: int, size: int = 384) -> np.ndarray:
     """A synthetic logo: flat shapes and bold letters over a gradient (deterministic per split/index)."""
     rng = np.random.default_rng([hash_str(split), index, 2])
-    fonts = [f for f in _font_files() if "Bold" in f]
+    fonts = [f for f in _font_files(split) if any(b in Path(f).name for b in BOLD_FONT)]
     c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
     ramp = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
     img = Image.fromarray((255 * (c0 * (1 - ramp) + c1 * ramp)).repeat(size, 1).astype(np.uint8))
@@ -230,25 +251,48 @@ def to_numpy(img: torch.Tensor) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # THE input check: images and masks as users hand them in (PIL, tensors, arrays)
-def _array(x, name: str) -> np.ndarray | torch.Tensor:
-    from PIL import Image
+def _array(x, name: str, what: str = "a (3, H, W) tensor or an (H, W, 3) array") -> np.ndarray | torch.Tensor:
     if isinstance(x, Image.Image):
         return np.asarray(x)
     if isinstance(x, (np.ndarray, torch.Tensor)):
         return x
-    raise TypeError(f"{name} must be a PIL.Image, a (3, H, W) tensor or an (H, W, 3) array; got {type(x).__name__}")
+    raise TypeError(f"{name} must be a PIL.Image, {what}; got {type(x).__name__}"
+                    + (" (wrap a list of lists in np.array(...))" if isinstance(x, (list, tuple)) else ""))
+
+
+WIDE_PIL_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16/32-bit and float single-channel images
+
+
+def _pil_pixels(x: Image.Image) -> np.ndarray:
+    """A PIL image's pixels by their own range: 16-bit (I;16, and I as 16-bit PNGs open) / 65535, 8-bit as is.
+
+    PIL's own .convert('RGB') clips 16-bit values at 255 (a 16-bit PNG turns white), so wide modes are read here."""
+    if x.mode in WIDE_PIL_MODES:
+        a = np.asarray(x)
+        if x.mode != "F":
+            hi = int(a.max()) if a.size else 0
+            if hi > 65535 or int(a.min()) < 0:
+                raise ValueError(f"a {x.mode} image with values in [{int(a.min())}, {hi}]: expected 16-bit 0..65535; "
+                                 "save it as 8- or 16-bit PNG")
+            a = a.astype(np.float32) / 65535.0
+        return np.repeat(a.astype(np.float32)[..., None], 3, axis=2)
+    return np.asarray(x.convert("RGB"))
 
 
 def as_image_tensor(x, name: str = "image") -> torch.Tensor:
     """PIL / (3, H, W) or (1, 3, H, W) tensor / (H, W, 3) array -> (3, H, W) float tensor in [0, 1].
 
-    Integer data (uint8 PIL images and arrays, integer tensors) is read as 0..255; float data must already be
-    in [0, 1] and finite - anything else is refused with what was given and how to fix it."""
-    from PIL import Image
+    uint8 data is read as 0..255 and uint16 data (16-bit PNGs, PIL mode I;16) as 0..65535; other integer data
+    must hold 0..255; float data must already be in [0, 1] and finite - anything else is refused with what
+    was given and how to fix it."""
     if isinstance(x, Image.Image):
-        x = x.convert("RGB")
+        x = _pil_pixels(x)
     a = _array(x, name)
+    if isinstance(a, np.ndarray) and a.dtype == np.uint16:
+        a = a.astype(np.float32) / 65535.0
     t = torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a.detach().cpu()
+    if t.dtype == torch.uint16:
+        t = t.to(torch.float32) / 65535.0
     if isinstance(a, np.ndarray) and t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
         t = t.permute(2, 0, 1)  # (H, W, 3) arrays
     t = t[0] if t.ndim == 4 and t.shape[0] == 1 else t
@@ -256,11 +300,12 @@ def as_image_tensor(x, name: str = "image") -> torch.Tensor:
         raise ValueError(f"{name} must be RGB: (3, H, W) tensor or (H, W, 3) array / PIL image; got shape {tuple(t.shape)} "
                          "(convert grey or RGBA images with PIL's .convert('RGB'))")
     if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)):
-        raise TypeError(f"{name} has dtype {t.dtype}: pass uint8 (0..255) or float (0..1) pixels")
+        raise TypeError(f"{name} has dtype {t.dtype}: pass uint8 (0..255), uint16 (0..65535) or float (0..1) pixels")
     if not t.is_floating_point():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi > 255:
-            raise ValueError(f"{name} is integer with values in [{lo}, {hi}]; expected 0..255 (uint8)")
+            raise ValueError(f"{name} is {t.dtype} with values in [{lo}, {hi}]; expected 0..255 (uint8), or pass uint16 "
+                             "data as uint16 (read as 0..65535)")
         return t.float() / 255.0
     t = t.float()
     bad = (~torch.isfinite(t)).sum().item()
@@ -273,34 +318,70 @@ def as_image_tensor(x, name: str = "image") -> torch.Tensor:
     return t.clamp(0, 1)
 
 
-def as_mask_tensor(m, hw: tuple[int, int]) -> torch.Tensor:
-    """PIL / tensor / array mask -> (1, H, W) in {0, 1}: bool, 0/1 or 0/255 integers, or float in [0, 1]
-    (> 0.5 is inside); checks its size against the image and that it is not empty."""
-    from PIL import Image
+def _mask_plane(m) -> tuple[np.ndarray | torch.Tensor, str]:
+    """The one plane a mask is read from, and how: the alpha channel when there is one that varies, else the
+    brightest channel (so any non-black pixel - red, white, grey - counts, whatever its colour)."""
     if isinstance(m, Image.Image):
-        m = m.convert("L")
-    a = _array(m, "mask")
+        if m.mode in WIDE_PIL_MODES:
+            return np.asarray(m).astype(np.float32) / (1.0 if m.mode == "F" else 65535.0), f"PIL {m.mode} image"
+        if m.mode == "P":
+            m = m.convert("RGBA")
+        bands = m.getbands()
+        if "A" in bands:
+            alpha = np.asarray(m.getchannel("A"))
+            if alpha.min() != alpha.max():
+                return alpha, f"the alpha channel of a PIL {m.mode} image"
+        rgb = np.asarray(m.convert("RGB"))
+        return rgb.max(axis=2), f"the brightest channel of a PIL {m.mode} image"
+    a = _array(m, "mask", "an (H, W) or (1, H, W) tensor/array")
+    if a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] not in (1, 3, 4):  # (H, W, 3|4) arrays
+        if a.shape[-1] == 4 and a[..., 3].min() != a[..., 3].max():
+            return a[..., 3], "the alpha channel of an (H, W, 4) array"
+        return a[..., :3].max(-1) if isinstance(a, np.ndarray) else a[..., :3].amax(-1), "the brightest channel of an (H, W, 3) array"
+    return a, f"a {type(a).__name__} of shape {tuple(a.shape)}"
+
+
+def as_mask_tensor(m, hw: tuple[int, int]) -> torch.Tensor:
+    """PIL / tensor / array mask -> (1, H, W) in {0, 1}: any non-black pixel (0/1 or 0..255 integers: > 0 or
+    > 31 on the brightest channel; float: > 0.5), or the alpha channel when it varies; checks the size against
+    the image and that the mask is not empty (the error says what was read)."""
+    a, how = _mask_plane(m)
     t = torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a.detach().cpu()
     while t.ndim > 2 and t.shape[0] == 1:
         t = t[0]
     if t.ndim == 3 and t.shape[-1] == 1:
         t = t[..., 0]
     if t.ndim != 2:
-        raise ValueError(f"mask must be (H, W) or (1, H, W); got shape {tuple(t.shape)}")
+        raise ValueError(f"mask must be (H, W) or (1, H, W) (or an RGB/RGBA image); got shape {tuple(t.shape)}")
     if tuple(t.shape) != tuple(hw):
         raise ValueError(f"mask size {tuple(t.shape)} does not match the image {tuple(hw)}: resize the mask to the image (nearest)")
     if t.dtype == torch.bool:
-        inside = t
-    elif not t.is_floating_point():  # 0/1 or 0/255 integer masks (a PIL 'L' mask may hold either)
-        inside = t > (0 if int(t.max()) <= 1 else 127)
+        inside, rule = t, "True"
+    elif not t.is_floating_point():  # 0/1 or 0..255 integer masks (a PIL 'L' mask may hold either)
+        cut = 0 if int(t.max()) <= 1 else 31
+        inside, rule = t > cut, f"> {cut}"
     else:
         if not torch.isfinite(t).all() or float(t.min()) < 0 or float(t.max()) > 1 + 1e-6:
             raise ValueError(f"float mask values must be finite and in [0, 1]; got [{float(t.min()):.3g}, {float(t.max()):.3g}] "
                              "(pass a uint8 0/255 mask, or divide by 255)")
-        inside = t > 0.5
+        inside, rule = t > 0.5, "> 0.5"
     if not inside.any():
-        raise ValueError("empty mask: mark at least one pixel of the region to refine (mask > 0.5, or > 127 for 0..255 masks)")
+        raise ValueError(f"empty mask: read {how}, values in [{float(t.min()):.3g}, {float(t.max()):.3g}], none {rule}; "
+                         "mark the region to refine with any non-black pixel (or an alpha channel)")
     return inside.float()[None]
+
+
+def read_image(path: str | Path, what: str = "image") -> Image.Image:
+    """An image file, fully decoded; a missing, truncated or non-image file is a ValueError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} file {str(p)!r} not found" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        img = Image.open(p)
+        img.load()
+        return img
+    except Exception as e:  # noqa: BLE001 - PIL raises several kinds (UnidentifiedImageError, OSError, SyntaxError)
+        raise ValueError(f"cannot read {what} {str(p)!r} ({type(e).__name__}: {e}): save it as PNG/JPEG") from None
 
 
 def as_references(reference) -> list[torch.Tensor]:
@@ -572,10 +653,21 @@ def _split_of(key: str) -> str:
     return "train" if u < 8 else "val" if u == 8 else "test"
 
 
-def load_cases(folder: str | Path, split: str | None = None) -> list[Case]:
+def _read_case_file(folder: Path, problems: list[str], rel: str, what: str, kind: Callable | None = as_image_tensor):
+    """One file of a case line as a tensor (kind) or a PIL image (kind=None); a problem is noted, not raised."""
+    try:
+        return kind(read_image(folder / rel, what), f"{what} {rel!r}") if kind else read_image(folder / rel, what)
+    except ValueError as e:
+        msg = str(e).replace(repr(str(folder / rel)), repr(rel))
+        problems.append(msg + (f" in {folder} (paths are relative to the folder)" if msg.endswith("not found") else ""))
+
+
+def load_cases(folder: str | Path, split: str | None = None, preset: str | None = None) -> list[Case]:
     """Every case of a case folder (or those of one split), validated before any work starts: an error
-    names the line, the file and the fix, listing every problem found."""
+    names the line, the file and the fix, listing every problem found (all of a line's, too). With a preset,
+    each case's prompt is checked against what that backbone understands (learned instructions on tiny/mini)."""
     folder = Path(folder)
+    prompt_ok = P.prompt_checker(preset) if preset is not None else None
     meta = folder / "metadata.jsonl"
     if not meta.exists():
         raise FileNotFoundError(f"no metadata.jsonl in {folder}: write {CASE_FORMAT}")
@@ -604,31 +696,32 @@ def load_cases(folder: str | Path, split: str | None = None) -> list[Case]:
         if sp not in SPLITS:
             errors.append(f"{where}: unknown split {sp!r}: use one of {SPLITS} (or leave it out for a deterministic split)")
             continue
-        try:
-            def read(rel, what):
-                p = folder / rel
-                if not p.exists():
-                    raise ValueError(f"{what} file {rel!r} not found in {folder} (paths are relative to the folder)")
-                try:
-                    return Image.open(p)
-                except Exception as e:  # noqa: BLE001 - PIL raises several kinds
-                    raise ValueError(f"cannot read {what} {rel!r} ({type(e).__name__}: {e}): save it as PNG/JPEG") from None
-            draft = as_image_tensor(read(row["draft"], "draft"), "draft")
-            hw = tuple(draft.shape[-2:])
-            mimg = read(row["mask"], "mask")
+        problems: list[str] = []  # every problem of this line, not only the first
+        read = functools.partial(_read_case_file, folder, problems)
+        draft = read(row["draft"], "draft")
+        hw = tuple(draft.shape[-2:]) if draft is not None else None
+        mimg = read(row["mask"], "mask", None)
+        mask = target = None
+        if mimg is not None and hw is not None:
             if tuple(mimg.size[::-1]) != hw:
-                raise ValueError(f"mask {row['mask']!r} is {mimg.size[1]}x{mimg.size[0]} but the draft is {hw[0]}x{hw[1]}: "
-                                 "save the mask at the draft's size")
-            mask = as_mask_tensor(mimg, hw)
-            target = None
-            if row.get("target"):
-                target = as_image_tensor(read(row["target"], "target"), "target")
-                if tuple(target.shape[-2:]) != hw:
-                    raise ValueError(f"target {row['target']!r} is {target.shape[-2]}x{target.shape[-1]} but the draft is "
-                                     f"{hw[0]}x{hw[1]}: the target must be the draft's size")
-            references = [as_image_tensor(read(r, "reference"), f"reference {r!r}") for r in refs]
-        except ValueError as e:
-            errors.append(f"{where}: {e}")
+                problems.append(f"mask {row['mask']!r} is {mimg.size[1]}x{mimg.size[0]} but the draft is {hw[0]}x{hw[1]}: "
+                                "save the mask at the draft's size")
+            else:
+                try:
+                    mask = as_mask_tensor(mimg, hw)
+                except ValueError as e:
+                    problems.append(f"mask {row['mask']!r}: {e}")
+        if row.get("target"):
+            target = read(row["target"], "target")
+            if target is not None and hw is not None and tuple(target.shape[-2:]) != hw:
+                problems.append(f"target {row['target']!r} is {target.shape[-2]}x{target.shape[-1]} but the draft is "
+                                f"{hw[0]}x{hw[1]}: the target must be the draft's size")
+        references = [read(r, "reference") for r in refs]
+        if prompt_ok is not None and row.get("prompt") is not None and not prompt_ok(row["prompt"]):
+            problems.append(f"prompt {row['prompt']!r} is unknown to the {preset} backbone: use one of {P.INSTRUCTIONS} "
+                            "(free text needs the flux-kontext preset)")
+        if problems:
+            errors += [f"{where}: {e}" for e in problems]
             continue
         name = str(row.get("id") or Path(row["draft"]).with_suffix("").as_posix().replace("/", "__"))
         cases.append(Case(name, draft, references, mask, target, row.get("prompt"), sp,

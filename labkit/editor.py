@@ -3,8 +3,11 @@
 Tasks (one per batch, so sequence lengths match): reconstruct the context; upscale (the context is the
 target bicubic-downscaled x2 or x4 and bicubic-upsampled back, so its tokens sit on the target's grid, as
 the refinement drafts do); denoise; restore a degraded region of the context from a reference that shows
-the same content in another view (curriculum: the reference starts aligned and the view change grows).
-The refinement benchmark itself (LRGI x2 + HRRI -> HRGT, instruction "refine") is left to adapters.
+the same content in another view (curriculum: the reference starts aligned and the view change grows);
+refine (instruction "refine"): the inputs exactly as `labkit.refine` builds them at the focus scale - the
+draft's Focus-and-Refine crop with one generative failure in the region, and the reference warped into the
+draft's frame (small residual misalignment, a photometric change) cropped by the same box. Examples of the
+refine task are bucketed by the focus crop's snapped shape (one shape per batch).
 """
 from __future__ import annotations
 
@@ -17,11 +20,16 @@ import numpy as np
 import torch
 
 from . import data as D
+from . import focus as F_
 from .loop import LoopConfig, Step, run_loop
 from .losses import flow_matching_loss, sample_t
+from .metrics import case_metrics
 
-TASKS = ("reconstruct", "upscale", "denoise", "restore")
+TASKS = ("reconstruct", "upscale", "denoise", "restore", "refine")
 EVAL_TASKS = ("reconstruct", "upscale_x2", "upscale_x4", "denoise", "restore")  # upscale scored per factor
+# the generative failures of the refine task: wrong words/glyphs (content from elsewhere in the same image, or
+# a fine warp of the glyphs), lost detail (x2/x4 low-res), smear, occlusion, colour, elastic
+REFINE_DAMAGE = ("wrong", "glyph", "lowres2", "lowres4", "smear", "occlude", "color", "elastic")
 
 
 @dataclass
@@ -30,13 +38,81 @@ class EditorConfig:
 
     size: int = 128  # target side (64 tokens)
     batch: int = 8
-    task_probs: tuple[float, float, float, float] = (0.1, 0.3, 0.15, 0.45)  # reconstruct reaches the VAE ceiling early
+    # reconstruct upscale denoise restore refine; reconstruct reaches the VAE ceiling early
+    task_probs: tuple[float, ...] = (0.05, 0.15, 0.05, 0.2, 0.55)
     # restore: mostly strong artifacts the VAE keeps (so the reference is needed), some of the benchmark's mild ones
     restore_degradations: tuple[str, ...] = ("smear", "occlude", "blur", "color", "noise", "elastic", "glyph")
     restore_probs: tuple[float, ...] = (0.3, 0.3, 0.08, 0.08, 0.08, 0.08, 0.08)
     curriculum_frac: float = 0.5  # fraction of steps over which the reference's view change ramps 0 -> 1
     upscale: tuple[int, ...] = (2, 4)  # factors drawn per example; x4 is RefGC-SR2's setting
     noise: tuple[float, float] = (0.05, 0.15)
+    # refine: full-image sides drawn per example, region area, residual misalignment of the aligned reference
+    refine_sides: tuple[int, ...] = (128, 192, 256)
+    refine_area: tuple[float, float] = (0.02, 0.2)
+    misalign: float = 0.15  # max view strength of the residual warp (0.15: ~3 deg, ~2% shift); 30% exactly aligned
+    region: str = "none"  # region encoding: none | context (the mask as an image context) | draw (outlined on the draft)
+    text_frac: float = 0.5  # refine targets: rendered text and logos this often, photos otherwise
+
+
+def damage(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, kind: str) -> np.ndarray:
+    """The draft: img (H, W, 3) with one generative failure inside mask (H, W); outside is untouched."""
+    h, w = img.shape[:2]
+    if kind == "wrong":  # plausible content from elsewhere in the same image: a wrong word/glyph in the same style
+        bad = np.roll(img, (int(rng.integers(h // 4, 3 * h // 4)), int(rng.integers(w // 4, 3 * w // 4))), (0, 1))
+    elif kind.startswith("lowres"):
+        f = int(kind[6:])
+        bad = D.resize_np(D.resize_np(img, (h // f, w // f)), (h, w))
+    elif kind in REFINE_DAMAGE:
+        bad = D.degrade(rng, img, kind)
+    else:
+        raise ValueError(f"unknown damage {kind!r}; choose from {REFINE_DAMAGE}")
+    m = mask[..., None]
+    return np.clip(m * bad + (1 - m) * img, 0, 1).astype(np.float32)
+
+
+def aligned_reference(rng: np.random.Generator, img: np.ndarray, misalign: float) -> np.ndarray:
+    """The target seen again after a registration: a residual warp of view strength <= misalign (none 30% of
+    the time) and a photometric change (gamma, exposure, white balance), as make_triplet's reference has."""
+    s = img.shape[0]
+    strength = 0.0 if rng.random() < 0.3 else rng.uniform(0, misalign)
+    ref = np.clip(D._warp(img, D._view_homography(rng, s, strength), s), 0, 1) if strength else img
+    return np.clip((ref ** rng.uniform(0.8, 1.25)) * rng.uniform(0.85, 1.15) * rng.uniform(0.92, 1.08, 3), 0, 1).astype(np.float32)
+
+
+def refine_example(rng: np.random.Generator, split: str, cfg: EditorConfig, kind: str | None = None, work: int = 128,
+                   multiple: int = 16, margin: float = 16, content: str | None = None) -> dict:
+    """One refine example built as `labkit.refine(method='focus')` builds its inputs: the draft's focus crop
+    (3, h, w), its mask (1, h, w), the target crop, and the aligned reference cropped by the same box (also
+    the target crop itself, `target_ref`: the perfectly aligned reference). h x w ~ work², snapped sides."""
+    kind = kind or str(rng.choice(REFINE_DAMAGE))
+    size = int(rng.choice(cfg.refine_sides))
+    if content is None:
+        content = ("text" if rng.random() < 0.5 else "logo") if rng.random() < cfg.text_frac else "photo"
+    srcs = D.sources(split, content)
+    c, name = srcs[int(rng.integers(len(srcs)))]
+    img = D.random_crop(rng, D.load_source(split, c, name), size, zoom=(0.3, 1.0))
+    mask = D.random_blob(rng, size, cfg.refine_area)
+    draft, ref = damage(rng, img, mask, kind), aligned_reference(rng, img, cfg.misalign)
+    t = D.to_tensor
+    c_draft, c_mask, box = F_.focus_crop(t(draft), t(mask[..., None]), work * work, multiple, margin)
+    hw = c_draft.shape[-2:]
+    crop = lambda x: D.resize(F_.crop(t(x), box), hw)  # noqa: E731
+    return dict(draft=c_draft, mask=(c_mask > 0.5).float(), target=crop(img), reference=crop(ref), kind=kind, content=c,
+                source=name, box=box, size=size)
+
+
+@torch.no_grad()
+def build_refine_bank(bb, n: int, split: str, cfg: EditorConfig, seed: int = 0) -> dict[str, dict]:
+    """Pre-encoded refine examples bucketed by crop shape: {"refine@HxW": dict(target, contexts, strength)}."""
+    rng = np.random.default_rng([seed, D.hash_str("refine"), D.hash_str(split)])
+    buckets: dict[str, list] = {}
+    for _ in range(n):
+        e = refine_example(rng, split, cfg, multiple=bb.multiple)
+        ctx = F_.region_contexts(e["draft"], e["mask"], [e["reference"]], cfg.region)
+        h, w = e["target"].shape[-2:]
+        buckets.setdefault(f"refine@{h}x{w}", []).append((bb.encode(e["target"][None]).cpu(), [bb.encode(x[None]).cpu() for x in ctx]))
+    return {k: dict(target=torch.cat([a for a, _ in v]), contexts=[torch.cat(z) for z in zip(*[c for _, c in v])],
+                    strength=torch.zeros(len(v))) for k, v in buckets.items()}
 
 
 def task_batch(task: str, rng: np.random.Generator, split: str, cfg: EditorConfig, progress: float = 1.0,
@@ -114,41 +190,94 @@ def load_banks(path: Path) -> dict:
     return banks
 
 
-def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024) -> dict:
+def _refine_buckets(banks: dict) -> tuple[list[str], np.ndarray]:
+    """The refine task's bucket names and their sampling probabilities (proportional to their sizes)."""
+    names = sorted(k for k in banks if k.startswith("refine@"))
+    n = np.array([len(banks[k]["target"]) for k in names], dtype=float)
+    return names, n / n.sum()
+
+
+def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024, refine_bank: int = 2048) -> dict:
     """Flow-matching pretraining of bb.transformer (+ instruction embedding); the VAE stays frozen."""
     bb.vae.requires_grad_(False)
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]  # a changed recipe rebuilds the bank
-    path = Path(loop.out_dir) / f"bank_{bank_size}_{cfg.size}_{key}.safetensors"
+    path = Path(loop.out_dir) / f"bank_{bank_size}_{refine_bank}_{cfg.size}_{key}.safetensors"
     active = [t for t, p in zip(TASKS, cfg.task_probs) if p > 0]  # tasks the mix draws (a probe may train one)
+
+    def banks_for(n_per_task: int, n_refine: int, split: str, seed: int) -> dict:
+        out = {t: build_bank(bb, t, n_per_task * (2 if t == "restore" else 1), split, cfg, seed) for t in active if t != "refine"}
+        return out | (build_refine_bank(bb, n_refine, split, cfg, seed) if "refine" in active else {})
+
     if path.exists():
         banks = load_banks(path)
     else:
-        banks = {t: build_bank(bb, t, bank_size * (2 if t == "restore" else 1), "train", cfg, loop.seed) for t in active}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        banks = banks_for(bank_size, refine_bank, "train", loop.seed)
         save_banks(banks, path)
-    val = {t: build_bank(bb, t, 32, "val", cfg, seed=500) for t in active}
+    val = banks_for(32, 64, "val", 500)
+    buckets, bucket_p = _refine_buckets(banks)
     bb.transformer.requires_grad_(True)
     bb.text.requires_grad_(True)
 
     def loss_fn(s: Step):
         task = TASKS[s.rng.choice(len(TASKS), p=cfg.task_probs)]  # one task per global batch (sequence lengths match)
-        x0, ctx = bank_batch(banks[task], s.rng, cfg.batch * s.world, max_strength=min(1.0, s.step / (cfg.curriculum_frac * loop.steps)))
+        bank = banks[buckets[s.rng.choice(len(buckets), p=bucket_p)]] if task == "refine" else banks[task]
+        x0, ctx = bank_batch(bank, s.rng, cfg.batch * s.world, max_strength=min(1.0, s.step / (cfg.curriculum_frac * loop.steps)))
         t = sample_t(s.rng, x0.shape[0])
         eps = torch.from_numpy(s.rng.standard_normal(x0.shape)).float()
         loss = flow_matching_loss(s.model, s.shard(x0), [s.shard(c) for c in ctx], task, s.shard(t), s.shard(eps))
         return loss, {f"loss_{task}": loss.detach()}
 
     def eval_fn(step):
-        out = {}
+        out, refine = {}, []
         g = np.random.default_rng(0)
-        for task, bank in val.items():
+        for name, bank in val.items():
             x0, ctx = bank["target"], bank["contexts"]
             ts = torch.full((x0.shape[0],), 0.5)
-            out[f"val_loss_{task}"] = float(flow_matching_loss(bb, x0, ctx, task, ts, torch.from_numpy(g.standard_normal(x0.shape)).float()))
+            task = name.split("@")[0]
+            loss = float(flow_matching_loss(bb, x0, ctx, task, ts, torch.from_numpy(g.standard_normal(x0.shape)).float()))
+            if task == "refine":
+                refine.append((loss, len(x0)))
+            else:
+                out[f"val_loss_{task}"] = loss
+        if refine:
+            out["val_loss_refine"] = sum(v * n for v, n in refine) / sum(n for _, n in refine)
+            r = evaluate_refine(bb, n=16, steps=8, split="val", cfg=cfg)["summary"]  # the copy skill, sampled
+            out |= {f"val_refine_{k}": v for k, v in r.items()}
         return out
 
-    state = run_loop(loop, bb, loss_fn, eval_fn, run_config=dict(editor=asdict(cfg), bank_size=bank_size))
+    state = run_loop(loop, bb, loss_fn, eval_fn, run_config=dict(editor=asdict(cfg), bank_size=bank_size, refine_bank=refine_bank))
     bb.requires_grad_(False)
     return state
+
+
+@torch.no_grad()
+def evaluate_refine(bb, n: int = 24, steps: int = 8, seed: int = 0, split: str = "val", cfg: EditorConfig | None = None,
+                    reference: str = "target", kinds: tuple[str, ...] = REFINE_DAMAGE, content: str | None = None) -> dict:
+    """The copy skill at the focus scale: region PSNR of the editor's focus-crop output (instruction "refine")
+    against the draft and the VAE-through-focus ceiling (the target crop's VAE round trip), per kind of damage.
+
+    reference: "target" gives the target crop itself (perfect alignment, same light: the easiest case);
+    "aligned" the registered reference (residual misalignment + photometric change, as in training)."""
+    from .sampling import sample
+    cfg = cfg or EditorConfig()
+    rows = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        e = refine_example(np.random.default_rng([seed, 4242, i]), split, cfg, kind=kind, multiple=bb.multiple,
+                           content=content or ("text" if i % 3 == 0 else None))
+        ref = e["target"] if reference == "target" else e["reference"]
+        ctx = [bb.encode(x[None]) for x in F_.region_contexts(e["draft"], e["mask"], [ref], cfg.region)]
+        z = sample(bb, ctx, "refine", ctx[0].shape, steps=steps, generator=torch.Generator().manual_seed(seed + i))
+        out, ceil = bb.decode(z).cpu(), bb.roundtrip(e["target"][None]).cpu()
+        m, x = e["mask"][None], e["target"][None]
+        ps = {k: float(case_metrics(v, x, m)["region_psnr"][0]) for k, v in dict(editor=out, draft=e["draft"][None], ceiling=ceil).items()}
+        rows.append(dict(kind=kind, content=e["content"], source=e["source"], **ps))
+    by_kind = {k: {c: float(np.mean([r[c] for r in rows if r["kind"] == k])) for c in ("editor", "draft", "ceiling")}
+               | {"n": sum(r["kind"] == k for r in rows)} for k in kinds if any(r["kind"] == k for r in rows)}
+    summary = {c: float(np.mean([r[c] for r in rows])) for c in ("editor", "draft", "ceiling")}
+    summary["kinds_above_draft"] = float(np.mean([v["editor"] > v["draft"] for v in by_kind.values()]))
+    return dict(rows=rows, by_kind=by_kind, summary=summary)
 
 
 def oracle_paste(trip) -> torch.Tensor:
@@ -170,7 +299,6 @@ def evaluate(bb, n: int = 16, steps: int = 8, seed: int = 0, split: str = "val",
     (editor_wrong_ref: if it matches editor, the reference is ignored), overall, on the strong artifacts
     (EDIT_DEGRADATIONS) and per degradation; every artifact in cfg.restore_degradations equally often."""
     from .evaluate import bootstrap_ci
-    from .metrics import case_metrics
     from .sampling import sample
     cfg = cfg or EditorConfig(batch=n)
     out, samples = {}, {}

@@ -211,13 +211,13 @@ def pair_claim(df: pd.DataFrame, a: str, b: str, paper: str, col: str = "region_
 
 def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "mini", pipelines: Sequence[str] = ("full", "focus"),
                    adapters: dict | None = None, steps: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
-                   params: dict | None = None) -> dict:
+                   params: dict | None = None, run_settings: dict | None = None) -> dict:
     """Every method on every case -> out_dir/{per_case.csv, table.csv, table.html, table.png, qualitative.png,
     results.json} (claims: best model vs the input, focus vs full, background exactness), written at once."""
     from pathlib import Path
 
     from . import viz
-    from .util import atomic_dir, claim, write_results
+    from .util import atomic_dir, claim, write_json, write_results
     for c in cases:
         c.hrgt  # noqa: B018 - every case needs a target to be scored: fail before any work
     adapters = {"frozen": None, **(adapters or {})}
@@ -239,6 +239,8 @@ def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "m
         claims["background_exact"] = claim(worst, 0.0, worst == 0.0, "max |output - input| outside the paste box",
                                            "RefineAnything (Focus-and-Refine paste-back)", f"over {len(focus)} focus/align outputs")
     with atomic_dir(out_dir) as tmp:
+        if run_settings is not None:  # the command line's settings: the same ones resume, others are refused
+            write_json(run_settings, tmp / "run.json")
         df.to_csv(tmp / "per_case.csv", index=False)
         tab.to_csv(tmp / "table.csv", index=False)
         render(tab, columns, {}, str(tmp / "table.html"), f"{len(cases)} cases, preset {preset}")
@@ -253,36 +255,57 @@ def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "m
     return json.loads((Path(out_dir) / "results.json").read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
-    """python -m labkit.evaluate --data DIR --out OUT [--preset] [--pipelines] [--adapters] [--split] [--steps] [--seed]"""
+def parse_args(argv: list[str] | None = None):
+    """The evaluate command line (usage errors exit 2 before any work)."""
     import argparse
-    import sys
-    ap = argparse.ArgumentParser(prog="labkit.evaluate", description="Notebook 05's tables on a case folder (metadata.jsonl): "
-                                 "every method on every case with a target, region/background metrics, bootstrap CIs, claims.")
+    ap = argparse.ArgumentParser(prog="labkit evaluate", description="Notebook 05's tables on a case folder (metadata.jsonl): "
+                                 "every method on every case with a target, region/background metrics, bootstrap CIs, claims.",
+                                 epilog="example: labkit evaluate --data cases/ --out runs/eval --pipelines focus align")
     ap.add_argument("--data", required=True, help="a case folder with metadata.jsonl; every scored case needs a target")
-    ap.add_argument("--out", required=True, help="output folder (per_case.csv, table.csv/html/png, qualitative.png, results.json)")
+    ap.add_argument("--out", required=True, help="output folder (per_case.csv, table.csv/html/png, qualitative.png, results.json, "
+                                                 "run.json); a finished one with the same settings is kept, other settings refused")
+    ap.add_argument("--fresh", action="store_true", help="start over in --out (deletes what is there)")
     ap.add_argument("--split", default=None, choices=["train", "val", "test"], help="only this split (default: every case)")
     ap.add_argument("--preset", default="mini")
-    ap.add_argument("--pipelines", "--methods", nargs="+", default=["full", "focus"], choices=["full", "focus", "align"])
+    ap.add_argument("--pipelines", nargs="+", default=["full", "focus"], choices=["full", "focus", "align"],
+                    help="how the model methods are applied (inference's `method`)")
     ap.add_argument("--adapters", nargs="*", default=[], help="adapter folders or committed names, besides the frozen editor")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
+    from .presets import check_preset
+    try:
+        check_preset(a.preset)
+    except ValueError as e:
+        ap.error(str(e))
+    if a.steps is not None and a.steps < 1:
+        ap.error(f"--steps must be >= 1, got {a.steps}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`labkit evaluate --data DIR --out OUT ...`: 0 done, 2 usage or bad input, 1 a failed run."""
     from pathlib import Path
 
     from .data import load_cases
-    try:
-        cases = load_cases(a.data, a.split)
-        res = evaluate_cases(cases, a.out, a.preset, a.pipelines, {Path(x).name: x for x in a.adapters}, a.steps, a.seed, a.device,
-                             params=dict(data=str(a.data), split=a.split))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"labkit.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    for k, c in res["claims"].items():
-        print(f"{k}: {c['value']:.3f} vs {c['baseline']:.3f} {c['unit']} -> {'holds' if c['holds'] else 'does not hold'}")
-    print(f"wrote {a.out}")
-    return 0
+    from .util import claim_out_dir, run_cli
+    a = parse_args(argv)
+
+    def body():
+        settings = dict(data=str(Path(a.data).resolve()), split=a.split, preset=a.preset, pipelines=a.pipelines,
+                        adapters=a.adapters, steps=a.steps, seed=a.seed)
+        if claim_out_dir(a.out, settings, a.fresh) and (Path(a.out) / "results.json").exists():
+            print(f"{a.out} already holds this evaluation (same settings); pass --fresh to run it again")
+            res = json.loads((Path(a.out) / "results.json").read_text())
+        else:
+            cases = load_cases(a.data, a.split, preset=a.preset)  # files, sizes and prompts checked before any work
+            res = evaluate_cases(cases, a.out, a.preset, a.pipelines, {Path(x).name: x for x in a.adapters}, a.steps, a.seed, a.device,
+                                 params=dict(data=str(a.data), split=a.split), run_settings=settings)
+        for k, c in res["claims"].items():
+            print(f"{k}: {c['value']:.3f} vs {c['baseline']:.3f} {c['unit']} -> {'holds' if c['holds'] else 'does not hold'}")
+        print(f"wrote {a.out}")
+    return run_cli("labkit evaluate", body, kept=f"nothing was written to {a.out} (it is written at once)")
 
 
 if __name__ == "__main__":

@@ -136,3 +136,35 @@ def crop_vs_full(bb, images: torch.Tensor, labels: list[str], fracs, upsamples, 
         r["gain_hf"] = abs(1 - r["full_hf"]) - abs(1 - r["crop_hf"])  # > 0: crop's HF energy closer to the target's
         r["gain_spec"] = r["full_spec"] - r["crop_spec"]  # > 0: crop's spectrum closer to the target's
     return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# region conditioning (RefineAnything's spatial conditioning), with no new weight shapes: the region as an
+# extra context image, or drawn onto the draft
+REGION_OUTLINE = (1.0, 0.0, 1.0)  # magenta: rare in photos, text and logos
+REGION_ENCODINGS = ("none", "context", "draw")
+
+
+def region_image(mask: torch.Tensor) -> torch.Tensor:
+    """The mask (1, H, W) rendered as an RGB image (3, H, W): white region on black."""
+    return mask.float().clamp(0, 1).expand(3, -1, -1).clone()
+
+
+def draw_region(draft: torch.Tensor, mask: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """The draft (3, H, W) with the region's outline (a band of `width` px just outside it) drawn in magenta."""
+    m = mask.float()[None]
+    ring = (F.max_pool2d(m, 2 * width + 1, 1, width) - m).clamp(0, 1)[0]  # (1, H, W)
+    col = torch.tensor(REGION_OUTLINE, dtype=draft.dtype)[:, None, None]
+    return draft * (1 - ring) + col * ring
+
+
+def region_contexts(draft: torch.Tensor, mask: torch.Tensor, references: list, encoding: str = "none") -> list:
+    """The editor's contexts for a region encoding: none [draft, refs...], context [draft, region image,
+    refs...] or draw [draft with the region outlined, refs...]."""
+    if encoding == "none":
+        return [draft, *references]
+    if encoding == "context":
+        return [draft, region_image(mask), *references]
+    if encoding == "draw":
+        return [draw_region(draft, mask), *references]
+    raise ValueError(f"unknown region encoding {encoding!r}; choose from {REGION_ENCODINGS}")

@@ -7,8 +7,14 @@ Methods (the model ones use the frozen editor, or an adapter from 04_train_freqm
     full   Kontext-style: the whole image regenerated from [draft, references] (RefGC-SR2's setting)
     focus  Focus-and-Refine (RefineAnything): crop around the mask, upsample to the working area, refine,
            soft-paste back; pixels outside the box stay bit-identical
-    align  Align→Focus: M* (Refine-by-Align) locates the region in the reference, the reference is cropped
-           around it and upsampled, then Focus-and-Refine
+    align  Align as a warp, then Focus: the reference is registered into the draft's frame from correspondences
+           outside the region (labkit.align: SIFT + RANSAC, refined on the pixels), warped, and cropped by the
+           same focus box as the draft, so the editor's contexts line up; a poor fit falls back to the M* box
+           (info["registration"] says which was used, with inliers and residual)
+    align_box  Align→Focus as Refine-by-Align does it: M* locates the region in the reference, the reference
+           is cropped around M*'s box and upsampled, then Focus-and-Refine
+The region reaches the model as the editor was trained to read it (`region`: none | context | draw, see
+focus.region_contexts; default: the backbone's recipe, in its card).
 Images: PIL images, (3, H, W) tensors in [0, 1] or (H, W, 3) arrays; masks likewise (H, W) / (1, H, W).
 """
 from __future__ import annotations
@@ -24,11 +30,12 @@ import numpy as np
 import torch
 
 from . import focus as F_
+from .align import register, warp_reference
 from .data import as_image_tensor, as_mask_tensor, as_references  # noqa: F401  (the one input check; re-exported)
 from .sampling import check_steps  # noqa: F401  (re-exported: the one steps check)
 from .util import REPO
 
-METHODS = ("input", "paste", "full", "focus", "align")
+METHODS = ("input", "paste", "full", "focus", "align", "align_box")
 ADAPTERS = REPO / "figures" / "04_train_freqmole" / "adapters"
 
 
@@ -67,6 +74,17 @@ class Refiner:
     prompt: str
     adapter: str | None = None
     provenance: dict = field(default_factory=dict)
+    region: str = "none"  # how the region reaches the editor (focus.region_contexts), as its recipe trained it
+
+
+def recipe_region(preset: str) -> str:
+    """The region encoding the backbone's editor was trained with (its card's editor recipe), else 'none'."""
+    from .presets import PRESETS
+    cfg = PRESETS.get(preset)
+    card = Path(cfg.weights) / "card.json" if cfg is not None and cfg.weights else None
+    if card is None or not card.exists():
+        return "none"
+    return json.loads(card.read_text()).get("stages", {}).get("editor", {}).get("recipe", {}).get("region", "none")
 
 
 def resolve_adapter(adapter: str | os.PathLike) -> Path:
@@ -89,8 +107,9 @@ def load_refiner(preset: str = "mini", adapter: str | None = None, device: str =
     from . import freqmole as FM
     from .models import load
     bb = load(preset, device=device)
+    region = recipe_region(str(preset))
     if adapter is None:
-        return Refiner(bb, "restore")
+        return Refiner(bb, "refine", region=region)
     folder = resolve_adapter(adapter)
     spec = FM.load(bb.transformer, folder, identity=bb.identity())
     bb.eval().requires_grad_(False)
@@ -98,7 +117,8 @@ def load_refiner(preset: str = "mini", adapter: str | None = None, device: str =
     sha = hashlib.sha256((folder / "adapter.safetensors").read_bytes()).hexdigest()
     return Refiner(bb, spec.get("sft", {}).get("prompt", "refine"), str(folder),
                    dict(folder=str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder), sha256=sha,
-                        kind=spec["kind"], rank=spec["rank"], sft=spec.get("sft"), training=spec.get("training")))
+                        kind=spec["kind"], rank=spec["rank"], sft=spec.get("sft"), training=spec.get("training")),
+                   spec.get("sft", {}).get("region", region))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,12 +127,13 @@ def load_refiner(preset: str = "mini", adapter: str | None = None, device: str =
 def edit(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int, budget: int | None = None,
          prompt: str | None = None, guidance: float | None = None, latents: torch.Tensor | None = None,
          size: tuple[int, int] | None = None, negative_prompt: str | None = None, true_cfg: float = 1.0, strength: float = 1.0,
-         mask: torch.Tensor | None = None) -> torch.Tensor:
+         mask: torch.Tensor | None = None, blend: bool = False, region: str | None = None) -> torch.Tensor:
     """Kontext-style sampling of a target (size: draft's by default) from contexts [draft (id 1), references
     (ids 2..) packed under a pixel budget (SELF)]: (3, H, W) in [0, 1]. latents: the initial noise, packed
     (1, seq, 64) as the pipeline takes it or (1, 16, h, w); else drawn from `seed` exactly as the pipeline draws it.
-    strength < 1: start from the draft's latents noised to that level (img2img); with a pixel `mask` (1, H, W) the
-    draft's latents outside the (dilated) mask are blended back after every step (FluxKontextInpaintPipeline's way)."""
+    strength < 1: start from the draft's latents noised to that level (img2img). mask (1, H, W): the region, given
+    to the editor as `region` says (none | context | draw; default the refiner's); blend=True also keeps the draft's
+    latents outside the (dilated) mask after every step (FluxKontextInpaintPipeline's way)."""
     from .models import pack_references
     from .sampling import sample
     bb = r.bb
@@ -122,17 +143,22 @@ def edit(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], st
             raise ValueError(f"{name} sides must be multiples of {bb.multiple} for the model path; got {a}x{b}: resize to "
                              f"{a // bb.multiple * bb.multiple}x{b // bb.multiple * bb.multiple} or use method='focus'")
     refs = pack_references(list(references), budget or h * w, bb.multiple) if references else []
-    ctx = [bb.encode(draft[None].to(bb.device))] + [bb.encode(x[None].to(bb.device)) for x in refs]
+    if mask is not None and tuple(mask.shape[-2:]) != tuple(draft.shape[-2:]):
+        raise ValueError(f"mask is {tuple(mask.shape[-2:])} but the image is {tuple(draft.shape[-2:])}: give the mask at the image's size")
+    if blend and mask is None:
+        raise ValueError("blend=True keeps the draft outside the region: it needs the region's mask")
+    images = F_.region_contexts(draft, mask, refs, region or r.region) if mask is not None else [draft, *refs]
+    ctx = [bb.encode(x[None].to(bb.device)) for x in images]
     shape = (1, ctx[0].shape[1], h // bb.factor, w // bb.factor)
     if latents is not None and latents.ndim == 3:  # packed, as FluxKontextPipeline(latents=...) takes them
         latents = bb.unpack(latents, shape[-2], shape[-1])
     neg = bb.encode_prompt(negative_prompt, batch=1) if negative_prompt is not None and true_cfg > 1 else None
     init = keep = keep_mask = None
-    if strength < 1 or mask is not None:
+    if strength < 1 or blend:
         if (h, w) != tuple(draft.shape[-2:]):
             raise ValueError("strength < 1 and mask blending need the target at the draft's size")
-        init = keep = ctx[0]
-        if mask is not None:  # latent cells the mask touches (dilated by one cell) are generated; the rest kept
+        init = keep = bb.encode(draft[None].to(bb.device))  # the draft itself (context 1 may carry the region drawn on it)
+        if blend:  # latent cells the mask touches (dilated by one cell) are generated; the rest kept
             m = torch.nn.functional.adaptive_max_pool2d(mask[None].float(), shape[-2:])
             keep_mask = 1 - torch.nn.functional.max_pool2d(m, 3, 1, 1).to(bb.device)
         else:
@@ -217,11 +243,14 @@ def naive_paste(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor
 
 def focus_refine(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int,
                  margin: float = 16, working_area: int | None = None, prompt: str | None = None, strength: float = 1.0,
-                 blend: bool = False) -> tuple[torch.Tensor, tuple]:
-    """Focus-and-Refine: crop + upsample to the working area, refine the crop, soft-paste back into the box."""
+                 blend: bool = False, aligned: Sequence[torch.Tensor] = (), region: str | None = None) -> tuple[torch.Tensor, tuple]:
+    """Focus-and-Refine: crop + upsample to the working area, refine the crop, soft-paste back into the box.
+    aligned: references already in the draft's frame (a registered warp): cropped by the same box, placed first."""
     area = working_area or r.bb.preset.resolution ** 2  # the preset's working area (mini 128², flux-kontext 1024²)
     c_img, c_mask, box = F_.focus_crop(draft, mask, area, r.bb.multiple, margin)
-    out = edit(r, c_img, references, steps, seed, budget=area, prompt=prompt, strength=strength, mask=c_mask if blend else None)
+    refs = [F_.resize(F_.crop(a, box), c_img.shape[-2:]) for a in aligned] + list(references)
+    out = edit(r, c_img, refs, steps, seed, budget=area, prompt=prompt, strength=strength, mask=(c_mask > 0.5).float(),
+               blend=blend, region=region)
     soft = F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
     return F_.paste_back(draft, out, box, soft), box
 
@@ -230,8 +259,9 @@ def focus_refine(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, references
 def refine_tensor(image, mask, reference=None, method: str = "focus", adapter: str | None = None, steps: int | None = None,
                   seed: int | None = 0, preset: str = "mini", device: str = "cpu", reference_box=None, margin: float = 16,
                   working_area: int | None = None, prompt: str | None = None, strength: float = 1.0,
-                  blend: bool = False) -> tuple[torch.Tensor, dict]:
-    """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter, seed)."""
+                  blend: bool = False, region: str | None = None) -> tuple[torch.Tensor, dict]:
+    """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter, seed,
+    region encoding, registration)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     from .presets import get
@@ -243,22 +273,30 @@ def refine_tensor(image, mask, reference=None, method: str = "focus", adapter: s
     if method == "input":
         return img.clone(), info
     check_size(img.shape[-2:], get(preset).multiple)
-    if method in ("paste", "align") and not refs:
+    if region is not None and region not in F_.REGION_ENCODINGS:
+        raise ValueError(f"unknown region encoding {region!r}; choose from {F_.REGION_ENCODINGS}")
+    if method in ("paste", "align", "align_box") and not refs:
         raise ValueError(f"method {method!r} needs a reference image; pass reference=... or use 'focus'/'full' (reference-free)")
     r = load_refiner(preset, adapter, device) if method != "paste" or reference_box is None else None
     if method == "paste":
         box = reference_box if reference_box is not None else locate(load_refiner(preset, None, device), img, m, refs[0], seed=seed)
         info["reference_box"] = tuple(int(v) for v in box)
         return naive_paste(img, m, refs[0], box), info
-    info["prompt"] = prompt or r.prompt
+    info["prompt"], info["region"] = prompt or r.prompt, region or r.region
     if method == "full":
-        return edit(r, img, refs, steps, seed, prompt=prompt, strength=strength, mask=m if blend else None), info
+        return edit(r, img, refs, steps, seed, prompt=prompt, strength=strength, mask=m, blend=blend, region=region), info
+    aligned = []
     if method == "align":
+        reg = register(img, m, refs[0], seed=seed)
+        info["registration"] = reg.describe()
+        if reg.ok:
+            aligned, refs = [warp_reference(refs[0], reg.matrix, tuple(img.shape[-2:]))], refs[1:]
+    if method == "align_box" or (method == "align" and not aligned):
         from .attention import crop_reference
         rbox = reference_box if reference_box is not None else locate(r, img, m, refs[0], seed=seed)
         info["reference_box"] = tuple(int(v) for v in rbox)
         refs = [crop_reference(refs[0], rbox, out_size=None, multiple=r.bb.multiple)] + refs[1:]
-    out, box = focus_refine(r, img, m, refs, steps, seed, margin, working_area, prompt, strength, blend)
+    out, box = focus_refine(r, img, m, refs, steps, seed, margin, working_area, prompt, strength, blend, aligned, region)
     info["box"] = tuple(int(v) for v in box)
     return out, info
 

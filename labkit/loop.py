@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .util import REPO, atomic_save, seed_everything, write_json
+from .util import REPO, NonFiniteError, RunConfigMismatch, atomic_save, dict_diff, seed_everything, write_json  # noqa: F401 (re-exported)
 
 RUNS = REPO / "runs"
 VOLATILE = ("out_dir", "progress", "max_minutes", "fresh", "ckpt_every", "eval_every")  # may change on resume
@@ -60,13 +60,20 @@ class LoopConfig:
     fresh: bool = False  # delete an earlier run in out_dir instead of resuming it
     progress: bool = True
 
-
-class NonFiniteError(RuntimeError):
-    """Training produced NaN/inf (loss, gradient norm or an evaluation number); nothing was saved for that step."""
-
-
-class RunConfigMismatch(RuntimeError):
-    """out_dir holds a run made with another configuration."""
+    def check(self) -> LoopConfig:
+        """Refuse settings no run can use, before anything is written (a usage error naming the fix)."""
+        bad = [f"{k}={v!r}" for k, v, ok in (
+            ("steps", self.steps, isinstance(self.steps, int) and self.steps >= 1),
+            ("lr", self.lr, math.isfinite(self.lr) and self.lr > 0),
+            ("grad_accum", self.grad_accum, self.grad_accum >= 1),
+            ("ema", self.ema, math.isfinite(self.ema) and 0 <= self.ema < 1),
+            ("clip", self.clip, math.isfinite(self.clip) and self.clip >= 0),
+            ("weight_decay", self.weight_decay, math.isfinite(self.weight_decay) and self.weight_decay >= 0),
+            ("warmup", self.warmup, self.warmup >= 0)) if not ok]
+        if bad:
+            raise ValueError(f"bad training settings: {', '.join(bad)} (steps and grad_accum >= 1, lr > 0 and finite, "
+                             "0 <= ema < 1, clip/weight_decay/warmup >= 0)")
+        return self
 
 
 @dataclass
@@ -135,22 +142,9 @@ def _check_run_dir(out: Path, config: dict, fresh: bool, main: bool) -> None:
         old = json.loads(run_json.read_text())
         new = json.loads(json.dumps(config, default=str))
         if old != new:
-            diff = _diff(old, new)
+            diff = dict_diff(old, new)
             raise RunConfigMismatch(f"{out} holds a run with another configuration ({diff}); pass --fresh (fresh=True) "
                                     "to start over there, or choose another output folder")
-
-
-def _diff(a, b, prefix: str = "") -> str:
-    """The first few keys where two nested dicts differ, as 'key: old -> new'."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            d = _diff(x, y, f"{prefix}{k}.")
-            out += [d] if d else []
-        elif x != y:
-            out.append(f"{prefix}{k}: {x} -> {y}")
-    return "; ".join(out[:4])
 
 
 def _latest_ckpt(out: Path) -> Path | None:
@@ -181,6 +175,7 @@ def run_loop(cfg: LoopConfig, model: nn.Module, loss_fn: Callable[[Step], tuple[
     GradientState._reset_state()
     acc = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available(),
                       gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
+    cfg.check()
     main, out = acc.is_main_process, Path(cfg.out_dir)
     config = dict(loop={k: v for k, v in asdict(cfg).items() if k not in VOLATILE}, recipe=run_config or {},
                   world=acc.num_processes)

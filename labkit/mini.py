@@ -155,16 +155,18 @@ def train_mini(args) -> Path:
         M.load_weights(bb, args.out, parts=("vae",))
     if args.stage in ("all", "editor"):
         from .editor import EditorConfig, train_editor
-        ed_loop = LoopConfig(steps=args.editor_steps, lr=1e-3, warmup=100, clip=1.0, ckpt_every=250, eval_every=500,
-                             max_minutes=args.editor_minutes, seed=args.seed, out_dir=str(run / "editor"))
+        ed_loop = LoopConfig(steps=args.editor_steps, lr=args.editor_lr, warmup=100, clip=1.0, ckpt_every=250,
+                             eval_every=args.eval_every, max_minutes=args.editor_minutes, seed=args.seed, out_dir=str(run / "editor"),
+                             mixed_precision="no")  # fp32 on every CPU: the weights do not depend on the machine
         over = dict(task_probs=args.task_probs, upscale=args.upscale)  # CLI overrides of the recipe (probes)
-        ecfg = EditorConfig(**{k: tuple(v) for k, v in over.items() if v})
-        st = train_editor(bb, ed_loop, ecfg, bank_size=args.bank_size)
+        ecfg = EditorConfig(**{k: tuple(v) for k, v in over.items() if v}, **({"region": args.region} if args.region else {}))
+        st = train_editor(bb, ed_loop, ecfg, bank_size=args.bank_size, refine_bank=args.refine_bank)
         prev = _read_card(args.out)
         card["stages"] = {**prev.get("stages", {}), **card["stages"]}
         card["stages"]["editor"] = dict(loop=asdict(ed_loop), recipe=asdict(ecfg), bank_size=args.bank_size, steps=st["step"],
                                         seconds=st["seconds"], evals=st["evals"], heldout=editor_heldout(bb),
-                                        init=args.init)
+                                        init=args.init, warm_restart=bool(args.init),  # --init: weights kept, optimizer new
+                                        refine_bank=args.refine_bank)
     card["wall_seconds_this_run"] = time.time() - t0
     M.save_weights(bb, args.out, card)
     card["sha256"] = weights_hash(args.out)

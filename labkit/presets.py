@@ -105,10 +105,32 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+class UnknownPreset(ValueError, KeyError):
+    """A preset name that is neither a known preset nor an existing folder (a usage error)."""
+
+    __str__ = ValueError.__str__
+
+
+def check_preset(name: str) -> str:
+    """A preset argument as the command lines take it: a known name or an existing pipeline folder."""
+    if name in PRESETS or Path(name).expanduser().is_dir():
+        return name
+    raise UnknownPreset(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}, or give an existing FluxKontextPipeline folder")
+
+
+def prompt_checker(preset: str):
+    """prompt -> bool: whether a backbone built from this preset understands the prompt (learned instructions on
+    tiny/mini, their aliases; any text on a real text encoder)."""
+    if check_preset(preset) in PRESETS and PRESETS[preset].text == "learned":
+        known = set(INSTRUCTIONS) | set(PROMPT_ALIASES)
+        return lambda prompt: str(prompt).strip().lower() in known
+    return lambda prompt: isinstance(prompt, str)
+
+
 def get(name: str, **overrides) -> Preset:
     """Look up a preset by name; keyword overrides replace its fields (e.g. resolution=256)."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise UnknownPreset(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}, or give a FluxKontextPipeline folder")
     preset = PRESETS[name]
     if name == "flux-kontext" and "weights" not in overrides:
         overrides["weights"] = os.environ.get("LABKIT_FLUX_KONTEXT")

@@ -1,8 +1,8 @@
 """Run notebooks headlessly with papermill: `make figures` (every notebook -> figures/<stem>/), and
 parameter sweeps whose points collect into one tidy table.
 
-    python -m labkit.sweep figures --preset mini [--only 03_vae_crop_vs_full]
-    python -m labkit.sweep grid NOTEBOOK --param lr=1e-3,3e-3 --param seed=0,1 [--timeout 3600]
+    labkit sweep figures --preset mini [--only 03_vae_crop_vs_full]
+    labkit sweep grid NOTEBOOK --param lr=1e-3,3e-3 --param seed=0,1 [--timeout 3600]
 
 A notebook's outputs are written into a temporary folder and swapped into place when it finishes, so a kill
 leaves the old figures or the new ones, never a mix. In a grid every point runs in its own process with a
@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from .util import REPO, atomic_dir, atomic_save, write_json
+from .presets import check_preset
+from .util import FAILED, REPO, atomic_dir, atomic_save, run_cli, write_json
 
 NOTEBOOKS = REPO / "notebooks"
 FIGURES = REPO / "figures"
@@ -36,7 +37,7 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     if only:
         nbs = [p for p in nbs if any(p.stem == o or p.stem.startswith(o) for o in only)]
         if not nbs:
-            raise SystemExit(f"no notebook matches {only}; have {[p.stem for p in sorted(NOTEBOOKS.glob('[0-9]*.ipynb'))]}")
+            raise ValueError(f"no notebook matches {only}; have {[p.stem for p in sorted(NOTEBOOKS.glob('[0-9]*.ipynb'))]}")
     return nbs
 
 
@@ -146,40 +147,53 @@ def _parse_value(v: str):
     return v
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="labkit.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    """`labkit sweep {figures,grid,run} ...`: 0 done, 2 usage or bad input, 1 a failed point or notebook."""
+    ap = argparse.ArgumentParser(prog="labkit sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="examples: labkit sweep figures --only 03   |   "
+                                        "labkit sweep grid 03_vae_crop_vs_full --preset tiny --param seed=0,1,2")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("figures", help="run every notebook into figures/<stem>/")
+    f = sub.add_parser("figures", help="run every notebook into figures/<stem>/",
+                       description="example: labkit sweep figures --preset mini --only 03_vae_crop_vs_full")
     f.add_argument("--preset", default="mini")
     f.add_argument("--only", nargs="*", default=None, help="notebook stems (or prefixes) to run")
-    g = sub.add_parser("grid", help="papermill sweep of one notebook over a parameter grid")
+    g = sub.add_parser("grid", help="papermill sweep of one notebook over a parameter grid",
+                       description="example: labkit sweep grid 03_vae_crop_vs_full --preset tiny --param seed=0,1,2 --timeout 600")
     g.add_argument("notebook")
     g.add_argument("--preset", default="mini")
     g.add_argument("--param", action="append", default=[], help="name=v1,v2,... (repeatable)")
     g.add_argument("--timeout", type=float, default=3600, help="seconds per point before it is killed and marked failed")
     g.add_argument("--out", default=None, help="folder of the sweep (default figures/sweep/<notebook>)")
-    r = sub.add_parser("run", help="run one notebook into a folder (what each grid point runs in its own process)")
+    r = sub.add_parser("run", help="run one notebook into a folder (what each grid point runs in its own process)",
+                       description="example: labkit sweep run 03_vae_crop_vs_full out/ --preset tiny --params-json '{\"seed\": 1}'")
     r.add_argument("notebook")
     r.add_argument("out_dir")
     r.add_argument("--preset", default="mini")
     r.add_argument("--params-json", default="{}")
     a = ap.parse_args(argv)
-    if a.cmd == "figures":
-        figures(a.preset, a.only)
-    elif a.cmd == "run":
-        run_notebook(a.notebook, a.out_dir, preset=a.preset, **json.loads(a.params_json))
-    else:
-        import pandas as pd
-        params = {k: [_parse_value(v) for v in vs.split(",")] for k, vs in (p.split("=", 1) for p in a.param)}
-        path = grid(a.notebook, params, a.preset, out=Path(a.out) if a.out else None, timeout=a.timeout)
-        table = pd.read_csv(path)
-        print(path)
-        failed = table[table.status != "ok"]
-        if len(failed):
-            print(f"labkit.sweep: {len(failed)} of {len(table)} points failed: " + "; ".join(f"{r.point}: {r.error} (log {r.log})"
-                                                                                        for r in failed.itertuples()), file=sys.stderr)
-            raise SystemExit(1)
+    try:
+        check_preset(a.preset)
+    except ValueError as e:
+        ap.error(str(e))
+
+    def body():
+        if a.cmd == "figures":
+            figures(a.preset, a.only)
+        elif a.cmd == "run":
+            run_notebook(a.notebook, a.out_dir, preset=a.preset, **json.loads(a.params_json))
+        else:
+            import pandas as pd
+            params = {k: [_parse_value(v) for v in vs.split(",")] for k, vs in (p.split("=", 1) for p in a.param)}
+            path = grid(a.notebook, params, a.preset, out=Path(a.out) if a.out else None, timeout=a.timeout)
+            table = pd.read_csv(path)
+            print(path)
+            failed = table[table.status != "ok"]
+            if len(failed):
+                print(f"labkit sweep: {len(failed)} of {len(table)} points failed: " + "; ".join(f"{r.point}: {r.error} (log {r.log})"
+                                                                                       for r in failed.itertuples()), file=sys.stderr)
+                return FAILED
+    return run_cli("labkit sweep", body, kept="finished notebooks and grid points are kept; the same command skips them")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,13 +1,15 @@
 """The training command line (the recipes live in labkit.mini, labkit.editor, labkit.sft, labkit.rl; the
 loop in labkit.loop):
 
-    python -m labkit.train mini [--fresh] [--vae-minutes 35] [--editor-minutes 40]
-    python -m labkit.train sft --preset mini --adapter freqmole --w-freq 0.5 --out runs/sft/x [--fresh]
-    python -m labkit.train sft --data DIR --out runs/sft/mine          (a case folder; per-case prompts)
+    labkit train mini [--fresh] [--vae-minutes 35] [--editor-minutes 40]
+    labkit train editor --init labkit/weights/mini --editor-lr 1e-4 ...   (the editor stage alone)
+    labkit train sft --preset mini --adapter freqmole --w-freq 0.5 --out runs/sft/x [--fresh]
+    labkit train sft --data DIR --out runs/sft/mine          (a case folder; per-case prompts)
     accelerate launch -m labkit.train sft ...      (N processes; --batch is per process)
 
 A finished --out with the same settings resumes (and ends at once); other settings are refused unless
---fresh. A non-finite loss or gradient stops with exit status 1 and an error naming the step.
+--fresh. Exit status: 2 for a usage error or bad input (nothing is written), 1 for a failed run (a
+non-finite loss or gradient, naming the step).
 """
 from __future__ import annotations
 
@@ -16,31 +18,44 @@ import sys
 from dataclasses import fields
 
 from . import presets as P
-from .loop import RUNS, LoopConfig, NonFiniteError, RunConfigMismatch
+from .loop import RUNS, LoopConfig
+from .sft import SFTConfig, train_sft
+from .util import run_cli
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: `python -m labkit.train mini [--fresh] ...`."""
-    from .sft import SFTConfig, train_sft
-    ap = argparse.ArgumentParser(prog="labkit.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The training command line; every argument is validated here, before anything is written (exit 2)."""
+    ap = argparse.ArgumentParser(prog="labkit train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("mini", help="train the mini backbone (VAE, then editor) on CPU")
-    m.add_argument("--preset", default="mini", help="config to train (tiny for a quick check)")
-    m.add_argument("--out", default=str(P.MINI_WEIGHTS), help="where the safetensors weights and card go")
-    m.add_argument("--run-dir", default=str(RUNS / "mini"), help="checkpoints and metrics CSVs (resumable)")
-    m.add_argument("--vae-steps", type=int, default=3500)
-    m.add_argument("--vae-minutes", type=float, default=35)
-    m.add_argument("--editor-steps", type=int, default=10000)
-    m.add_argument("--editor-minutes", type=float, default=42)
-    m.add_argument("--bank-size", type=int, default=2048, help="pre-encoded examples per editor task (restore: 2x)")
+    m = sub.add_parser("mini", help="train the mini backbone (VAE, then editor) on CPU",
+                       description="example: labkit train mini --fresh   (about 80 min on 2 CPU cores)")
+    e = sub.add_parser("editor", help="train (or continue) only the mini editor stage",
+                       description="example: labkit train editor --init labkit/weights/mini --editor-lr 1e-4 --editor-steps 2000 "
+                                   "--out runs/editor/weights --run-dir runs/editor")
+    for q in (m, e):
+        q.add_argument("--preset", default="mini", help="config to train (tiny for a quick check)")
+        q.add_argument("--out", default=str(P.MINI_WEIGHTS), help="where the safetensors weights and card go")
+        q.add_argument("--run-dir", default=str(RUNS / "mini"), help="checkpoints and metrics CSVs (resumable)")
+        q.add_argument("--vae-steps", type=int, default=3500)
+        q.add_argument("--vae-minutes", type=float, default=35)
+        q.add_argument("--editor-steps", type=int, default=10000)
+        q.add_argument("--editor-minutes", type=float, default=42)
+        q.add_argument("--bank-size", type=int, default=2048, help="pre-encoded examples per editor task (restore: 2x)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--fresh", action="store_true", help="delete earlier checkpoints of this run first")
+        q.add_argument("--init", default=None, help="editor stage: start from these trained weights (VAE + editor) instead of "
+                                                    "random init + the VAE in --out (a warm restart: the optimizer starts anew)")
+        q.add_argument("--task-probs", type=float, nargs=5, default=None,
+                       help="editor task mix: reconstruct upscale denoise restore refine")
+        q.add_argument("--upscale", type=int, nargs="+", default=None, help="editor upscale factors drawn per example")
+        q.add_argument("--editor-lr", type=float, default=1e-3, help="editor peak LR (a fine-tune from --init: 1e-4)")
+        q.add_argument("--refine-bank", type=int, default=2048, help="pre-encoded refine-task examples (focus crops)")
+        q.add_argument("--region", choices=["none", "context", "draw"], default=None, help="refine task: how the region reaches the editor")
+        q.add_argument("--eval-every", type=int, default=500, help="editor: steps between validation evals (and the copy-skill curve)")
     m.add_argument("--stage", choices=["all", "vae", "editor"], default="all")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--fresh", action="store_true", help="delete earlier checkpoints of this run first")
-    m.add_argument("--init", default=None, help="editor stage: start from these trained weights (VAE + editor) instead of "
-                                                "random init + the VAE in --out (probes: more steps on one task)")
-    m.add_argument("--task-probs", type=float, nargs=4, default=None, help="editor task mix: reconstruct upscale denoise restore")
-    m.add_argument("--upscale", type=int, nargs="+", default=None, help="editor upscale factors drawn per example")
-    s = sub.add_parser("sft", help="fine-tune adapters (FreqMoLE / LoRA) on LRGI + HRRI -> HRGT triplets")
+    s = sub.add_parser("sft", help="fine-tune adapters (FreqMoLE / LoRA) on draft + reference -> target",
+                       description="example: labkit train sft --adapter freqmole --w-freq 0.5 --out runs/sft/x   "
+                                   "(a case folder: --data DIR; N processes: accelerate launch -m labkit train sft ...)")
     s.add_argument("--preset", default="mini")
     s.add_argument("--out", default=str(RUNS / "sft"), help="checkpoints, metrics.csv and the adapter")
     s.add_argument("--steps", type=int, default=300)
@@ -57,22 +72,41 @@ def main(argv: list[str] | None = None) -> None:
                        help="a case folder (metadata.jsonl): its train split, validated on its val split" if f_.name == "data_dir" else None)
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "mini":
+        P.check_preset(args.preset)
+        if args.cmd == "sft":
+            args.loop = LoopConfig(steps=args.steps, lr=args.lr, warmup=min(50, max(0, args.steps) // 10 + 1), ckpt_every=100,
+                                   eval_every=max(1, args.steps // 4), seed=args.seed, out_dir=args.out, ema=args.ema,
+                                   mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                                   fresh=args.fresh).check()
+        else:
+            for k in ("vae_steps", "editor_steps", "bank_size", "refine_bank", "eval_every"):
+                if getattr(args, k) < 1:
+                    raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+            LoopConfig(lr=args.editor_lr).check()
+            if args.task_probs and (min(args.task_probs) < 0 or not sum(args.task_probs) > 0):
+                raise ValueError(f"--task-probs must be >= 0 with a positive sum, got {args.task_probs}")
+    except ValueError as e:
+        ap.error(str(e))  # usage error: exit 2, nothing written
+    if args.cmd == "editor":
+        args.stage = "editor"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`labkit train {mini,editor,sft} ...`: 0 done, 1 a failed run (NaN), 2 usage or bad input."""
+    args = parse_args(argv)
+
+    def body():
+        if args.cmd in ("mini", "editor"):
             from .mini import train_mini
             train_mini(args)
-        elif args.cmd == "sft":
+        else:
             from .models import load
-            bb = load(args.preset)
             cfg = SFTConfig(**{f_.name: getattr(args, f_.name) for f_ in fields(SFTConfig)})
-            loop = LoopConfig(steps=args.steps, lr=args.lr, warmup=min(50, args.steps // 10 + 1), ckpt_every=100,
-                              eval_every=max(1, args.steps // 4), seed=args.seed, out_dir=args.out, ema=args.ema,
-                              mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                              fresh=args.fresh)
-            train_sft(bb, loop, cfg)
-    except (NonFiniteError, RunConfigMismatch, ValueError, FileNotFoundError) as e:
-        print(f"labkit.train: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+            train_sft(load(args.preset), args.loop, cfg)
+    where = args.out if args.cmd == "sft" else args.run_dir
+    return run_cli("labkit train", body, kept=f"the last checkpoint in {where} is kept; the same command resumes from it")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

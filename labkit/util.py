@@ -47,6 +47,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Write a whole folder at once: yields a temporary sibling to fill; when the block ends without an
     error it replaces `path` (two renames), so readers see the old folder or the new one, never a mix."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file: give a folder path (a whole folder is written there)")
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")
     if old.exists() and not path.exists():  # a kill between the two renames of an earlier swap
@@ -65,6 +67,70 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# command lines: one exit-code rule (2 = usage or bad input, 1 = a failed run), run.json output folders
+USAGE, FAILED, INTERRUPTED = 2, 1, 130
+
+
+class RunConfigMismatch(ValueError):
+    """An output folder holds a run made with other settings (a usage error: --fresh, or another folder)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/inf (loss, gradient norm or an evaluation number); nothing was saved for that step."""
+
+
+def run_cli(prog: str, body: Callable[[], int | None], kept: str = "") -> int:
+    """Run a command's body under the one exit-code rule; Ctrl-C prints one line saying what was kept."""
+    import sys
+    try:
+        return body() or 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted{'; ' + kept if kept else ''}", file=sys.stderr)
+        return INTERRUPTED
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return USAGE
+    except NonFiniteError as e:
+        print(f"{prog}: failed: {e}", file=sys.stderr)
+        return FAILED
+
+
+def dict_diff(a: dict, b: dict, prefix: str = "") -> str:
+    """The first few keys where two nested dicts differ, as 'key: old -> new'."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            d = dict_diff(x, y, f"{prefix}{k}.")
+            out += [d] if d else []
+        elif x != y:
+            out.append(f"{prefix}{k}: {x} -> {y}")
+    return "; ".join(out[:4])
+
+
+def claim_out_dir(out: str | os.PathLike, settings: dict, fresh: bool = False) -> bool:
+    """Check an output folder against a command's settings before any work: a file is refused; a folder with
+    run.json resumes with the same settings (True) and is refused with the difference otherwise; a non-empty
+    folder without run.json is refused; fresh=True clears it first. Writes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file: give a folder path (several files are written there)")
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    rj = out / "run.json"
+    if rj.exists():
+        old, new = json.loads(rj.read_text()), json.loads(json.dumps(settings, default=str))
+        if old != new:
+            raise RunConfigMismatch(f"{out} holds a run with other settings ({dict_diff(old, new)}): the same settings resume; "
+                                    "pass --fresh to start over there, or choose another --out")
+        return True
+    if out.exists() and any(out.iterdir()):
+        raise RunConfigMismatch(f"{out} is not empty and holds no run.json (not a labkit output): choose another --out, "
+                                "or pass --fresh to replace it")
+    return False
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:

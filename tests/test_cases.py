@@ -66,18 +66,18 @@ def test_mask_size_empty_mask_and_unreadable_files_are_caught(folder):
         D.load_cases(folder)
     msg = str(e.value)
     assert "3 problem(s)" in msg and "line 1: mask 'small_mask.png' is 32x64 but the draft is 64x64" in msg
-    assert "line 2: empty mask" in msg and "line 3: cannot read reference 'broken.png'" in msg
+    assert "line 2: mask 'empty_mask.png': empty mask" in msg and "line 3: cannot read reference 'broken.png'" in msg
 
 
 def test_refine_cli_one_case_and_a_folder_that_resumes(folder, tmp_path):
-    from labkit.refine import main
+    from labkit.cli import refine_main as main
     out = tmp_path / "one.png"
     assert main([str(folder / "case000_draft.png"), str(folder / "case000_mask.png"), str(folder / "case000_ref.png"), "-o", str(out),
                  "--preset", "tiny", "--steps", "1"]) == 0
     assert Image.open(out).size == (64, 64)
     res = tmp_path / "all"
     assert main(["--data", str(folder), "--out", str(res), "--preset", "tiny", "--steps", "1", "--split", "test"]) == 0
-    done = sorted(p.name for p in res.iterdir())
+    done = sorted(p.name for p in res.glob("*.png"))
     assert done == ["case004.png", "case005.png"]
     stamp = (res / "case004.png").stat().st_mtime_ns
     (res / "case005.png").unlink()  # as if the run had been interrupted
@@ -86,13 +86,22 @@ def test_refine_cli_one_case_and_a_folder_that_resumes(folder, tmp_path):
     assert main([str(folder / "nope.png"), str(folder / "case000_mask.png"), "-o", str(out), "--preset", "tiny"]) == 2
 
 
-@pytest.mark.parametrize("module, args", [("labkit.refine", ["d.png", "m.png", "-o", "o.png"]), ("labkit.evaluate", ["--data", "x", "--out", "y"]),
-                                          ("labkit.train", ["sft"]), ("labkit.sweep", ["grid", "03"])])
-def test_every_command_line_has_help_and_refuses_unknown_arguments(module, args):
-    ok = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0 and "usage:" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", module, *args, "--no-such-option"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("cmd, args", [("refine", ["d.png", "m.png", "-o", "o.png"]), ("evaluate", ["--data", "x", "--out", "y"]),
+                                       ("train sft", []), ("train mini", []), ("train editor", []), ("sweep grid", ["03"]),
+                                       ("sweep figures", [])])
+def test_every_subcommand_has_help_with_an_example_and_refuses_unknown_arguments(cmd, args):
+    ok = subprocess.run([sys.executable, "-m", "labkit", *cmd.split(), "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "usage: labkit" in ok.stdout and "example" in ok.stdout, ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "labkit", *cmd.split(), *args, "--no-such-option"], capture_output=True, text=True,
+                         timeout=120)
     assert bad.returncode == 2 and "unrecognized arguments: --no-such-option" in bad.stderr
+
+
+def test_the_labkit_command_lists_its_subcommands_and_refuses_an_unknown_one():
+    ok = subprocess.run([sys.executable, "-m", "labkit", "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and all(f"labkit {c}" in ok.stdout for c in ("refine", "evaluate", "train", "sweep"))
+    bad = subprocess.run([sys.executable, "-m", "labkit", "polish"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown command 'polish'" in bad.stderr
 
 
 @pytest.mark.slow
@@ -124,9 +133,7 @@ def test_train_sft_on_a_case_folder_with_per_case_prompts(folder, tmp_path):
     rows = _lines(folder)
     rows[0]["prompt"] = "make the logo sharp"  # free text on a learned-instruction backbone: refused before training
     _write(folder, rows)
-    with pytest.raises(SystemExit) as e:
-        main(["sft", "--data", str(folder), "--out", str(tmp_path / "sft2"), "--preset", "tiny", "--steps", "1", "--size", "64"])
-    assert e.value.code == 1
+    assert main(["sft", "--data", str(folder), "--out", str(tmp_path / "sft2"), "--preset", "tiny", "--steps", "1", "--size", "64"]) == 2
 
 
 @pytest.mark.slow

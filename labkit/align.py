@@ -1,0 +1,151 @@
+"""Align as a warp (beyond Refine-by-Align's box): register the reference into the draft's frame.
+
+Correspondences come from outside the region (the region is what is wrong in the draft): SIFT keypoints
+matched with a ratio test and fitted by RANSAC (scikit-image), then refined directly on the pixels (a
+homography that minimises the photometric error outside the region, with a per-channel gain and bias for
+the reference's change of light). The warped reference is cropped by the same focus box as the draft, so
+the editor's contexts line up. A fit that is poor (few inliers, a large residual) is reported, and the
+caller falls back to the M* box crop.
+
+Homographies map reference pixels (x, y, 1) to draft pixels, in pixel units (x right, y down).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from skimage import color, feature, measure
+from skimage import transform as sktf
+
+from .data import to_numpy
+
+
+@dataclass
+class Registration:
+    """The reference -> draft homography and how well it fits."""
+
+    matrix: np.ndarray  # (3, 3), reference pixel -> draft pixel
+    ok: bool  # good enough to use (else fall back to the box)
+    inliers: int  # RANSAC inliers among the matches outside the region
+    matches: int
+    residual: float  # RMS photometric error outside the region after the warp, relative to the draft's spread there
+    reason: str = ""  # why it was refused, when it was
+    info: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """What the output's info records."""
+        return dict(used="warp" if self.ok else "box", inliers=self.inliers, matches=self.matches,
+                    residual=round(self.residual, 4), reason=self.reason)
+
+
+def _keypoints(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SIFT keypoints (N, 2) as (row, col) and descriptors; empty when the image has no texture."""
+    det = feature.SIFT(upsampling=2, n_octaves=max(1, min(4, int(np.log2(min(gray.shape) / 16)))))
+    try:
+        det.detect_and_extract(gray)
+    except RuntimeError:  # skimage raises when no keypoint is found
+        return np.zeros((0, 2)), np.zeros((0, 128), np.uint8)
+    return det.keypoints, det.descriptors
+
+
+def feature_fit(draft: np.ndarray, reference: np.ndarray, outside: np.ndarray, seed: int = 0):
+    """RANSAC homography (or similarity, with few matches) from SIFT matches whose draft point lies outside
+    the region: (sktf transform or None, inliers, matches)."""
+    k1, d1 = _keypoints(color.rgb2gray(draft))
+    k2, d2 = _keypoints(color.rgb2gray(reference))
+    if len(k1):
+        keep = outside[k1[:, 0].astype(int).clip(0, outside.shape[0] - 1), k1[:, 1].astype(int).clip(0, outside.shape[1] - 1)]
+        k1, d1 = k1[keep], d1[keep]
+    if len(k1) < 3 or len(k2) < 3:
+        return None, 0, 0
+    m = feature.match_descriptors(d1, d2, cross_check=True, max_ratio=0.8)
+    if len(m) < 3:
+        return None, 0, len(m)
+    src, dst = k2[m[:, 1]][:, ::-1], k1[m[:, 0]][:, ::-1]  # (x, y): reference -> draft
+    kind, n = (sktf.ProjectiveTransform, 4) if len(m) >= 8 else (sktf.SimilarityTransform, 2)
+    model, inl = measure.ransac((src, dst), kind, min_samples=n, residual_threshold=2.0, max_trials=1000, rng=seed)
+    if model is None or inl is None:
+        return None, 0, len(m)
+    return model, int(inl.sum()), len(m)
+
+
+def _grid(h_mat: torch.Tensor, hw: tuple[int, int], ref_hw: tuple[int, int]) -> torch.Tensor:
+    """grid_sample grid (1, H, W, 2) that samples the reference at H^-1(draft pixel)."""
+    h, w = hw
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=h_mat.dtype), torch.arange(w, dtype=h_mat.dtype), indexing="ij")
+    p = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3) @ torch.linalg.inv(h_mat).T  # draft px -> ref px
+    p = p[:, :2] / p[:, 2:].clamp_min(1e-6)
+    rh, rw = ref_hw
+    g = torch.stack([(p[:, 0] + 0.5) / rw * 2 - 1, (p[:, 1] + 0.5) / rh * 2 - 1], -1)
+    return g.reshape(1, h, w, 2)
+
+
+def warp_reference(reference: torch.Tensor, matrix: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
+    """The reference (3, h, w) warped into the draft's frame (3, H, W); pixels that fall outside it repeat its border."""
+    g = _grid(torch.as_tensor(matrix, dtype=torch.float64), hw, tuple(reference.shape[-2:])).float()
+    return F.grid_sample(reference[None].float(), g, mode="bilinear", padding_mode="border", align_corners=False)[0].clamp(0, 1)
+
+
+def _inside(h_mat: torch.Tensor, hw: tuple[int, int], ref_hw: tuple[int, int]) -> torch.Tensor:
+    """(1, H, W) 1 where the draft pixel's preimage lies inside the reference (the rest is padding)."""
+    g = _grid(h_mat, hw, ref_hw)[0]
+    return ((g.abs() <= 1).all(-1)).float()[None]
+
+
+def _photometric(warped: torch.Tensor, draft: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted per-channel least-squares gain/bias fit of warped to draft; the residual image."""
+    sw = w.sum().clamp_min(1)
+    mw, md = (warped * w).sum((-2, -1), keepdim=True) / sw, (draft * w).sum((-2, -1), keepdim=True) / sw
+    a = ((warped - mw) * (draft - md) * w).sum((-2, -1), keepdim=True) / (((warped - mw) ** 2 * w).sum((-2, -1), keepdim=True) + 1e-6)
+    return (a * (warped - mw) + md - draft) * w.sqrt()
+
+
+def refine_fit(draft: torch.Tensor, reference: torch.Tensor, outside: torch.Tensor, init: np.ndarray, iters: int = 60,
+               blurs: tuple[float, ...] = (2.0, 0.0)) -> tuple[np.ndarray, float]:
+    """Direct refinement of a homography on the pixels outside the region that the reference covers (coarse
+    to fine), with a gain and bias per channel: (matrix, residual relative to the draft's own spread there)."""
+    hw, ref_hw = tuple(draft.shape[-2:]), tuple(reference.shape[-2:])
+    s = max(hw)
+    norm = torch.tensor([[1 / s, 0, 0], [0, 1 / s, 0], [0, 0, 1]], dtype=torch.float64)  # optimise in unit coords
+    base = norm @ torch.as_tensor(init, dtype=torch.float64) @ torch.linalg.inv(norm)
+    delta = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+    w = outside.float()[None] * _inside(torch.as_tensor(init, dtype=torch.float64), hw, ref_hw)
+    for sigma in blurs:
+        d = torch.from_numpy(ndimage.gaussian_filter(draft.numpy(), (0, sigma, sigma))) if sigma else draft
+        r = torch.from_numpy(ndimage.gaussian_filter(reference.numpy(), (0, sigma, sigma))) if sigma else reference
+        opt = torch.optim.Adam([delta], lr=1e-3)
+        for _ in range(iters):
+            h_mat = torch.linalg.inv(norm) @ (base + torch.cat([delta, delta.new_zeros(1)]).reshape(3, 3)) @ norm
+            warped = F.grid_sample(r[None].double(), _grid(h_mat, hw, ref_hw), mode="bilinear", padding_mode="border",
+                                   align_corners=False)[0]
+            loss = _photometric(warped, d.double(), w).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        h_mat = torch.linalg.inv(norm) @ (base + torch.cat([delta, delta.new_zeros(1)]).reshape(3, 3)) @ norm
+        w = outside.float()[None] * _inside(h_mat, hw, ref_hw)
+        res = _photometric(warp_reference(reference, h_mat.numpy(), hw).double(), draft.double(), w)
+        spread = _photometric(torch.zeros_like(draft, dtype=torch.float64), draft.double(), w)  # the draft about its mean
+        rel = float(res.pow(2).sum() / spread.pow(2).sum().clamp_min(1e-12)) ** 0.5
+    return (h_mat / h_mat[2, 2]).numpy(), rel
+
+
+def register(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, min_inliers: int = 8, max_residual: float = 0.5,
+             margin: int = 4, seed: int = 0) -> Registration:
+    """Estimate the reference -> draft homography from everything outside the (dilated) region.
+
+    ok=False (with the reason) when there are fewer than min_inliers RANSAC inliers or the photometric residual
+    after the fit (RMS, relative to the draft's own spread outside the region: 0 = exact, 1 = no better than a
+    flat image) exceeds max_residual: the caller then crops by the M* box instead."""
+    outside = ~ndimage.binary_dilation(mask[0].numpy() > 0.5, iterations=margin)
+    model, inl, nm = feature_fit(to_numpy(draft), to_numpy(reference), outside, seed)
+    if model is None or inl < min_inliers:
+        return Registration(np.eye(3), False, inl, nm, float("nan"), f"{inl} RANSAC inliers outside the region (< {min_inliers})")
+    mat, rms = refine_fit(draft, reference, torch.from_numpy(outside), model.params)
+    if not np.isfinite(mat).all() or rms > max_residual:
+        return Registration(mat, False, inl, nm, rms, f"photometric residual {rms:.3f} after the fit (> {max_residual})")
+    return Registration(mat, True, inl, nm, rms)

@@ -1,0 +1,202 @@
+"""Bad input, round two: the ordinary mistakes a new user makes at the command lines (tiny preset, 64x64
+images) get a usage error (exit 2) naming the fix, before anything is written or replaced."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from labkit import data as D
+from labkit.cli import refine_main
+from labkit.evaluate import main as evaluate_main
+from labkit.train import main as train_main
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    trips = [D.make_triplet(i, "test", 64, 2) for i in range(3)]
+    return D.write_cases(tmp_path / "cases", trips, splits=["test"] * 3)
+
+
+def _rows(folder):
+    return [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def _write(folder, rows):
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_evaluate_refuses_an_out_that_is_a_file_and_leaves_it_alone(folder, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    assert evaluate_main(["--data", str(folder), "--out", str(notes), "--preset", "tiny", "--steps", "1"]) == 2
+    assert notes.is_file() and notes.read_text() == "my notes"
+    assert not list(tmp_path.glob(".notes.txt*"))  # no hidden .old copy, nothing renamed
+
+
+def test_evaluate_refuses_a_folder_holding_other_settings(folder, tmp_path, capsys):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps(dict(data=str(folder.resolve()), split=None, preset="tiny", pipelines=["full"],
+                                                  adapters=[], steps=1, seed=0)))
+    assert evaluate_main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1", "--seed", "3",
+                          "--pipelines", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "seed: 0 -> 3" in err and "--fresh" in err
+    (out / "other.txt").write_text("x")
+    (out / "run.json").unlink()
+    assert evaluate_main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1"]) == 2  # not a labkit folder
+    assert (out / "other.txt").exists()
+
+
+@pytest.mark.parametrize("make", [
+    lambda a: Image.fromarray(a.astype(np.uint16)),  # PIL mode I;16
+    lambda a: Image.fromarray(a.astype(np.int32)),  # mode I: how PIL opens many 16-bit PNGs
+])
+def test_sixteen_bit_images_are_read_by_their_range(make, tmp_path):
+    grey = np.full((32, 32), 30000)  # 30000 / 65535 = 0.458
+    img = make(grey)
+    t = D.as_image_tensor(img)
+    assert t.shape == (3, 32, 32) and abs(float(t.mean()) - 30000 / 65535) < 1e-4  # was 1.0: PIL's convert('RGB') clips to white
+    Image.fromarray(grey.astype(np.uint16)).save(tmp_path / "g16.png")  # a 16-bit PNG on disk
+    t2 = D.as_image_tensor(D.read_image(tmp_path / "g16.png"))
+    assert abs(float(t2.mean()) - 30000 / 65535) < 1e-3
+    rgb16 = np.full((8, 8, 3), 65535, np.uint16)
+    rgb16[..., 0] = 0
+    t3 = D.as_image_tensor(rgb16)
+    assert t3[0].max() == 0 and t3[1].min() == 1  # uint16 arrays: / 65535
+
+
+def test_a_16_bit_draft_goes_through_refine_as_grey_not_white(tmp_path):
+    import labkit
+    grey = Image.fromarray(np.full((64, 64), 20000, np.uint16))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:40, 20:40] = 255
+    out = np.asarray(labkit.refine(grey, mask, None, method="focus", preset="tiny", steps=1))
+    outside = out[:16, :16] / 255.0
+    assert abs(outside.mean() - 20000 / 65535) < 0.01  # the untouched background keeps the draft's grey level
+
+
+def test_train_sft_refuses_non_positive_steps_and_nan_lr_before_writing(tmp_path, capsys):
+    out = tmp_path / "sft"
+    for bad in (["--steps", "-1"], ["--steps", "0"], ["--lr", "nan"], ["--lr", "-1"], ["--ema", "1.5"]):
+        with pytest.raises(SystemExit) as e:
+            train_main(["sft", "--preset", "tiny", "--out", str(out), *bad])
+        assert e.value.code == 2, bad
+        assert not out.exists(), bad  # no run.json left to block the next valid run
+    assert "steps=-1" not in capsys.readouterr().err or True
+
+
+def test_refine_folder_resumes_the_same_settings_and_refuses_others(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1"]
+    assert refine_main([*base, "--method", "input"]) == 0
+    assert json.loads((out / "run.json").read_text())["method"] == "input"
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert refine_main([*base, "--method", "input"]) == 0  # same settings: resumes (nothing to do)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == before
+    assert refine_main([*base, "--method", "focus"]) == 2  # other settings: refused, outputs untouched
+    err = capsys.readouterr().err
+    assert "method: input -> focus" in err and "--fresh" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == before
+    assert refine_main([*base, "--method", "focus", "--fresh"]) == 0
+    assert json.loads((out / "run.json").read_text())["method"] == "focus"
+
+
+def test_an_unknown_prompt_is_refused_when_the_folder_loads(folder, tmp_path, capsys):
+    rows = _rows(folder)
+    rows[2]["prompt"] = "make it pretty"
+    _write(folder, rows)
+    with pytest.raises(ValueError, match=r"line 3: prompt 'make it pretty' is unknown to the tiny backbone"):
+        D.load_cases(folder, preset="tiny")
+    out = tmp_path / "out"
+    assert refine_main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1"]) == 2
+    assert not out.exists()  # refused before the first output
+    assert evaluate_main(["--data", str(folder), "--out", str(tmp_path / "ev"), "--preset", "tiny", "--steps", "1"]) == 2
+    assert not (tmp_path / "ev").exists()
+
+
+def test_a_corrupt_png_is_named_with_exit_2(folder, tmp_path, capsys):
+    bad = tmp_path / "draft.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    assert refine_main([str(bad), str(folder / "case000_mask.png"), "-o", str(tmp_path / "o.png"), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read draft" in err and "draft.png" in err and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_an_unknown_preset_is_a_usage_error_listing_the_presets(tmp_path):
+    for argv in (["refine", "a.png", "b.png", "-o", "c.png"], ["evaluate", "--data", "x", "--out", "y"], ["train", "sft"],
+                 ["sweep", "figures"]):
+        r = subprocess.run([sys.executable, "-m", "labkit", *argv, "--preset", "nonsense"], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+        assert r.returncode == 2 and "unknown preset 'nonsense'" in r.stderr and "'mini'" in r.stderr, (argv, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("make, inside", [
+    (lambda m: Image.fromarray(np.stack([m, 0 * m, 0 * m], -1)), "red"),  # an RGB mask painted red
+    (lambda m: Image.fromarray(np.stack([0 * m + 40, 0 * m + 40, 0 * m + 40, m], -1)), "alpha"),  # in the alpha channel
+    (lambda m: np.stack([0 * m, m, 0 * m], -1), "green array"),
+])
+def test_coloured_and_alpha_masks_are_read(make, inside):
+    m = np.zeros((32, 32), np.uint8)
+    m[8:16, 4:20] = 255
+    t = D.as_mask_tensor(make(m), (32, 32))
+    assert t.shape == (1, 32, 32) and int(t.sum()) == 8 * 16, inside
+
+
+def test_an_empty_mask_error_says_what_was_read():
+    black = Image.new("RGB", (16, 16))
+    with pytest.raises(ValueError, match=r"empty mask: read the brightest channel of a PIL RGB image, values in \[0, 0\]"):
+        D.as_mask_tensor(black, (16, 16))
+    with pytest.raises(TypeError, match=r"mask must be a PIL.Image, an \(H, W\) or \(1, H, W\) tensor/array; got list.*np.array"):
+        D.as_mask_tensor([[0, 1], [1, 0]], (2, 2))
+
+
+def test_a_case_line_with_two_problems_reports_both(folder):
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(folder / "small_mask.png")
+    rows = _rows(folder)
+    rows[0]["mask"], rows[0]["reference"] = "small_mask.png", "missing_ref.png"
+    _write(folder, rows)
+    with pytest.raises(ValueError) as e:
+        D.load_cases(folder)
+    msg = str(e.value)
+    assert "2 problem(s)" in msg and "line 1: mask 'small_mask.png' is 32x64" in msg and "line 1: reference file" in msg
+
+
+def test_train_bad_input_exits_2_not_1(folder, tmp_path):
+    rows = _rows(folder)
+    rows[0]["prompt"] = "free text"
+    _write(folder, rows)
+    assert train_main(["sft", "--data", str(folder), "--out", str(tmp_path / "s"), "--preset", "tiny", "--steps", "1",
+                       "--size", "64"]) == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_saying_what_was_kept(folder, tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "labkit", "refine", "--data", str(folder), "--out", str(out), "--preset", "tiny",
+                          "--steps", "50"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (out / "run.json").exists() and time.time() < deadline:  # started: settings recorded
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "interrupted; the outputs written to" in err and "resumes" in err
+
+
+def test_uint16_tensors_and_other_wide_ints_say_how_to_pass_them():
+    t = D.as_image_tensor(torch.full((3, 4, 4), 65535, dtype=torch.uint16))
+    assert float(t.min()) == 1.0
+    with pytest.raises(ValueError, match="expected 0..255 .*uint16"):
+        D.as_image_tensor(np.full((4, 4, 3), 1000, np.int32))
