@@ -33,7 +33,8 @@ class Registration:
     matches: int
     residual: float  # RMS photometric error outside the region after the warp, relative to the draft's spread there
     reason: str = ""  # why it was refused, when it was
-    info: dict = field(default_factory=dict)
+    gain: np.ndarray = field(default_factory=lambda: np.ones(3))  # per-channel light change: draft ≈ gain·(warped - mean) + mean'
+    offset: np.ndarray = field(default_factory=lambda: np.zeros(3))  # draft ≈ gain·warped + offset
 
     def describe(self) -> dict:
         """What the output's info records."""
@@ -95,18 +96,25 @@ def _inside(h_mat: torch.Tensor, hw: tuple[int, int], ref_hw: tuple[int, int]) -
     return ((g.abs() <= 1).all(-1)).float()[None]
 
 
-def _photometric(warped: torch.Tensor, draft: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Weighted per-channel least-squares gain/bias fit of warped to draft; the residual image."""
+def _gain_offset(warped: torch.Tensor, draft: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted per-channel least squares draft ≈ a·warped + b: (a, b), each (3, 1, 1)."""
     sw = w.sum().clamp_min(1)
     mw, md = (warped * w).sum((-2, -1), keepdim=True) / sw, (draft * w).sum((-2, -1), keepdim=True) / sw
     a = ((warped - mw) * (draft - md) * w).sum((-2, -1), keepdim=True) / (((warped - mw) ** 2 * w).sum((-2, -1), keepdim=True) + 1e-6)
-    return (a * (warped - mw) + md - draft) * w.sqrt()
+    return a, md - a * mw
+
+
+def _photometric(warped: torch.Tensor, draft: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The residual image of the gain/offset fit of warped to draft, weighted."""
+    a, b = _gain_offset(warped, draft, w)
+    return (a * warped + b - draft) * w.sqrt()
 
 
 def refine_fit(draft: torch.Tensor, reference: torch.Tensor, outside: torch.Tensor, init: np.ndarray, iters: int = 60,
-               blurs: tuple[float, ...] = (2.0, 0.0)) -> tuple[np.ndarray, float]:
+               blurs: tuple[float, ...] = (2.0, 0.0)) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """Direct refinement of a homography on the pixels outside the region that the reference covers (coarse
-    to fine), with a gain and bias per channel: (matrix, residual relative to the draft's own spread there)."""
+    to fine), with a gain and offset per channel: (matrix, residual relative to the draft's own spread there,
+    gain (3,), offset (3,))."""
     hw, ref_hw = tuple(draft.shape[-2:]), tuple(reference.shape[-2:])
     s = max(hw)
     norm = torch.tensor([[1 / s, 0, 0], [0, 1 / s, 0], [0, 0, 1]], dtype=torch.float64)  # optimise in unit coords
@@ -128,10 +136,12 @@ def refine_fit(draft: torch.Tensor, reference: torch.Tensor, outside: torch.Tens
     with torch.no_grad():
         h_mat = torch.linalg.inv(norm) @ (base + torch.cat([delta, delta.new_zeros(1)]).reshape(3, 3)) @ norm
         w = outside.float()[None] * _inside(h_mat, hw, ref_hw)
-        res = _photometric(warp_reference(reference, h_mat.numpy(), hw).double(), draft.double(), w)
+        warped = warp_reference(reference, h_mat.numpy(), hw).double()
+        res = _photometric(warped, draft.double(), w)
         spread = _photometric(torch.zeros_like(draft, dtype=torch.float64), draft.double(), w)  # the draft about its mean
         rel = float(res.pow(2).sum() / spread.pow(2).sum().clamp_min(1e-12)) ** 0.5
-    return (h_mat / h_mat[2, 2]).numpy(), rel
+        a, b = _gain_offset(warped, draft.double(), w)
+    return (h_mat / h_mat[2, 2]).numpy(), rel, a.flatten().numpy(), b.flatten().numpy()
 
 
 def register(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, min_inliers: int = 8, max_residual: float = 0.5,
@@ -145,7 +155,19 @@ def register(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, m
     model, inl, nm = feature_fit(to_numpy(draft), to_numpy(reference), outside, seed)
     if model is None or inl < min_inliers:
         return Registration(np.eye(3), False, inl, nm, float("nan"), f"{inl} RANSAC inliers outside the region (< {min_inliers})")
-    mat, rms = refine_fit(draft, reference, torch.from_numpy(outside), model.params)
+    mat, rms, gain, offset = refine_fit(draft, reference, torch.from_numpy(outside), model.params)
     if not np.isfinite(mat).all() or rms > max_residual:
         return Registration(mat, False, inl, nm, rms, f"photometric residual {rms:.3f} after the fit (> {max_residual})")
-    return Registration(mat, True, inl, nm, rms)
+    return Registration(mat, True, inl, nm, rms, gain=gain, offset=offset)
+
+
+def registered_paste(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, reg: Registration,
+                     dilate: int = 5, blur_radius: float = 3.0) -> torch.Tensor:
+    """The no-model baseline a registration allows: the warped reference, its light matched to the draft
+    (the fitted gain/offset), pasted into the region with a soft seam; outside the dilated region the draft."""
+    from .focus import soft_mask
+    warped = warp_reference(reference, reg.matrix, tuple(draft.shape[-2:]))
+    matched = (torch.as_tensor(reg.gain, dtype=torch.float32)[:, None, None] * warped
+               + torch.as_tensor(reg.offset, dtype=torch.float32)[:, None, None]).clamp(0, 1)
+    s = soft_mask(mask, dilate=dilate, blur_radius=blur_radius)
+    return s * matched + (1 - s) * draft

@@ -52,7 +52,12 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", help="output folder for --data (its run.json records the settings: the same settings resume)")
     ap.add_argument("--fresh", action="store_true", help="--data: start over in --out (deletes what is there)")
     ap.add_argument("--split", choices=["train", "val", "test"], help="--data: only this split")
-    ap.add_argument("--method", default="focus", choices=METHODS)
+    ap.add_argument("--method", default=None, choices=METHODS, help="default: the setting chosen on val (inference.REFINE_DEFAULTS)")
+    ap.add_argument("--blend", default=None, action=argparse.BooleanOptionalAction,
+                    help="keep the draft's latents outside the region at every step (default: chosen on val)")
+    ap.add_argument("--strength", type=float, default=1.0, help="< 1 starts from the draft noised to that level")
+    ap.add_argument("--region", default=None, choices=["none", "context", "draw"],
+                    help="how the region reaches the editor (default: as its recipe trained it)")
     ap.add_argument("--adapter", default=None, help="adapter folder or committed name (default: the frozen editor)")
     ap.add_argument("--prompt", default=None, help="instruction / free text (default: the editor's; a case's own prompt wins)")
     ap.add_argument("--preset", default="mini", help="tiny | mini | flux-kontext | a FluxKontextPipeline folder")
@@ -68,6 +73,8 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--data needs --out OUTDIR")
     if a.steps is not None and a.steps < 1:
         ap.error(f"--steps must be >= 1, got {a.steps}")
+    if not 0 < a.strength <= 1:
+        ap.error(f"--strength must be in (0, 1], got {a.strength}")
     try:
         check_preset(a.preset)
     except ValueError as e:
@@ -78,7 +85,8 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
 def refine_main(argv: list[str] | None = None) -> int:
     """`labkit refine ...`: 0 done, 2 usage or bad input (naming the file and the fix), 1 a failed run."""
     a = parse_refine(argv)
-    kw = dict(method=a.method, adapter=a.adapter, steps=a.steps, seed=a.seed, preset=a.preset, device=a.device)
+    kw = dict(method=a.method, adapter=a.adapter, steps=a.steps, seed=a.seed, preset=a.preset, device=a.device, blend=a.blend,
+              strength=a.strength, region=a.region)
 
     def one():
         imgs = [read_image(a.draft, "draft"), read_image(a.mask, "mask"), *[read_image(r, "reference") for r in a.references]]

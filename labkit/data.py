@@ -20,6 +20,7 @@ from scipy import ndimage
 from skimage import transform as sktf
 
 from . import presets as P
+from .util import case_seed
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "labkit"
 
@@ -48,6 +49,9 @@ SPLITS = ("train", "val", "test")
 N_RENDERED = {"train": 24, "val": 6, "test": 8}  # rendered text and logo sources per split
 DEGRADATIONS = ("blur", "color", "elastic", "noise", "glyph", "vae")  # the benchmark's artifacts ("mixed" draws 2)
 EDIT_DEGRADATIONS = ("smear", "occlude")  # strong ones for editor pretraining: they survive the VAE, so only the reference can undo them
+# generative failures (the refine task and benchmark v2): wrong words/glyphs (content from elsewhere in the same
+# image, or a fine warp of the glyphs), lost detail (x2/x4 low-res), smear, occlusion, colour, elastic
+FAILURES = ("wrong", "glyph", "lowres2", "lowres4", "smear", "occlude", "color", "elastic")
 
 _WORDS = {  # disjoint vocabularies so rendered test text never appeared in training
     "train": "refine detail glyph latent token vector kernel signal focus region crop paste brand "
@@ -497,11 +501,32 @@ def degrade(rng: np.random.Generator, img: np.ndarray, kind: str, vae_roundtrip:
     raise ValueError(f"unknown degradation {kind!r}; choose from {DEGRADATIONS + EDIT_DEGRADATIONS}")
 
 
+def damage(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, kind: str) -> np.ndarray:
+    """The draft: img (H, W, 3) with one generative failure inside mask (H, W); outside is untouched."""
+    h, w = img.shape[:2]
+    if kind == "wrong":  # plausible content from elsewhere in the same image: a wrong word/glyph in the same style
+        bad = np.roll(img, (int(rng.integers(h // 4, 3 * h // 4)), int(rng.integers(w // 4, 3 * w // 4))), (0, 1))
+    elif kind.startswith("lowres"):
+        f = int(kind[6:])
+        bad = resize_np(resize_np(img, (h // f, w // f)), (h, w))
+    elif kind in FAILURES:
+        bad = degrade(rng, img, kind)
+    else:
+        raise ValueError(f"unknown damage {kind!r}; choose from {FAILURES}")
+    m = mask[..., None]
+    return np.clip(m * bad + (1 - m) * img, 0, 1).astype(np.float32)
+
+
 def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int = 2, degradation: str = "mixed",
                  area: tuple[float, float] = (0.04, 0.25), content: str | None = None,
-                 view_strength: float = 1.0, vae_roundtrip: Callable | None = None, extra_refs: int = 0) -> Triplet:
+                 view_strength: float = 1.0, vae_roundtrip: Callable | None = None, extra_refs: int = 0,
+                 failure: str | None = None) -> Triplet:
     """One LRGI/HRRI/HRGT triplet, deterministic from (seed, split, params); extra_refs further reference
-    views come from their own RNG streams, so the triplet itself does not change with extra_refs."""
+    views come from their own RNG streams, so the triplet itself does not change with extra_refs.
+    failure (one of FAILURES): the draft is the target itself at full size with that generative failure in
+    the region (factor must be 1; the degradation arguments are not used)."""
+    if failure is not None and (factor != 1 or failure not in FAILURES):
+        raise ValueError(f"failure={failure!r} needs factor=1 and one of {FAILURES}")
     if size % factor:
         raise ValueError(f"size {size} must be divisible by the downscale factor {factor}")
     rng = np.random.default_rng([seed, hash_str(split), size, factor])
@@ -522,14 +547,17 @@ def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int =
     hrri = np.clip(_warp(img, t_gt @ a, size), 0, 1)
     # photometric change of the reference: gamma, exposure, white balance
     hrri = np.clip((hrri ** rng.uniform(0.8, 1.25)) * rng.uniform(0.85, 1.15) * rng.uniform(0.92, 1.08, 3), 0, 1)
-    kinds = list(rng.choice([d for d in DEGRADATIONS if d != "vae" or vae_roundtrip], 2, replace=False)) \
-        if degradation == "mixed" else [degradation]
-    low = resize_np(hrgt, size // factor)
-    m_low = resize_np(mask[..., None], size // factor, "bilinear")
-    bad = low
-    for k in kinds:
-        bad = degrade(rng, bad, k, vae_roundtrip)
-    lrgi = np.clip(m_low * bad + (1 - m_low) * low, 0, 1)
+    if failure is not None:
+        kinds, lrgi = [failure], damage(rng, hrgt, mask, failure)
+    else:
+        kinds = list(rng.choice([d for d in DEGRADATIONS if d != "vae" or vae_roundtrip], 2, replace=False)) \
+            if degradation == "mixed" else [degradation]
+        low = resize_np(hrgt, size // factor)
+        m_low = resize_np(mask[..., None], size // factor, "bilinear")
+        bad = low
+        for k in kinds:
+            bad = degrade(rng, bad, k, vae_roundtrip)
+        lrgi = np.clip(m_low * bad + (1 - m_low) * low, 0, 1)
     scribble = _scribble(rng, mask)
     meta = dict(source=name, content=kind, degradation="+".join(kinds), factor=factor, seed=seed, split=split,
                 size=size, vae_stand_in="vae" in kinds and vae_roundtrip is None)
@@ -562,7 +590,7 @@ def eval_set(n: int = 64, degradations: Sequence[str] = ("blur", "color", "elast
     path = CACHE_DIR / f"eval_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if cache and (path / "cases.json").exists():
         return load_triplets(path)
-    cases = [make_triplet(seed * 100_003 + i, split, size, factor, degradation=d, extra_refs=extra_refs)
+    cases = [make_triplet(case_seed(seed, i), split, size, factor, degradation=d, extra_refs=extra_refs)
              for i in range(n) for d in degradations]
     if cache:
         save_triplets(cases, path)
@@ -598,7 +626,7 @@ def load_triplets(folder: Path) -> list[Triplet]:
 
 
 # ----------------------------------------------------------------------------------------------
-# cases from users: a folder with metadata.jsonl (DESIGN.md, "Cases from users")
+# cases from users: a folder with metadata.jsonl (README, "Your own cases")
 CASE_FORMAT = ("one JSON object per line: draft, reference (a path or a list), mask, target (optional), prompt (optional), "
                "split (train|val|test, optional), id (optional); paths relative to the folder")
 

@@ -182,18 +182,77 @@ def distinct_scenes(cases: Sequence, n: int = 4) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------
 # evaluating a set of cases (the eval set, or a user's case folder): methods, table, claims, files
+# ------------------------------------------------------------------------------------------------
+# benchmark v2: generative failures, every draft below the VAE ceiling; defaults chosen on val
+BENCHMARK_KINDS = ("wrong", "lowres4", "smear")  # wrong text/logo glyphs, lost detail (x4), smear
+
+
+@torch.no_grad()
+def focus_ceiling(bb, target: torch.Tensor, mask: torch.Tensor, margin: float = 16) -> float:
+    """Region PSNR of the target through Focus-and-Refine's VAE round trip: the best a latent focus refiner can reach."""
+    from . import focus as F_
+    area = bb.preset.resolution ** 2
+    c, _, box = F_.focus_crop(target, mask, area, bb.multiple, margin)
+    back = F_.paste_back(target, bb.roundtrip(c[None])[0].cpu(), box, F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0))
+    return float(Mt.case_metrics(back, target, mask)["region_psnr"][0])
+
+
+def benchmark_cases(bb, n_per_kind: int = 8, kinds: Sequence[str] = BENCHMARK_KINDS, size: int = 128, split: str = "test",
+                    seed: int = 0, view_strength: float = 0.4, room: float = 0.5, max_tries: int = 20) -> list:
+    """Benchmark v2: n cases per kind of generative failure (draft = the target with the failure in the region,
+    reference = the scene in another view and light), each kept only if its draft lies at least `room` dB
+    below the VAE-through-focus ceiling (else the next seed is drawn); meta records the ceiling. Scene seeds
+    follow the one per-case recipe (util.case_seed)."""
+    from .data import make_triplet
+    from .util import case_seed
+    out = []
+    for kind in kinds:
+        got, i = 0, 0
+        while got < n_per_kind:
+            if i >= n_per_kind * max_tries:
+                raise RuntimeError(f"only {got} {kind!r} cases below the VAE ceiling after {i} draws: lower `room`")
+            t = make_triplet(case_seed(seed, i), split, size, 1, failure=kind, view_strength=view_strength)
+            i += 1
+            ceil = focus_ceiling(bb, t.hrgt, t.mask)
+            draft_psnr = float(Mt.case_metrics(t.draft, t.hrgt, t.mask)["region_psnr"][0])
+            if draft_psnr < ceil - room:
+                t.meta.update(ceiling=ceil, draft_psnr=draft_psnr)
+                out.append(t)
+                got += 1
+    return out
+
+
+def choose_defaults(cases: Sequence, candidates: dict[str, dict], preset: str = "mini", seed: int = 0, device: str = "cpu",
+                    progress: bool = False) -> tuple[pd.DataFrame, str]:
+    """Each candidate setting of labkit.refine (name -> keyword arguments) on the (val) cases: a table of mean
+    region PSNR / background error, and the name of the best by region PSNR."""
+    from . import inference as I
+    methods = {name: (lambda c, kw=kw: I.refine_tensor(c.draft, c.mask, c.hrri, seed=seed, preset=preset, device=device, **kw))
+               for name, kw in candidates.items()}
+    df, _ = run(cases, methods, lambda c: c.draft, progress=progress, keep=[])
+    tab = table(df, "method", ["region_psnr", "mse_bg"], seed=seed)
+    return tab, str(tab.set_index("method").region_psnr.idxmax())
+
+
 def methods_for(pipelines: Sequence[str], adapters: dict, steps: int | None, seed: int, preset: str, device: str = "cpu",
-                paste_true_box: bool = False, prompt: str | None = None, input_label: str = "input") -> dict[str, Callable]:
-    """name -> case -> (output, info): the input, (with known boxes) the naive paste, and every model
-    (frozen editor / adapters) through every pipeline (full | focus | align). A case's own prompt wins."""
+                paste_true_box: bool = False, prompt: str | None = None, input_label: str = "input", pastes: bool = False,
+                defaults: dict | None = None) -> dict[str, Callable]:
+    """name -> case -> (output, info): the input, (with known boxes) the naive paste, (pastes=True) the M*-box
+    and registered pastes, and every model (frozen editor / adapters) through every pipeline (full | focus |
+    align | align_box), with `defaults` (e.g. blend) for the model calls. A case's own prompt wins."""
     from . import inference as I
 
     def model(adapter, pipeline):
         return lambda c: I.refine_tensor(c.draft, c.mask, getattr(c, "references", None) or c.hrri, method=pipeline, adapter=adapter,
-                                         steps=steps, seed=seed, preset=preset, device=device, prompt=getattr(c, "prompt", None) or prompt)
+                                         steps=steps, seed=seed, preset=preset, device=device, prompt=getattr(c, "prompt", None) or prompt,
+                                         **(defaults or {}))
     out = {input_label: lambda c: I.refine_tensor(c.draft, c.mask, method="input")}
     if paste_true_box:
         out["paste (true ref box)"] = lambda c: I.refine_tensor(c.draft, c.mask, c.hrri, method="paste", reference_box=c.ref_bbox)
+    if pastes:  # the no-model pastes a refiner must beat: the M* box, and the registered warp
+        out["paste (M* box)"] = lambda c: I.refine_tensor(c.draft, c.mask, c.hrri, method="paste", preset=preset, seed=seed, device=device)
+        out["paste (registered)"] = lambda c: I.refine_tensor(c.draft, c.mask, c.hrri, method="paste_warp", preset=preset, seed=seed,
+                                                              device=device)
     for name, folder in adapters.items():
         for p in pipelines:
             out[f"{name}/{p}"] = model(folder, p)

@@ -153,7 +153,7 @@ def adapter_folder(folder: str | os.PathLike) -> Path:
         if (p / "adapter.json").exists() and (p / "adapter.safetensors").exists():
             return p
     raise FileNotFoundError(f"no adapter (adapter.json + adapter.safetensors) in {folder} or {folder / 'adapter'}: "
-                            "save adapters with labkit.freqmole.save, or train one with `python -m labkit.train sft --out DIR`")
+                            "save adapters with labkit.freqmole.save, or train one with `labkit train sft --out DIR`")
 
 
 def load(transformer, folder: str | os.PathLike, identity: dict | None = None) -> dict:
@@ -165,7 +165,7 @@ def load(transformer, folder: str | os.PathLike, identity: dict | None = None) -
     if identity and spec.get("model_hash") and (spec.get("preset"), spec.get("model_hash")) != (identity["preset"], identity["model_hash"]):
         raise ValueError(f"adapter {folder} was trained on preset {spec.get('preset')!r} (model {spec['model_hash']}), but this backbone "
                          f"is {identity['preset']!r} (model {identity['model_hash']}): load it on that backbone or retrain it on this one "
-                         f"(python -m labkit.train sft --preset {identity['preset']} ...)")
+                         f"(labkit train sft --preset {identity['preset']} ...)")
     inject(transformer, spec["kind"], spec["rank"], spec["alpha"], spec["dropout"], spec.get("prior"))
     sd = load_file(folder / "adapter.safetensors")
     mine = adapter_state(transformer)

@@ -25,7 +25,7 @@ from .util import git_commit, versions, write_json
 # stage 1: the VAE
 @dataclass
 class VAEConfig:
-    """The mini VAE recipe (ENV_NOTES: measured on 2 CPU cores) plus a PCA warm start."""
+    """The mini VAE recipe (measured on 2 CPU cores) plus a PCA warm start."""
 
     crop: int = 48
     batch: int = 16

@@ -127,6 +127,16 @@ def prompt_checker(preset: str):
     return lambda prompt: isinstance(prompt, str)
 
 
+def editor_region(preset: str) -> str:
+    """The region encoding a preset's editor was trained with (its card's editor recipe), else 'none'."""
+    import json
+    cfg = PRESETS.get(preset)
+    card = Path(cfg.weights) / "card.json" if cfg is not None and cfg.weights else None
+    if card is None or not card.exists():
+        return "none"
+    return json.loads(card.read_text()).get("stages", {}).get("editor", {}).get("recipe", {}).get("region", "none")
+
+
 def get(name: str, **overrides) -> Preset:
     """Look up a preset by name; keyword overrides replace its fields (e.g. resolution=256)."""
     if name not in PRESETS:

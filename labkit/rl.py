@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from . import data as D
+from . import focus as F_
 from . import metrics as Mt
+from . import presets as P
 from .loop import LoopConfig, Step, run_loop
 from .models import pack_references
 from .sampling import sde_mean, sde_sample, sde_step
-from .util import write_json
+from .util import case_seed, write_json
 
 
 @dataclass
@@ -104,9 +106,12 @@ def references(case, k: int, budget: int, multiple: int = 16) -> list[torch.Tens
 
 
 @torch.no_grad()
-def contexts(bb, case, k: int, budget: int) -> list[torch.Tensor]:
-    """Encoded contexts [draft, ref_1..ref_k] (each (1, 16, h, w))."""
-    return [bb.encode(case.draft[None])] + [bb.encode(r[None]) for r in references(case, k, budget, bb.multiple)]
+def contexts(bb, case, k: int, budget: int, region: str | None = None) -> list[torch.Tensor]:
+    """Encoded contexts [draft, (region), ref_1..ref_k] (each (1, 16, h, w)); region: how the region reaches the
+    editor (focus.region_contexts; default: as the backbone's editor was trained)."""
+    region = region or P.editor_region(bb.preset.name)
+    images = F_.region_contexts(case.draft, case.mask, references(case, k, budget, bb.multiple), region)
+    return [bb.encode(x[None]) for x in images]
 
 
 @torch.no_grad()
@@ -203,8 +208,8 @@ def train_grpo(bb, loop: LoopConfig, cfg: GRPOConfig, spec: dict, reward: Callab
     if not any(p_.requires_grad for p_ in bb.transformer.parameters()):
         raise ValueError("no adapter in the transformer: inject or load one (labkit.freqmole.inject / load) before GRPO")
     ref_state = {k: v.detach().clone() for k, v in FM.adapter_state(bb.transformer).items()}
-    bank = [D.make_triplet(loop.seed * 100_000 + i, "train", cfg.size, cfg.factor, extra_refs=cfg.max_refs - 1) for i in range(cfg.bank)]
-    val = list(val_cases) if val_cases is not None else [D.make_triplet(7 * 100_000 + i, "val", cfg.size, cfg.factor) for i in range(cfg.n_val)]
+    bank = [D.make_triplet(case_seed(loop.seed, i), "train", cfg.size, cfg.factor, extra_refs=cfg.max_refs - 1) for i in range(cfg.bank)]
+    val = list(val_cases) if val_cases is not None else [D.make_triplet(case_seed(7, i), "val", cfg.size, cfg.factor) for i in range(cfg.n_val)]
 
     def loss_fn(s: Step):
         t0 = time.time()

@@ -7,17 +7,19 @@ boundary / mask weighted) plus RefGC-SR2's frequency loss on the one-step estima
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import data as D
+from . import focus as F_
 from . import losses as L
 from . import models as M
+from . import presets as P
 from .loop import LoopConfig, Step, run_loop
-from .util import write_json
+from .util import case_seed, write_json
 
 
 @dataclass
@@ -37,6 +39,7 @@ class SFTConfig:
     batch: int = 8  # per process
     bank: int = 256  # pre-encoded training triplets
     prompt: str = "refine"
+    region: str = "auto"  # how the region reaches the editor (focus.region_contexts): none | context | draw | auto (the editor's)
     frozen_dtype: str = "float32"  # the frozen editor's weights: float32 | bfloat16 (adapters always train in fp32)
     data_dir: str = ""  # a case folder (metadata.jsonl): train on its train split, validate on its val split, per-case prompts
     val_images: int = 4  # val triplets sampled at a fixed seed and saved as out/val/step_*.png at each eval
@@ -44,15 +47,18 @@ class SFTConfig:
 
 
 @torch.no_grad()
-def bank_of(bb: M.Backbone, cases: list, prompts: list[str], default_prompt: str) -> dict:
-    """Latents of cases (HRGT, draft, HRRI; one size) plus pixel masks and each case's prompt index into `prompts`
-    (extended in place): encoded once, for fast CPU steps."""
+def bank_of(bb: M.Backbone, cases: list, prompts: list[str], default_prompt: str, region: str = "none") -> dict:
+    """Latents of cases (target, draft - the region drawn on it with region='draw' -, reference, and the region
+    image with region='context'; one size) plus pixel masks and each case's prompt index into `prompts`
+    (extended in place): encoded once, for fast CPU steps. The 'lrgi' key holds the draft's latents."""
     enc = lambda xs: torch.cat([bb.encode(x[None]).float().cpu() for x in xs])  # noqa: E731
     for c in cases:
         p = getattr(c, "prompt", None) or default_prompt
         if p not in prompts:
             prompts.append(p)
-    return dict(hrgt=enc([c.hrgt for c in cases]), lrgi=enc([c.draft for c in cases]), hrri=enc([c.hrri for c in cases]),
+    ctx = [F_.region_contexts(c.draft, c.mask, [c.hrri], region) for c in cases]  # [draft, (region image), reference]
+    extra = dict(region=enc([x[1] for x in ctx])) if region == "context" else {}
+    return extra | dict(hrgt=enc([c.hrgt for c in cases]), lrgi=enc([x[0] for x in ctx]), hrri=enc([c.hrri for c in cases]),
                 mask=torch.stack([c.mask for c in cases]), ref_mask=torch.stack([c.ref_mask for c in cases]),
                 prompt=torch.tensor([prompts.index(getattr(c, "prompt", None) or default_prompt) for c in cases]))
 
@@ -60,8 +66,8 @@ def bank_of(bb: M.Backbone, cases: list, prompts: list[str], default_prompt: str
 def sft_data(cfg: SFTConfig, seed: int) -> tuple[list, list]:
     """Train cases and val cases: the built-in triplets, or a case folder's train and val splits at size x size."""
     if not cfg.data_dir:
-        return ([D.make_triplet(seed * 100_000 + i, "train", cfg.size, cfg.factor) for i in range(cfg.bank)],
-                [D.make_triplet(7 * 100_000 + i, "val", cfg.size, cfg.factor) for i in range(16)])
+        return ([D.make_triplet(case_seed(seed, i), "train", cfg.size, cfg.factor) for i in range(cfg.bank)],
+                [D.make_triplet(case_seed(7, i), "val", cfg.size, cfg.factor) for i in range(16)])
     train = [c.resized(cfg.size) for c in D.load_cases(cfg.data_dir, "train")]
     val = [c.resized(cfg.size) for c in D.load_cases(cfg.data_dir, "val")]
     if not train:
@@ -83,7 +89,7 @@ def sft_loss(model, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Ten
     else:  # the prompt table (P, ...) encoded once; each example its own prompt
         i = batch["prompt"].to(embeds[0].device)
         kw = dict(prompt_embeds=(embeds[0][i], embeds[1][i], embeds[2]))
-    v = model(x_t, t, [batch["lrgi"], batch["hrri"]], **kw)
+    v = model(x_t, t, [batch["lrgi"], *([batch["region"]] if "region" in batch else []), batch["hrri"]], **kw)
     hw = x0.shape[-2:]
     w = None
     if cfg.boundary_alpha:
@@ -104,6 +110,8 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
     """Inject adapters into the frozen editor, fine-tune on train triplets; the adapter (safetensors + json with
     provenance and the backbone's identity) goes to <out_dir>/adapter/, written as one folder."""
     from . import freqmole as FM
+    if cfg.region == "auto":  # train the adapter on the contexts its editor reads (recorded in adapter.json)
+        cfg = replace(cfg, region=P.editor_region(bb.preset.name))
     bb.requires_grad_(False)
     identity = bb.identity()  # recorded with the adapter: it loads only on this backbone
     if cfg.frozen_dtype != "float32":
@@ -111,7 +119,7 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
     spec = FM.inject(bb.transformer, cfg.adapter, rank=cfg.rank)
     train_cases, val_cases = sft_data(cfg, loop.seed)
     prompts: list[str] = []
-    bank, val = bank_of(bb, train_cases, prompts, cfg.prompt), bank_of(bb, val_cases, prompts, cfg.prompt)
+    bank, val = bank_of(bb, train_cases, prompts, cfg.prompt, cfg.region), bank_of(bb, val_cases, prompts, cfg.prompt, cfg.region)
     val_trips = val_cases[:cfg.val_images]
     n_bank = len(train_cases)
     alpha = [p for n, p in bb.transformer.named_parameters() if p.requires_grad and "lora_freq_alpha" in n]
@@ -135,7 +143,8 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
         eps = torch.from_numpy(g.standard_normal(val["hrgt"].shape)).float()
         out = dict(val_loss=float(sft_loss(bb, val, cfg, t, eps, embeds)[0]))
         if val_trips:
-            rows, imgs = evaluate_refiner(bb, val_trips, cfg.val_steps, seed=0, prompt=cfg.prompt, return_images=True, progress=False)
+            rows, imgs = evaluate_refiner(bb, val_trips, cfg.val_steps, seed=0, prompt=cfg.prompt, return_images=True, progress=False,
+                                          region=cfg.region)
             out["val_region_psnr"] = float(np.mean([r["region_psnr"] for r in rows]))
             save_val_grid(val_trips, imgs, Path(loop.out_dir) / "val" / f"step_{step:06d}.png",
                           f"step {step}: val region PSNR {out['val_region_psnr']:.2f} dB")
@@ -166,7 +175,7 @@ def save_val_grid(trips: list, outputs: list[torch.Tensor], path: Path, title: s
 
 @torch.no_grad()
 def evaluate_refiner(bb: M.Backbone, trips: list, steps: int = 8, seed: int = 0, prompt: str = "refine",
-                     return_images: bool = False, progress: bool = True):
+                     return_images: bool = False, progress: bool = True, region: str = "none"):
     """Sample HRGT from [draft, HRRI] with the sampler; per case labkit.metrics.case_row of the output and,
     prefixed 'lrgi_', of the draft itself (the no-model baseline); the output images when return_images."""
     from tqdm.auto import tqdm
@@ -176,7 +185,7 @@ def evaluate_refiner(bb: M.Backbone, trips: list, steps: int = 8, seed: int = 0,
     rows, images = [], []
     for i, t in enumerate(tqdm(trips, desc="evaluate", leave=False, disable=not progress, mininterval=2)):
         s = t.hrgt.shape[-1]
-        ctx = [bb.encode(t.draft[None]), bb.encode(t.hrri[None])]
+        ctx = [bb.encode(x[None]) for x in F_.region_contexts(t.draft, t.mask, [t.hrri], region)]
         z = sample(bb, ctx, getattr(t, "prompt", None) or prompt, shape=(1, 16, s // bb.factor, s // bb.factor), steps=steps,
                    generator=torch.Generator().manual_seed(seed + i))
         y = bb.decode(z)[0].float().cpu()

@@ -26,6 +26,11 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def case_seed(seed: int, i: int) -> int:
+    """THE per-case seed recipe: case i of a set drawn with `seed` (sets drawn with different seeds never share a case)."""
+    return seed * 100_003 + i
+
+
 def atomic_save(write: Callable[[str], Any], path: str | os.PathLike) -> Path:
     """Call write(tmp_path) then rename onto path, so readers never see a half-written file."""
     path = Path(path)
@@ -183,7 +188,7 @@ def _num(x: Any) -> Any:
 def write_results(out_dir: str | os.PathLike, preset: str, params: dict, claims: dict, **numbers) -> Path:
     """Write out_dir/results.json: claims, params, preset, git commit, versions and the key numbers."""
     if not claims:
-        raise ValueError("results.json needs at least one claim (see DESIGN.md)")
+        raise ValueError("results.json needs at least one claim (see docs/ARCHITECTURE.md, \"Results and claims\")")
     bad = [f"{k}.{f}={c.get(f)}" for k, c in claims.items() for f in ("value", "baseline")
            if isinstance(c.get(f), float) and not np.isfinite(c[f])]
     if bad:

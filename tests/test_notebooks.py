@@ -7,7 +7,7 @@ import pytest
 from labkit.sweep import notebooks, run_notebook
 
 SMALL = {  # small sizes per notebook so the suite stays in minutes on 2 cores
-    "00_mini_backbone": dict(retrain_steps=2, n_eval=2, sample_steps=2),
+    "00_mini_backbone": dict(retrain_steps=2, n_eval=2, n_copy=8, sample_steps=2),
     "01_attention_correspondence": dict(n_pairs=3, n_calib=2, timesteps=[1.0, 0.5], sample_steps=2, size=64),
     "00_tour": dict(n_triplets=2),
     "02_latent_frequency": dict(n_triplets=6, size=64),

@@ -1,0 +1,125 @@
+"""Align as a warp (labkit.align), the region encodings, the refine task's examples and benchmark v2."""
+import numpy as np
+import pytest
+import torch
+
+from labkit import align as A
+from labkit import data as D
+from labkit import editor as E
+from labkit import focus as F_
+from labkit import inference as I
+
+
+def _photo(size=128):
+    img = D.load_photo("coffee")  # test split: a textured photo
+    return D.to_tensor(D.resize_np(img[:384, 100:484], size))
+
+
+def _homography(deg=6.0, scale=1.05, shift=(4.0, -3.0), persp=(2e-4, -1e-4), c=64.0):
+    th = np.deg2rad(deg)
+    rot = np.array([[scale * np.cos(th), -scale * np.sin(th), 0], [scale * np.sin(th), scale * np.cos(th), 0], [0, 0, 1.0]])
+    p = np.eye(3)
+    p[2, :2] = persp
+    to_c, back = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1.0]]), np.array([[1, 0, c + shift[0]], [0, 1, c + shift[1]], [0, 0, 1.0]])
+    return back @ p @ rot @ to_c
+
+
+def test_a_known_synthetic_warp_is_recovered_to_under_one_pixel():
+    target = _photo()
+    h_true = _homography()  # reference pixel -> draft pixel
+    reference = A.warp_reference(target, np.linalg.inv(h_true), (128, 128))  # the scene seen through the inverse
+    reference = (reference ** 1.1 * 0.95).clamp(0, 1)  # another light
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 50:80, 40:90] = 1
+    draft = target.clone()
+    draft[:, 50:80, 40:90] = 0.5  # the region is wrong in the draft: registration must not rely on it
+    reg = A.register(draft, mask, reference)
+    assert reg.ok, reg.describe()
+    pts = np.array([[x, y, 1.0] for x in (16, 64, 112) for y in (16, 64, 112)])
+    est, true = pts @ reg.matrix.T, pts @ h_true.T
+    err = np.abs(est[:, :2] / est[:, 2:] - true[:, :2] / true[:, 2:]).max()
+    assert err < 1.0, f"max corner/centre error {err:.2f} px"
+    warped = A.warp_reference(reference, reg.matrix, (128, 128))
+    inside = torch.ones(128, 128, dtype=torch.bool)
+    inside[40:90, 30:100] = False
+    gain = torch.as_tensor(reg.gain, dtype=torch.float32)[:, None]
+    off = torch.as_tensor(reg.offset, dtype=torch.float32)[:, None]
+    assert ((gain * warped[:, inside] + off - target[:, inside]).abs().mean()) < 0.03  # lined up and light matched
+
+
+def test_a_registration_without_texture_fails_and_refine_falls_back_to_the_box():
+    flat = torch.full((3, 64, 64), 0.4)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 20:40, 20:40] = 1
+    reg = A.register(flat, mask, flat.clone())
+    assert not reg.ok and "inliers" in reg.reason
+    out, info = I.refine_tensor(flat, mask, flat.clone(), method="align", preset="tiny", steps=1)
+    assert info["registration"]["used"] == "box" and "reference_box" in info and out.shape == flat.shape
+    out, info = I.refine_tensor(flat, mask, flat.clone(), method="paste_warp", preset="tiny", steps=1)
+    assert info["registration"]["used"] == "box" and "reference_box" in info  # the registered paste fell back too
+
+
+def test_region_encodings_are_images_of_the_region():
+    draft = torch.rand(3, 32, 32)
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:16, 8:20] = 1
+    ref = torch.rand(3, 32, 32)
+    assert F_.region_contexts(draft, mask, [ref], "none") == [draft, ref]
+    d, r, rf = F_.region_contexts(draft, mask, [ref], "context")
+    assert d is draft and rf is ref and r.shape == (3, 32, 32) and r.sum() == 3 * 8 * 12
+    drawn, _ = F_.region_contexts(draft, mask, [ref], "draw")
+    changed = (drawn != draft).any(0)
+    assert changed.any() and not changed[mask[0] > 0].any()  # the outline is drawn outside the region only
+    assert not changed[:4].any()  # and only near it
+    with pytest.raises(ValueError, match="unknown region encoding"):
+        F_.region_contexts(draft, mask, [ref], "paint")
+
+
+def test_refine_checks_the_new_inputs():
+    c = D.make_triplet(0, "test", 64, 1, failure="smear")
+    with pytest.raises(ValueError, match="mask size"):
+        I.refine_tensor(c.draft, torch.ones(32, 32), c.hrri, preset="tiny", steps=1)
+    with pytest.raises(ValueError, match="at least 16x16"):
+        I.refine_tensor(c.draft, c.mask, torch.rand(3, 8, 8), method="focus", preset="tiny", steps=1)
+    with pytest.raises(TypeError, match="mask must be a PIL.Image"):
+        I.refine_tensor(c.draft, "region.png", c.hrri, preset="tiny", steps=1)
+    with pytest.raises(ValueError, match="unknown region encoding"):
+        I.refine_tensor(c.draft, c.mask, c.hrri, preset="tiny", steps=1, region="paint")
+
+
+@pytest.mark.parametrize("kind", D.FAILURES)
+def test_every_failure_changes_only_the_region(kind):
+    rng = np.random.default_rng(0)
+    img = D.to_numpy(_photo(64))
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:40, 20:44] = 1
+    out = D.damage(rng, img, mask, kind)
+    assert np.array_equal(out[mask == 0], img[mask == 0])
+    assert np.abs(out[mask == 1] - img[mask == 1]).mean() > 1e-3, kind
+
+
+def test_refine_examples_are_built_as_refine_feeds_the_editor():
+    cfg = E.EditorConfig(misalign=0.0)
+    e = E.refine_example(np.random.default_rng(1), "train", cfg, kind="occlude")
+    h, w = e["draft"].shape[-2:]
+    assert h % 16 == 0 and w % 16 == 0 and abs(h * w - 128 * 128) / (128 * 128) < 0.2  # snapped to the working area
+    assert e["mask"].shape == (1, h, w) and e["target"].shape == e["reference"].shape == (3, h, w)
+    inside = e["mask"][0] > 0
+    assert (e["draft"] - e["target"]).abs()[:, ~inside].mean() < 0.02  # outside the region the draft is the target
+    assert (e["draft"] - e["target"]).abs()[:, inside].mean() > 0.02  # inside it is damaged
+
+
+def test_training_fonts_and_held_out_fonts_are_disjoint():
+    train, held = set(D._font_files("train")), set(D._font_files("test"))
+    assert len(train) >= 20 and held and not train & held
+    assert all("DejaVu" in f for f in held) and not any("DejaVu" in f for f in train)
+    assert D._font_files("val") == D._font_files("test")
+
+
+def test_benchmark_cases_sit_below_the_vae_ceiling(tiny):
+    from labkit import evaluate as Ev
+    cases = Ev.benchmark_cases(tiny, n_per_kind=1, kinds=("wrong", "smear"), size=64, room=-100)
+    assert [c.meta["degradation"] for c in cases] == ["wrong", "smear"]
+    assert all(c.meta["draft_psnr"] < c.meta["ceiling"] + 100 for c in cases)
+    with pytest.raises(RuntimeError, match="below the VAE ceiling"):
+        Ev.benchmark_cases(tiny, n_per_kind=1, kinds=("smear",), size=64, room=100, max_tries=2)
