@@ -120,7 +120,7 @@ def task_batch(task: str, rng: np.random.Generator, split: str, cfg: EditorConfi
         sig = torch.from_numpy(rng.uniform(*cfg.noise, (b, 1, 1, 1))).float()
         ctx = (x + sig * torch.from_numpy(rng.standard_normal(x.shape)).float()).clamp(0, 1)
     else:
-        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+        raise ValueError(f"unknown task {task!r} for task_batch; choose from {TASKS[:4]} (refine examples: refine_example)")
     return dict(target=x, contexts=[ctx], mask=None)
 
 

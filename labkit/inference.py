@@ -40,7 +40,7 @@ from .util import REPO
 
 METHODS = ("input", "paste", "paste_warp", "full", "focus", "align", "align_box")
 # labkit.refine's defaults: the val winner of notebook 05 (its claim defaults_chosen_on_val checks this; the golden test pins it)
-REFINE_DEFAULTS = dict(method="focus", blend=False)
+REFINE_DEFAULTS = dict(method="align", blend=True)
 ADAPTERS = REPO / "figures" / "04_train_freqmole" / "adapters"
 
 

@@ -3,6 +3,7 @@ write safetensors weights + card. Both stages are recipes on labkit.loop."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from . import data as D
 from . import models as M
 from . import presets as P
 from .loop import LoopConfig, Step, run_loop
-from .util import git_commit, versions, write_json
+from .util import atomic_save, git_commit, versions, write_json
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +187,6 @@ def editor_heldout(bb, n: int = 16, steps: int = 8) -> dict:
 
 
 def _read_card(folder) -> dict:
-    import json
     p = Path(folder) / "card.json"
     return json.loads(p.read_text()) if p.exists() else {}
 
@@ -206,3 +206,49 @@ def write_card_md(card: dict, path: Path) -> None:
                       *[f"| {t} | " + " | ".join(f"{r[c]:.2f}" if c in r else "" for c in cols) + " |" for t, r in st["heldout"].items()], ""]
     lines += ["## sha256", *[f"- {k}: `{v}`" for k, v in card.get("sha256", {}).items()], ""]
     path.write_text("\n".join(lines))
+
+
+def load_checkpoint_weights(bb: M.Backbone, ckpt: str | Path) -> M.Backbone:
+    """The trained weights of a loop checkpoint (ckpt/trainable.safetensors: transformer + text) into bb."""
+    from safetensors.torch import load_file
+    named = dict(bb.named_parameters())
+    sd = load_file(str(Path(ckpt) / "trainable.safetensors"))
+    missing = [k for k in sd if k not in named]
+    if missing:
+        raise ValueError(f"{ckpt} holds weights this backbone lacks ({missing[:3]}): another preset?")
+    with torch.no_grad():
+        for k, v in sd.items():
+            named[k].copy_(v)
+    return bb
+
+
+def compare_region_encodings(checkpoints: dict[str, str], preset: str = "mini", n: int = 48, steps: int = 8, seed: int = 0,
+                             split: str = "val") -> dict:
+    """Region encodings after the same training budget: each checkpoint (name = its encoding) scored by
+    editor.evaluate_refine on `split` with the target and with an aligned reference; per kind and overall."""
+    from .editor import EditorConfig, evaluate_refine
+    out = {}
+    for region, ckpt in checkpoints.items():
+        bb = load_checkpoint_weights(M.load(preset), ckpt)
+        step = json.loads((Path(ckpt) / "loop_state.json").read_text())["step"]
+        out[region] = dict(step=step, checkpoint=str(ckpt))
+        for ref in ("target", "aligned"):
+            r = evaluate_refine(bb, n=n, steps=steps, seed=seed, split=split, reference=ref, cfg=EditorConfig(region=region))
+            out[region][ref] = dict(summary=r["summary"], by_kind={k: {c: round(v, 3) for c, v in d.items()} for k, d in r["by_kind"].items()})
+    return out
+
+
+def install_editor(run_weights: str | Path, into: str | Path = P.MINI_WEIGHTS, stage: str = "editor_refine", **extra) -> Path:
+    """Commit a continued editor (a `labkit train editor --init` run) into a weights folder: its safetensors, and
+    its card stage appended as `stage` to the folder's card (the earlier stages - VAE, editor pretraining - kept,
+    so the card records the whole budget the weights got); extra: more numbers for that stage."""
+    run_weights, into = Path(run_weights), Path(into)
+    new, card = _read_card(run_weights), _read_card(into)
+    card.setdefault("stages", {})[stage] = {**new["stages"]["editor"], **extra}
+    for f in ("transformer.safetensors", "text.safetensors", "vae.safetensors", "latent_stats.json"):
+        src = (run_weights / f).read_bytes()
+        atomic_save(lambda p, b=src: Path(p).write_bytes(b), into / f)
+    card["sha256"] = weights_hash(into)
+    write_json(card, into / "card.json")
+    write_card_md(card, into / "CARD.md")
+    return into

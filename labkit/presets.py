@@ -134,7 +134,9 @@ def editor_region(preset: str) -> str:
     card = Path(cfg.weights) / "card.json" if cfg is not None and cfg.weights else None
     if card is None or not card.exists():
         return "none"
-    return json.loads(card.read_text()).get("stages", {}).get("editor", {}).get("recipe", {}).get("region", "none")
+    stages = json.loads(card.read_text()).get("stages", {})
+    last = stages.get("editor_refine") or stages.get("editor") or {}  # the latest editor stage
+    return last.get("recipe", {}).get("region", "none")
 
 
 def get(name: str, **overrides) -> Preset:

@@ -143,6 +143,6 @@ def test_notebooks_04_and_05_take_a_case_folder(folder, tmp_path):
     from labkit.sweep import notebooks as nbs
     from labkit.sweep import run_notebook
     r5 = run_notebook(nbs(["05_evaluate"])[0], tmp_path / "05", preset="tiny", **{**SMALL["05_evaluate"], "data_dir": str(folder)})
-    assert r5["n_cases"] == 2 and r5["params"]["n_per_degradation"] == 1  # the folder's test split, not the built-in set
+    assert r5["n_cases"] == 2 and r5["params"]["n_per_kind"] == 1  # the folder's test split, not the built-in set
     r4 = run_notebook(nbs(["04_train_freqmole"])[0], tmp_path / "04", preset="tiny", **{**SMALL["04_train_freqmole"], "data_dir": str(folder)})
     assert r4["claims"] and (tmp_path / "04" / "adapters" / "lora" / "adapter.json").exists()

@@ -53,7 +53,7 @@ def test_sampler_uses_the_scheduler_as_the_flux_kontext_pipeline_does():
 def test_task_batches_shapes():
     cfg = E.EditorConfig(batch=2, size=64)
     rng = np.random.default_rng(0)
-    for task in E.TASKS:
+    for task in [t for t in E.TASKS if t != "refine"]:  # refine examples vary in shape: editor.refine_example (own test)
         b = E.task_batch(task, rng, "train", cfg)
         assert b["target"].shape == (2, 3, 64, 64)
         assert b["contexts"][0].shape == (2, 3, 64, 64)  # every context on the target's grid

@@ -95,7 +95,7 @@ def test_cli_with_a_huge_lr_exits_nonzero_and_writes_no_adapter(tmp_path):
                         "--bank", "2", "--rank", "2", "--lr", "1e6", "--val-images", "0", "--mixed-precision", "no", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "error: step" in r.stderr and ("loss is" in r.stderr or "gradient norm is" in r.stderr)
+    assert "failed: step" in r.stderr and ("loss is" in r.stderr or "gradient norm is" in r.stderr)
     assert not (tmp_path / "adapter" / "adapter.safetensors").exists()
 
 
@@ -263,7 +263,7 @@ def test_accelerate_launch_one_cpu_process(tmp_path):
 
 
 def test_editor_probe_continues_from_weights_on_one_task(tmp_path):
-    """`labkit.train mini --stage editor --init W --task-probs ... --upscale 4`: trains on from W, only the drawn task."""
+    """`labkit train editor --init W --task-probs ... --upscale 4`: trains on from W, only the drawn task."""
     import json
 
     from safetensors.torch import load_file
@@ -274,10 +274,11 @@ def test_editor_probe_continues_from_weights_on_one_task(tmp_path):
     init = tmp_path / "init"
     M.save_weights(M.build(P.get("tiny", weights=None)), init, {})
     out = tmp_path / "out"
-    train_main(["mini", "--preset", "tiny", "--stage", "editor", "--init", str(init), "--task-probs", "0", "1", "0", "0",
-                "--upscale", "4", "--editor-steps", "3", "--bank-size", "8", "--out", str(out), "--run-dir", str(tmp_path / "run")])
+    assert train_main(["editor", "--preset", "tiny", "--init", str(init), "--task-probs", "0", "1", "0", "0", "0",
+                       "--upscale", "4", "--editor-steps", "3", "--bank-size", "8", "--out", str(out), "--run-dir", str(tmp_path / "run")]) == 0
     ed = json.loads((out / "card.json").read_text())["stages"]["editor"]
-    assert ed["recipe"]["task_probs"] == [0, 1, 0, 0] and ed["recipe"]["upscale"] == [4] and ed["init"] == str(init)
+    assert ed["recipe"]["task_probs"] == [0, 1, 0, 0, 0] and ed["recipe"]["upscale"] == [4] and ed["init"] == str(init)
+    assert ed["warm_restart"]
     assert {k for e in ed["evals"] for k in e if k.startswith("val_loss")} == {"val_loss_upscale"}  # only the drawn task
     a, b = load_file(init / "vae.safetensors"), load_file(out / "vae.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the VAE stays frozen
