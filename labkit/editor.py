@@ -21,6 +21,7 @@ import torch
 
 from . import data as D
 from . import focus as F_
+from . import presets as P
 from .loop import LoopConfig, Step, run_loop
 from .losses import flow_matching_loss, sample_t
 from .metrics import case_metrics
@@ -245,7 +246,7 @@ def evaluate_refine(bb, n: int = 24, steps: int = 8, seed: int = 0, split: str =
     target crop itself (perfect alignment, same light: the easiest case); "aligned" the registered reference
     (residual misalignment + photometric change, as in training)."""
     from .sampling import sample
-    cfg = cfg or EditorConfig()
+    cfg = cfg or EditorConfig(region=P.editor_region(bb.preset.name))  # the contexts this editor was trained on
     rows, skipped = [], dict.fromkeys(kinds, 0)
     for i in range(n):
         kind = kinds[i % len(kinds)]

@@ -129,7 +129,7 @@ def test_refine_with_strength_and_blend_runs_on_tiny():
     from labkit import data as Dd
     from labkit import inference as I
     c = Dd.make_triplet(0, "test", 64, 2)
-    a, _ = I.refine_tensor(c.draft, c.mask, c.hrri, method="full", preset="tiny", steps=4)
+    a, _ = I.refine_tensor(c.draft, c.mask, c.hrri, method="full", preset="tiny", steps=4, blend=False)
     b, _ = I.refine_tensor(c.draft, c.mask, c.hrri, method="full", preset="tiny", steps=4, strength=0.5, blend=True)
     far = torch.nn.functional.max_pool2d(c.mask[None], 33, 1, 16)[0, 0] == 0
     rt = I.load_refiner("tiny").bb.roundtrip(c.draft[None])[0]
