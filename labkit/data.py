@@ -501,6 +501,11 @@ def degrade(rng: np.random.Generator, img: np.ndarray, kind: str, vae_roundtrip:
     raise ValueError(f"unknown degradation {kind!r}; choose from {DEGRADATIONS + EDIT_DEGRADATIONS}")
 
 
+def relight(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """The reference's change of light: gamma, exposure, white balance (drawn in that order)."""
+    return np.clip((img ** rng.uniform(0.8, 1.25)) * rng.uniform(0.85, 1.15) * rng.uniform(0.92, 1.08, 3), 0, 1)
+
+
 def damage(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, kind: str) -> np.ndarray:
     """The draft: img (H, W, 3) with one generative failure inside mask (H, W); outside is untouched."""
     h, w = img.shape[:2]
@@ -546,7 +551,7 @@ def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int =
     hrgt = np.clip(_warp(img, t_gt, size), 0, 1)
     hrri = np.clip(_warp(img, t_gt @ a, size), 0, 1)
     # photometric change of the reference: gamma, exposure, white balance
-    hrri = np.clip((hrri ** rng.uniform(0.8, 1.25)) * rng.uniform(0.85, 1.15) * rng.uniform(0.92, 1.08, 3), 0, 1)
+    hrri = relight(rng, hrri)
     if failure is not None:
         kinds, lrgi = [failure], damage(rng, hrgt, mask, failure)
     else:
@@ -566,7 +571,7 @@ def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int =
     for k in range(extra_refs):  # other views of the same crop: own homography and photometric change
         rk = np.random.default_rng([seed, hash_str(split), size, factor, 7919, k])
         v = np.clip(_warp(img, t_gt @ _view_homography(rk, size, view_strength), size), 0, 1)
-        extra.append(t(np.clip((v ** rk.uniform(0.8, 1.25)) * rk.uniform(0.85, 1.15) * rk.uniform(0.92, 1.08, 3), 0, 1)))
+        extra.append(t(relight(rk, v)))
     return Triplet(hrgt=t(hrgt), hrri=t(hrri), lrgi=t(lrgi), mask=t(mask), ref_mask=t(ref_mask),
                    scribble=t(scribble), bbox=bbox_of(mask), ref_bbox=bbox_of(ref_mask),
                    warp=np.linalg.inv(a), meta=meta, extra_refs=extra)

@@ -59,7 +59,7 @@ def aligned_reference(rng: np.random.Generator, img: np.ndarray, misalign: float
     s = img.shape[0]
     strength = 0.0 if rng.random() < 0.3 else rng.uniform(0, misalign)
     ref = np.clip(D._warp(img, D._view_homography(rng, s, strength), s), 0, 1) if strength else img
-    return np.clip((ref ** rng.uniform(0.8, 1.25)) * rng.uniform(0.85, 1.15) * rng.uniform(0.92, 1.08, 3), 0, 1).astype(np.float32)
+    return D.relight(rng, ref).astype(np.float32)
 
 
 def refine_example(rng: np.random.Generator, split: str, cfg: EditorConfig, kind: str | None = None, work: int = 128,
