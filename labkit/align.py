@@ -165,9 +165,14 @@ def registered_paste(draft: torch.Tensor, mask: torch.Tensor, reference: torch.T
                      dilate: int = 5, blur_radius: float = 3.0) -> torch.Tensor:
     """The no-model baseline a registration allows: the warped reference, its light matched to the draft
     (the fitted gain/offset), pasted into the region with a soft seam; outside the dilated region the draft."""
-    from .focus import soft_mask
     warped = warp_reference(reference, reg.matrix, tuple(draft.shape[-2:]))
     matched = (torch.as_tensor(reg.gain, dtype=torch.float32)[:, None, None] * warped
                + torch.as_tensor(reg.offset, dtype=torch.float32)[:, None, None]).clamp(0, 1)
-    s = soft_mask(mask, dilate=dilate, blur_radius=blur_radius)
+    s = paste_mask(mask, dilate, blur_radius)
     return s * matched + (1 - s) * draft
+
+
+def paste_mask(mask: torch.Tensor, dilate: int = 5, blur_radius: float = 3.0) -> torch.Tensor:
+    """The registered paste's blend weight (1, H, W): the region dilated, with a soft seam (> 0 where it may change)."""
+    from .focus import soft_mask
+    return soft_mask(mask, dilate=dilate, blur_radius=blur_radius)

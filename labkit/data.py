@@ -20,7 +20,7 @@ from scipy import ndimage
 from skimage import transform as sktf
 
 from . import presets as P
-from .util import case_seed
+from .util import atomic_save, case_seed
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "labkit"
 
@@ -772,10 +772,20 @@ def load_cases(folder: str | Path, split: str | None = None, preset: str | None 
 
 
 def write_cases(folder: str | Path, cases: Sequence, prompts: Sequence[str | None] | None = None,
-                splits: Sequence[str | None] | None = None) -> Path:
-    """Write triplets (or Cases) as a case folder (PNG files + metadata.jsonl): to try the commands on known data."""
+                splits: Sequence[str | None] | None = None, outputs: Sequence[torch.Tensor | None] | None = None,
+                extras: Sequence[dict] | None = None, append: bool = False) -> Path:
+    """Write triplets (or Cases) as a case folder (PNG files + metadata.jsonl), e.g. to try the commands on known
+    data. append=True adds them after the folder's cases (new ids; the studio saves what was tried this way);
+    outputs: a refined image per case, kept as "output"; extras: more fields per line (load_cases ignores both). The PNGs are written first and
+    metadata.jsonl is replaced atomically last, so an interrupted write never leaves a line without its files."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file: give a folder for the cases")
     folder.mkdir(parents=True, exist_ok=True)
+    meta = folder / "metadata.jsonl"
+    old = meta.read_text().splitlines() if append and meta.exists() else []
+    taken = {json.loads(x).get("id") for x in old if x.strip()}
+    start = len(old)
 
     def png(x, rel):
         a = (to_numpy(x.clamp(0, 1)) * 255).round().astype(np.uint8)
@@ -783,12 +793,26 @@ def write_cases(folder: str | Path, cases: Sequence, prompts: Sequence[str | Non
         return rel
     lines = []
     for i, c in enumerate(cases):
-        row = dict(id=f"case{i:03d}", draft=png(c.draft, f"case{i:03d}_draft.png"), mask=png(c.mask, f"case{i:03d}_mask.png"),
-                   reference=png(c.hrri, f"case{i:03d}_ref.png"), target=png(c.hrgt, f"case{i:03d}_target.png"))
-        if prompts and prompts[i]:
-            row["prompt"] = prompts[i]
+        j = start + i
+        while f"case{j:03d}" in taken:
+            j += 1
+        cid = f"case{j:03d}"
+        refs = c.references if isinstance(c, Case) else [c.hrri, *getattr(c, "extra_refs", [])]
+        target = c.target if isinstance(c, Case) else c.hrgt
+        names = [png(r, f"{cid}_ref.png" if k == 0 else f"{cid}_ref{k}.png") for k, r in enumerate(refs)]
+        row = dict(id=cid, draft=png(c.draft, f"{cid}_draft.png"), mask=png(c.mask, f"{cid}_mask.png"),
+                   reference=names[0] if len(names) == 1 else names)
+        if target is not None:
+            row["target"] = png(target, f"{cid}_target.png")
+        if outputs and outputs[i] is not None:
+            row["output"] = png(outputs[i], f"{cid}_output.png")
+        prompt = prompts[i] if prompts else getattr(c, "prompt", None) if isinstance(c, Case) else None
+        if prompt:
+            row["prompt"] = prompt
         if splits and splits[i]:
             row["split"] = splits[i]
+        row.update(extras[i] if extras else {})
         lines.append(json.dumps(row))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        taken.add(cid)
+    atomic_save(lambda p: Path(p).write_text("\n".join(old + lines) + "\n"), meta)
     return folder

@@ -49,6 +49,7 @@ class EditorConfig:
     refine_sides: tuple[int, ...] = (128, 192, 256)
     refine_area: tuple[float, float] = (0.02, 0.2)
     misalign: float = 0.04  # max view strength of the residual warp (0.04: <1 deg, <1% shift: what a registration leaves); 30% exact
+    refine_kind_probs: tuple[float, ...] | None = None  # per kind of REFINE_DAMAGE (None: uniform); hard kinds up-weighted
     region: str = "none"  # region encoding: none | context (the mask as an image context) | draw (outlined on the draft)
     text_frac: float = 0.5  # refine targets: rendered text and logos this often, photos otherwise
 
@@ -67,7 +68,8 @@ def refine_example(rng: np.random.Generator, split: str, cfg: EditorConfig, kind
     """One refine example built as `labkit.refine(method='focus')` builds its inputs: the draft's focus crop
     (3, h, w), its mask (1, h, w), the target crop, and the aligned reference cropped by the same box (also
     the target crop itself, `target_ref`: the perfectly aligned reference). h x w ~ work², snapped sides."""
-    kind = kind or str(rng.choice(REFINE_DAMAGE))
+    p = None if cfg.refine_kind_probs is None else np.asarray(cfg.refine_kind_probs) / sum(cfg.refine_kind_probs)
+    kind = kind or str(rng.choice(REFINE_DAMAGE, p=p))
     size = int(rng.choice(cfg.refine_sides))
     if content is None:
         content = ("text" if rng.random() < 0.5 else "logo") if rng.random() < cfg.text_frac else "photo"

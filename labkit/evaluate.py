@@ -56,25 +56,57 @@ def case_metrics(out: torch.Tensor, case, draft: torch.Tensor, box=None, percept
 
 
 def run(cases: Sequence, methods: dict[str, Callable], draft_fn: Callable, progress: bool = True,
-        perceptual: dict | None = None, keep: Sequence[int] = range(4)) -> tuple[pd.DataFrame, dict]:
+        perceptual: dict | None = None, keep: Sequence[int] = range(4), indices: Sequence[int] | None = None) -> tuple[pd.DataFrame, dict]:
     """Every method on every case: methods[name](case) -> (output (3,H,W), info); one row per (case, method).
-    Returns the rows and, per method, the outputs of the cases in `keep` (for the qualitative grid)."""
+    Returns the rows and, per method, the outputs of the cases in `keep` (for the qualitative grid). indices:
+    the cases' numbers in the whole set (a shard of it), else 0..n-1."""
     from tqdm.auto import tqdm
+    indices = list(range(len(cases))) if indices is None else list(indices)
     rows, samples = [], {}
     bar = tqdm(total=len(cases) * len(methods), disable=not progress, desc="evaluate", mininterval=5)
     for name, fn in methods.items():
         t0 = time.time()
-        for i, c in enumerate(cases):
+        for i, c in zip(indices, cases):
             out, info = fn(c)
             rows.append(dict(method=name, case=i, scene=c.meta["seed"], content=c.meta["content"], degradation=c.meta["degradation"],
                              **case_metrics(out, c, draft_fn(c), info.get("box"), perceptual)))
             if i in keep:
                 samples.setdefault(name, {})[i] = out
             bar.update(1)
-        for r in rows[-len(cases):]:
+        for r in rows[-len(cases):] if cases else []:
             r["seconds_per_case"] = (time.time() - t0) / len(cases)
     bar.close()
     return pd.DataFrame(rows), {k: [v[i] for i in keep if i in v] for k, v in samples.items()}
+
+
+def processes():
+    """accelerate's PartialState (N processes under accelerate launch, CPU ones joining a gloo group; 1 alone)."""
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def run_sharded(cases: Sequence, methods: dict[str, Callable], draft_fn: Callable, progress: bool = True,
+                perceptual: dict | None = None, keep: Sequence[int] = range(4)) -> tuple[pd.DataFrame, dict] | None:
+    """`run` split across the processes of `accelerate launch` (accelerate's split_between_processes: contiguous
+    shards of the cases); every rank's rows and kept outputs are gathered, and the main process gets the
+    whole table (rows in the order one process writes them), the others None. Alone: `run`."""
+    from accelerate.utils import gather_object
+    state = processes()
+    if state.num_processes == 1:
+        return run(cases, methods, draft_fn, progress, perceptual, keep)
+    with state.split_between_processes(list(range(len(cases)))) as mine:
+        df, samples = run([cases[i] for i in mine], methods, draft_fn, progress and state.is_main_process, perceptual, keep, indices=mine)
+    parts = gather_object([(df.to_dict(orient="records"), {k: {i: v[j] for j, i in enumerate(sorted(set(keep) & set(mine)))}
+                                                            for k, v in samples.items()})])
+    if not state.is_main_process:
+        return None
+    order = {m: k for k, m in enumerate(methods)}
+    rows = sorted((r for recs, _ in parts for r in recs), key=lambda r: (order[r["method"]], r["case"]))
+    merged: dict = {}
+    for _, smp in parts:
+        for k, v in smp.items():
+            merged.setdefault(k, {}).update(v)
+    return pd.DataFrame(rows), {k: [v[i] for i in keep if i in v] for k, v in merged.items()}
 
 
 def bootstrap_ci(x: np.ndarray, n: int = 2000, seed: int = 0, level: float = 0.95, groups=None) -> tuple[float, float]:
@@ -272,7 +304,9 @@ def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "m
                    adapters: dict | None = None, steps: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
                    params: dict | None = None, run_settings: dict | None = None) -> dict:
     """Every method on every case -> out_dir/{per_case.csv, table.csv, table.html, table.png, qualitative.png,
-    results.json} (claims: best model vs the input, focus vs full, background exactness), written at once."""
+    results.json} (claims: best model vs the input, focus vs full, background exactness), written at once.
+    Under `accelerate launch` the cases are split across the processes and rank 0 merges and writes (the
+    others return {})."""
     from pathlib import Path
 
     from . import viz
@@ -282,7 +316,10 @@ def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "m
     adapters = {"frozen": None, **(adapters or {})}
     methods = methods_for(pipelines, adapters, steps, seed, preset, device)
     shown = distinct_scenes(cases, 4)
-    df, samples = run(cases, methods, lambda c: c.draft, progress=progress, keep=shown)
+    got = run_sharded(cases, methods, lambda c: c.draft, progress=progress, keep=shown)  # N processes under accelerate launch
+    if got is None:
+        return {}  # not the main process: rank 0 merges and writes
+    df, samples = got
     columns = [c for c in COLUMNS if c in df and not df[c].isna().all()]
     tab = table(df, "method", columns, seed=seed)
     model_rows = tab[tab.method != "input"].set_index("method").region_psnr
@@ -352,18 +389,24 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
 
     def body():
+        from accelerate.utils import broadcast_object_list
+        state = processes()  # N processes under accelerate launch: rank 0 checks the folder, all evaluate a shard
         settings = dict(data=str(Path(a.data).resolve()), split=a.split, preset=a.preset, pipelines=a.pipelines,
                         adapters=a.adapters, steps=a.steps, seed=a.seed)
-        if claim_out_dir(a.out, settings, a.fresh) and (Path(a.out) / "results.json").exists():
+        resumed = [claim_out_dir(a.out, settings, a.fresh) if state.is_main_process else None]
+        resumed = broadcast_object_list(resumed)[0] if state.num_processes > 1 else resumed[0]
+        if resumed and (Path(a.out) / "results.json").exists():
             print(f"{a.out} already holds this evaluation (same settings); pass --fresh to run it again")
             res = json.loads((Path(a.out) / "results.json").read_text())
         else:
             cases = load_cases(a.data, a.split, preset=a.preset)  # files, sizes and prompts checked before any work
             res = evaluate_cases(cases, a.out, a.preset, a.pipelines, {Path(x).name: x for x in a.adapters}, a.steps, a.seed, a.device,
                                  params=dict(data=str(a.data), split=a.split), run_settings=settings)
+        if not state.is_main_process:
+            return
         for k, c in res["claims"].items():
             print(f"{k}: {c['value']:.3f} vs {c['baseline']:.3f} {c['unit']} -> {'holds' if c['holds'] else 'does not hold'}")
-        print(f"wrote {a.out}")
+        print(f"wrote {a.out}" + (f" ({state.num_processes} processes)" if state.num_processes > 1 else ""))
     return run_cli("labkit evaluate", body, kept=f"nothing was written to {a.out} (it is written at once)")
 
 

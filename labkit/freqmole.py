@@ -47,7 +47,7 @@ class FreqMoLELinear(LoraLinear):
         w = base.weight
         self.lora_A_hf[adapter_name] = a.to(w.device, w.dtype)
         self.lora_B_hf[adapter_name] = b.to(w.device, w.dtype)
-        self.lora_freq_alpha[adapter_name] = nn.Parameter(torch.tensor(0.5, device=w.device))
+        self.lora_freq_alpha[adapter_name] = nn.Parameter(torch.full((1,), 0.5, device=w.device))  # (1,): FSDP shards no scalars
 
     def get_delta_weight(self, adapter) -> torch.Tensor:
         """α·B_LF A_LF + (1 − α)·B_HF A_HF, times the LoRA scaling (used by merge/unmerge)."""
@@ -119,8 +119,10 @@ def inject(transformer, kind: str = "freqmole", rank: int = 8, alpha: float | No
 
 
 def adapter_state(transformer) -> dict[str, torch.Tensor]:
-    """All adapter tensors (names containing 'lora_')."""
-    return {k: v.detach().cpu().contiguous() for k, v in transformer.state_dict().items() if "lora_" in k}
+    """All adapter tensors (names containing 'lora_'), whole: FSDP-sharded ones are gathered (a collective call
+    then, made on every rank)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+            for k, v in transformer.state_dict().items() if "lora_" in k}
 
 
 def trainable_count(transformer) -> int:
@@ -137,9 +139,10 @@ def alpha_by_block(transformer) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
-def save(transformer, spec: dict, folder: str | os.PathLike) -> Path:
-    """The adapter folder: adapter.safetensors + adapter.json (the spec), written together (atomic_dir)."""
-    sd = adapter_state(transformer)
+def save(transformer, spec: dict, folder: str | os.PathLike, state: dict | None = None) -> Path:
+    """The adapter folder: adapter.safetensors + adapter.json (the spec), written together (atomic_dir).
+    state: the adapter tensors already gathered (adapter_state; under FSDP every rank gathers, one saves)."""
+    sd = adapter_state(transformer) if state is None else state
     with atomic_dir(folder) as tmp:
         save_file(sd, str(tmp / "adapter.safetensors"))
         write_json(spec, tmp / "adapter.json")
@@ -169,6 +172,7 @@ def load(transformer, folder: str | os.PathLike, identity: dict | None = None) -
     inject(transformer, spec["kind"], spec["rank"], spec["alpha"], spec["dropout"], spec.get("prior"))
     sd = load_file(folder / "adapter.safetensors")
     mine = adapter_state(transformer)
+    sd = {k: v.reshape(1) if "lora_freq_alpha" in k and v.ndim == 0 else v for k, v in sd.items()}  # files from before α was (1,)
     if set(sd) != set(mine) or any(sd[k].shape != mine[k].shape for k in sd):
         raise ValueError(f"adapter file and modules disagree ({len(set(sd) ^ set(mine))} tensor names differ, "
                          f"e.g. {sorted(set(sd) ^ set(mine))[:2]}): {folder} was made for another model "

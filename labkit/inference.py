@@ -122,13 +122,15 @@ def load_refiner(preset: str = "mini", adapter: str | None = None, device: str =
 def edit(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int, budget: int | None = None,
          prompt: str | None = None, guidance: float | None = None, latents: torch.Tensor | None = None,
          size: tuple[int, int] | None = None, negative_prompt: str | None = None, true_cfg: float = 1.0, strength: float = 1.0,
-         mask: torch.Tensor | None = None, blend: bool = False, region: str | None = None) -> torch.Tensor:
+         mask: torch.Tensor | None = None, blend: bool = False, region: str | None = None,
+         callback=None) -> torch.Tensor:
     """Kontext-style sampling of a target (size: draft's by default) from contexts [draft (id 1), references
     (ids 2..) packed under a pixel budget (SELF)]: (3, H, W) in [0, 1]. latents: the initial noise, packed
     (1, seq, 64) as the pipeline takes it or (1, 16, h, w); else drawn from `seed` exactly as the pipeline draws it.
     strength < 1: start from the draft's latents noised to that level (img2img). mask (1, H, W): the region, given
     to the editor as `region` says (none | context | draw; default the refiner's); blend=True also keeps the draft's
-    latents outside the (dilated) mask after every step (FluxKontextInpaintPipeline's way)."""
+    latents outside the (dilated) mask after every step (FluxKontextInpaintPipeline's way). callback(i, n, x0):
+    after every step, with the step's x0 prediction (latents; sampling.sample), e.g. for a filmstrip or to cancel."""
     from .models import pack_references
     from .sampling import sample
     bb = r.bb
@@ -159,7 +161,8 @@ def edit(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], st
         else:
             keep = None
     z = sample(bb, ctx, prompt or r.prompt, shape=shape, steps=steps, generator=torch.Generator().manual_seed(seed), latents=latents,
-               guidance=guidance, negative_embeds=neg, true_cfg=true_cfg, init=init, strength=strength, keep=keep, keep_mask=keep_mask)
+               guidance=guidance, negative_embeds=neg, true_cfg=true_cfg, init=init, strength=strength, keep=keep, keep_mask=keep_mask,
+               callback=callback)
     return bb.decode(z)[0].float().cpu()
 
 
@@ -218,10 +221,10 @@ def generate(image, prompt: str, references=None, *, preset: str = "mini", steps
 
 
 @torch.no_grad()
-def locate(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
-           timesteps: Sequence[float] = (0.75, 0.5, 0.25), seed: int = 0, thr: float = 0.5) -> tuple[int, int, int, int]:
-    """Refine-by-Align: M* = draft-in-mask queries -> reference keys, averaged over timesteps and every block
-    (the average beat any single (t, l) on mini, 01_attention_correspondence); its largest component's box."""
+def correspondence(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
+                   timesteps: Sequence[float] = (0.75, 0.5, 0.25), seed: int = 0) -> np.ndarray:
+    """Refine-by-Align's M*: attention of the draft's in-mask queries to the reference's keys, averaged over
+    timesteps and every block: (h, w) on the reference's token grid (h = H_ref // multiple), scaled to [0, 1]."""
     from . import attention as A
     bb = r.bb
     p = bb.multiple
@@ -236,8 +239,18 @@ def locate(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, reference: torch
             eps = torch.randn(z_d.shape, generator=g)
             bb((1 - t) * z_d + t * eps, float(t), [z_d, z_r], prompt=r.prompt)
     m = torch.stack([v[0] / v[0].sum() for v in rec.maps.values()]).mean(0)
-    _, box = A.map_to_box(A.to_grid(m, (ref.shape[-2] // p, ref.shape[-1] // p)), thr, p)
-    sy, sx = reference.shape[-2] / ref.shape[-2], reference.shape[-1] / ref.shape[-1]  # back to the reference's pixels
+    return A.to_grid(m, (ref.shape[-2] // p, ref.shape[-1] // p))
+
+
+def locate(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
+           timesteps: Sequence[float] = (0.75, 0.5, 0.25), seed: int = 0, thr: float = 0.5) -> tuple[int, int, int, int]:
+    """Refine-by-Align: the box of M*'s largest component in the reference's pixels (correspondence; the
+    average over timesteps and blocks beat any single (t, l) on mini, 01_attention_correspondence)."""
+    from . import attention as A
+    p = r.bb.multiple
+    _, box = A.map_to_box(correspondence(r, draft, mask, reference, timesteps, seed), thr, p)
+    sy = reference.shape[-2] / (reference.shape[-2] // p * p or p)
+    sx = reference.shape[-1] / (reference.shape[-1] // p * p or p)  # back to the reference's pixels
     return int(box[0] * sx), int(box[1] * sy), int(round(box[2] * sx)), int(round(box[3] * sy))
 
 
@@ -252,14 +265,15 @@ def naive_paste(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor
 
 def focus_refine(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int,
                  margin: float = 16, working_area: int | None = None, prompt: str | None = None, strength: float = 1.0,
-                 blend: bool = False, aligned: Sequence[torch.Tensor] = (), region: str | None = None) -> tuple[torch.Tensor, tuple]:
+                 blend: bool = False, aligned: Sequence[torch.Tensor] = (), region: str | None = None,
+                 callback=None) -> tuple[torch.Tensor, tuple]:
     """Focus-and-Refine: crop + upsample to the working area, refine the crop, soft-paste back into the box.
     aligned: references already in the draft's frame (a registered warp): cropped by the same box, placed first."""
     area = working_area or r.bb.preset.resolution ** 2  # the preset's working area (mini 128², flux-kontext 1024²)
     c_img, c_mask, box = F_.focus_crop(draft, mask, area, r.bb.multiple, margin)
     refs = [F_.resize(F_.crop(a, box), c_img.shape[-2:]) for a in aligned] + list(references)
     out = edit(r, c_img, refs, steps, seed, budget=area, prompt=prompt, strength=strength, mask=(c_mask > 0.5).float(),
-               blend=blend, region=region)
+               blend=blend, region=region, callback=callback)
     soft = F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
     return F_.paste_back(draft, out, box, soft), box
 
@@ -268,9 +282,9 @@ def focus_refine(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, references
 def refine_tensor(image, mask, reference=None, method: str | None = None, adapter: str | None = None, steps: int | None = None,
                   seed: int | None = 0, preset: str = "mini", device: str = "cpu", reference_box=None, margin: float = 16,
                   working_area: int | None = None, prompt: str | None = None, strength: float = 1.0,
-                  blend: bool | None = None, region: str | None = None) -> tuple[torch.Tensor, dict]:
+                  blend: bool | None = None, region: str | None = None, callback=None) -> tuple[torch.Tensor, dict]:
     """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter, seed,
-    region encoding, registration)."""
+    region encoding, registration). callback(i, n, x0) after every sampling step (edit)."""
     method = REFINE_DEFAULTS["method"] if method is None else method
     blend = REFINE_DEFAULTS["blend"] if blend is None else bool(blend)
     if method not in METHODS:
@@ -303,7 +317,8 @@ def refine_tensor(image, mask, reference=None, method: str | None = None, adapte
         return naive_paste(img, m, refs[0], box), info
     info["prompt"], info["region"] = prompt or r.prompt, region or r.region
     if method == "full":
-        return edit(r, img, refs, steps, seed, prompt=prompt, strength=strength, mask=m, blend=blend, region=region), info
+        return edit(r, img, refs, steps, seed, prompt=prompt, strength=strength, mask=m, blend=blend, region=region,
+                    callback=callback), info
     aligned = []
     if method == "align":
         reg = registration(img, m, refs[0], seed)
@@ -315,7 +330,7 @@ def refine_tensor(image, mask, reference=None, method: str | None = None, adapte
         rbox = reference_box if reference_box is not None else locate(r, img, m, refs[0], seed=seed)
         info["reference_box"] = tuple(int(v) for v in rbox)
         refs = [crop_reference(refs[0], rbox, out_size=None, multiple=r.bb.multiple)] + refs[1:]
-    out, box = focus_refine(r, img, m, refs, steps, seed, margin, working_area, prompt, strength, blend, aligned, region)
+    out, box = focus_refine(r, img, m, refs, steps, seed, margin, working_area, prompt, strength, blend, aligned, region, callback)
     info["box"] = tuple(int(v) for v in box)
     return out, info
 

@@ -59,6 +59,7 @@ class LoopConfig:
     out_dir: str = str(RUNS / "scratch")
     fresh: bool = False  # delete an earlier run in out_dir instead of resuming it
     progress: bool = True
+    fsdp: bool = False  # shard the transformer (FSDP2, blocks as units) across processes; LoRA/FreqMoLE train
 
     def check(self) -> LoopConfig:
         """Refuse settings no run can use, before anything is written (a usage error naming the fix)."""
@@ -69,10 +70,11 @@ class LoopConfig:
             ("ema", self.ema, math.isfinite(self.ema) and 0 <= self.ema < 1),
             ("clip", self.clip, math.isfinite(self.clip) and self.clip >= 0),
             ("weight_decay", self.weight_decay, math.isfinite(self.weight_decay) and self.weight_decay >= 0),
-            ("warmup", self.warmup, self.warmup >= 0)) if not ok]
+            ("warmup", self.warmup, self.warmup >= 0),
+            ("fsdp with ema", self.ema, not (self.fsdp and self.ema))) if not ok]
         if bad:
             raise ValueError(f"bad training settings: {', '.join(bad)} (steps and grad_accum >= 1, lr > 0 and finite, "
-                             "0 <= ema < 1, clip/weight_decay/warmup >= 0)")
+                             "0 <= ema < 1, clip/weight_decay/warmup >= 0, no EMA under fsdp)")
         return self
 
 
@@ -155,94 +157,208 @@ def _latest_ckpt(out: Path) -> Path | None:
     return None
 
 
-def run_loop(cfg: LoopConfig, model: nn.Module, loss_fn: Callable[[Step], tuple[torch.Tensor, dict]],
-             eval_fn: Callable[[int], dict] | None = None, param_groups: list[dict] | None = None,
-             run_config: dict | None = None) -> dict:
-    """Train the trainable parameters of `model`; resumes from out_dir/ckpt when present (same config).
+def block_classes(model: nn.Module) -> set[str]:
+    """The transformer-block class names FSDP wraps as units: every diffusers model's `_no_split_modules`."""
+    return {c for m in model.modules() for c in (getattr(m, "_no_split_modules", None) or [])}
 
-    param_groups: [dict(params=[...], freeze_at=N or None), ...] (default: one group of every trainable
-    parameter). eval_fn(step) -> dict of numbers runs every eval_every steps on the main process under
-    no_grad (EMA weights swapped in when cfg.ema > 0). run_config: the recipe's settings, stored in
-    out_dir/run.json with the loop's and compared on resume. Returns dict(step, history, evals, seconds,
-    main) where main says whether this process is the one that writes files."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import broadcast_object_list
-    from diffusers.training_utils import cast_training_params
-    from safetensors.torch import load_file, save_file
 
-    AcceleratorState._reset_state()  # one process may train several models at different precisions (notebooks, tests)
-    GradientState._reset_state()
-    acc = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available(),
-                      gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
-    cfg.check()
-    main, out = acc.is_main_process, Path(cfg.out_dir)
-    config = dict(loop={k: v for k, v in asdict(cfg).items() if k not in VOLATILE}, recipe=run_config or {},
-                  world=acc.num_processes)
-    _check_run_dir(out, config, cfg.fresh, main)
-    acc.wait_for_everyone()
-    if main:
-        write_json(config, out / "run.json")
-    seed_everything(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)  # the data RNG: the same stream on every rank (Step.shard splits it)
+def shard_with_torch(model: nn.Module, world: int) -> list[nn.Module]:
+    """FSDP2 by hand, as accelerate's plugin does it on GPUs (it ignores the plugin on CPU processes): torch's
+    fully_shard on every transformer block, then on each model that owns blocks (its root). Frozen and
+    trainable weights are sharded alike; only parameters inside those roots may train. Returns the roots."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    names = block_classes(model)
+    roots = [m for m in model.modules() if getattr(m, "_no_split_modules", None)]
+    if not roots:
+        raise ValueError("fsdp=True needs a diffusers transformer (a module with _no_split_modules) inside the model")
+    inside = {id(p) for r in roots for p in r.parameters()}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if stray:
+        raise ValueError(f"fsdp=True shards the transformer only; these trainable weights live outside it: {stray[:3]}")
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
+    for r in roots:
+        for m in r.modules():
+            if type(m).__name__ in names:
+                fully_shard(m, mesh=mesh)
+        fully_shard(r, mesh=mesh)
+    return roots
 
-    cast_training_params(model, torch.float32)  # trainable weights fp32; frozen ones keep their dtype (bf16 is fine)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("no trainable parameters: set requires_grad on the weights to train (or inject an adapter)")
-    groups = param_groups or [dict(params=[p for _, p in named])]
-    opt = torch.optim.AdamW([dict(params=g["params"]) for g in groups], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(cfg, g.get("freeze_at")) for g in groups])
-    params = [p for _, p in named]
-    ema = None
-    if cfg.ema:
-        from diffusers.training_utils import EMAModel
-        ema = EMAModel(params, decay=cfg.ema, use_ema_warmup=False, foreach=False)
-    gc_modules = [m for m in model.modules() if getattr(m, "_supports_gradient_checkpointing", False)] if cfg.gradient_checkpointing else []
-    for m in gc_modules:
-        m.enable_gradient_checkpointing()
 
-    prepared, opt, sched = acc.prepare(model, opt, sched)
-    inner = acc.unwrap_model(prepared, keep_fp32_wrapper=False)
-    inner.__dict__.pop("forward", None)  # autocast lives only in the loop's own context, never on the module
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A (possibly FSDP-sharded DTensor) tensor gathered whole; collective under FSDP: every rank calls it."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-    def save_hook(models, weights, output_dir):  # only the trainable weights, as safetensors
-        if main:
-            save_file({n: p.detach().cpu().contiguous() for n, p in named}, str(Path(output_dir) / "trainable.safetensors"))
+
+class Trainer:
+    """run_loop's phases: set-up (__init__), step, evaluate, save/load, close. See the module docstring."""
+
+    def __init__(self, cfg: LoopConfig, model: nn.Module, loss_fn: Callable, eval_fn: Callable | None,
+                 param_groups: list[dict] | None, run_config: dict | None):
+        self.cfg, self.model, self.loss_fn, self.eval_fn = cfg.check(), model, loss_fn, eval_fn
+        self.acc = acc = self._accelerator(model)
+        self.main, self.out = acc.is_main_process, Path(cfg.out_dir)
+        self.sharded = cfg.fsdp and acc.num_processes > 1  # FSDP: the transformer's weights are split across ranks
+        self.by_hand = self.sharded and acc.distributed_type.name != "FSDP"  # CPU processes: accelerate ignored the plugin
+        config = dict(loop={k: v for k, v in asdict(cfg).items() if k not in VOLATILE}, recipe=run_config or {}, world=acc.num_processes)
+        _check_run_dir(self.out, config, cfg.fresh, self.main)
+        acc.wait_for_everyone()
+        if self.main:
+            write_json(config, self.out / "run.json")
+        seed_everything(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)  # the data RNG: the same stream on every rank (Step.shard splits it)
+        self._build_optimizer(model, param_groups)
+        self.state = dict(step=0, history=[], evals=[], seconds=0.0)
+        ckpt = _latest_ckpt(self.out)
+        if ckpt is not None:
+            self.load(ckpt)
+        self.t0, self.start = time.time(), self.state["seconds"]
+        self.bar = tqdm(total=cfg.steps, initial=self.state["step"], disable=not (cfg.progress and self.main), desc=self.out.name, mininterval=5)
+        self.inner.train()
+
+    def _accelerator(self, model: nn.Module):
+        """The Accelerator: precision, accumulation, and (fsdp) accelerate's FSDP2 plugin with the blocks as units."""
+        from accelerate import Accelerator, FullyShardedDataParallelPlugin
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state()  # one process may train several models at different precisions (notebooks, tests)
+        GradientState._reset_state()
+        plugin = None
+        if self.cfg.fsdp:
+            plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                                    transformer_cls_names_to_wrap=sorted(block_classes(model)),
+                                                    reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
+        return Accelerator(mixed_precision=resolve_precision(self.cfg.mixed_precision), cpu=not torch.cuda.is_available(),
+                           gradient_accumulation_steps=self.cfg.grad_accum, step_scheduler_with_optimizer=False, fsdp_plugin=plugin)
+
+    def _build_optimizer(self, model: nn.Module, param_groups: list[dict] | None) -> None:
+        """fp32 trainable weights, (FSDP) sharding, AdamW + schedule per group, EMA, checkpointing, prepare."""
+        from diffusers.training_utils import cast_training_params
+        cfg, acc = self.cfg, self.acc
+        cast_training_params(model, torch.float32)  # trainable weights fp32; frozen ones keep their dtype (bf16 is fine)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = [dict(g, names=[names[id(p)] for p in g["params"]]) for g in param_groups or
+                  [dict(params=[p for p in model.parameters() if p.requires_grad])]]
+        if self.by_hand:
+            shard_with_torch(model, acc.num_processes)  # replaces the parameters by DTensor shards: re-found by name below
+        by_name = dict(model.named_parameters())
+        self.named = [(n, p) for n, p in by_name.items() if p.requires_grad]
+        if not self.named:
+            raise ValueError("no trainable parameters: set requires_grad on the weights to train (or inject an adapter)")
+        self.params = [p for _, p in self.named]
+        opt = torch.optim.AdamW([dict(params=[by_name[n] for n in g["names"]]) for g in groups], lr=cfg.lr, betas=cfg.betas,
+                                weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(cfg, g.get("freeze_at")) for g in groups])
+        self.ema = None
+        if cfg.ema:
+            from diffusers.training_utils import EMAModel
+            self.ema = EMAModel(self.params, decay=cfg.ema, use_ema_warmup=False, foreach=False)
+        self.gc_modules = [m for m in model.modules() if getattr(m, "_supports_gradient_checkpointing", False)] if cfg.gradient_checkpointing else []
+        for m in self.gc_modules:
+            m.enable_gradient_checkpointing()
+        if self.by_hand:  # no DDP around a sharded model; optimizer and schedule are checkpointed per rank (save)
+            self.prepared, self.opt, self.sched = model, opt, sched
+        else:
+            self.prepared, self.opt, self.sched = acc.prepare(model, opt, sched)
+        self.inner = acc.unwrap_model(self.prepared, keep_fp32_wrapper=False)
+        self.inner.__dict__.pop("forward", None)  # autocast lives only in the loop's own context, never on the module
+        acc.register_save_state_pre_hook(self._save_hook)
+        acc.register_load_state_pre_hook(self._load_hook)
+        self._full: dict = {}
+
+    # ---------------------------------------------------------------- one optimizer step
+    def step(self) -> bool:
+        """One optimizer step (grad_accum micro-batches); True when the run is done."""
+        cfg, acc, state = self.cfg, self.acc, self.state
+        step = state["step"]
+        for micro in range(cfg.grad_accum):
+            with acc.accumulate(self.prepared):
+                with acc.autocast():
+                    loss, logs = self.loss_fn(Step(step, self.rng, self.prepared, acc.process_index, acc.num_processes, micro))
+                acc.backward(loss)
+        gn = full_tensor(acc.clip_grad_norm_(self.params, cfg.clip if cfg.clip else float("inf")))
+        if not _finite(loss.detach()) or not _finite(gn):
+            what = f"loss is {float(loss.detach())}" if not _finite(loss.detach()) else f"gradient norm is {float(gn)}"
+            raise NonFiniteError(f"step {step + 1}: {what} (nothing saved for this step; lower the learning rate "
+                                 f"(now {cfg.lr:g}) or check the data)")
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
+        loss_mean = float(acc.reduce(loss.detach().float(), reduction="mean")) if acc.num_processes > 1 else float(loss.detach())
+        state["step"] += 1
+        state["seconds"] = self.start + time.time() - self.t0
+        state["history"].append(dict(step=state["step"], loss=loss_mean, grad_norm=float(gn), lr=self.sched.get_last_lr()[0],
+                                     seconds=round(state["seconds"], 2), **{k: float(v) for k, v in logs.items()}))
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss_mean:.4f}", refresh=False)
+        return state["step"] >= cfg.steps or bool(cfg.max_minutes and state["seconds"] > 60 * cfg.max_minutes)
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self) -> None:
+        """eval_fn under no_grad with the EMA weights swapped in; on the main process (on every rank under FSDP,
+        whose forward is collective; the main one records). A non-finite number stops the run."""
+        from accelerate.utils import broadcast_object_list
+        msg = None
+        if self.main or self.sharded:
+            self.inner.eval()
+            if self.ema is not None:
+                self.ema.store(self.params), self.ema.copy_to(self.params)
+            with torch.no_grad():
+                ev = self.eval_fn(self.state["step"])
+            if self.ema is not None:
+                self.ema.restore(self.params)
+            self.inner.train()
+            bad = [k for k, v in ev.items() if isinstance(v, (int, float)) and not _finite(v)]
+            msg = f"step {self.state['step']}: evaluation {bad[0]} is {ev[bad[0]]}" if bad else None
+            if not msg and self.main:
+                self.state["evals"].append(dict(step=self.state["step"], seconds=round(self.state["seconds"], 1), **ev))
+                self.bar.write(f"[{self.out.name}] step {self.state['step']}: {_fmt(ev)}")
+        msg = broadcast_object_list([msg])[0] if self.acc.num_processes > 1 else msg
+        if msg:
+            raise NonFiniteError(msg + " (nothing saved for this step; lower the learning rate or check the data)")
+
+    # ---------------------------------------------------------------- checkpoints
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained weights whole, on CPU (gathered from every rank under FSDP: a collective call)."""
+        return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in self.named}
+
+    def _save_hook(self, models, weights, output_dir):  # only the trainable weights, as safetensors
+        from safetensors.torch import save_file
+        if self.main:
+            save_file(self._full, str(Path(output_dir) / "trainable.safetensors"))
         weights.clear()
 
-    def load_hook(models, input_dir):
+    def _load_hook(self, models, input_dir):
+        from safetensors.torch import load_file
         sd = load_file(str(Path(input_dir) / "trainable.safetensors"))
         with torch.no_grad():
-            for n, p in named:
-                p.copy_(sd[n].to(p.device, p.dtype))
+            for n, p in self.named:
+                src = sd[n].to(p.device, p.dtype)
+                if hasattr(p, "device_mesh"):  # a DTensor shard: this rank's piece of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+                    src = distribute_tensor(src, p.device_mesh, p.placements)
+                p.copy_(src)
         models.clear()
 
-    acc.register_save_state_pre_hook(save_hook)
-    acc.register_load_state_pre_hook(load_hook)
-
-    state = dict(step=0, history=[], evals=[], seconds=0.0)
-    ckpt = _latest_ckpt(out)
-    if ckpt is not None:  # exact resume: weights, optimizer, schedule, RNGs, EMA, data RNG, history
-        acc.load_state(str(ckpt))
-        saved = json.loads((ckpt / "loop_state.json").read_text())
-        rng.bit_generator.state = saved.pop("data_rng")
-        state.update(saved)
-        if ema is not None:
-            e = json.loads((ckpt / "ema.json").read_text())
-            sp = load_file(str(ckpt / "ema.safetensors"))
-            ema.load_state_dict(dict(e, shadow_params=[sp[str(i)] for i in range(len(sp))]))
-
-    def save() -> None:
-        tmp = out / "ckpt.tmp"
-        if main and tmp.exists():
+    def save(self) -> None:
+        """A checkpoint written to ckpt.tmp and renamed into place (ckpt.old kept until then)."""
+        from safetensors.torch import save_file
+        out, tmp, acc = self.out, self.out / "ckpt.tmp", self.acc
+        if self.main and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
+        self._full = self.trainable_state()  # collective under FSDP
         acc.save_state(str(tmp))
-        if main:
-            write_json(dict(state, data_rng=rng.bit_generator.state), tmp / "loop_state.json")
-            if ema is not None:
-                e = ema.state_dict()
+        if self.by_hand:  # each rank's optimizer shard (AdamW moments are DTensors), the schedule once
+            torch.save(self.opt.state_dict(), tmp / f"optimizer_rank{acc.process_index}.pt")
+            if self.main:
+                torch.save(self.sched.state_dict(), tmp / "scheduler_fsdp.pt")
+        acc.wait_for_everyone()
+        if self.main:
+            write_json(dict(self.state, data_rng=self.rng.bit_generator.state), tmp / "loop_state.json")
+            if self.ema is not None:
+                e = self.ema.state_dict()
                 save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(e.pop("shadow_params"))}, str(tmp / "ema.safetensors"))
                 write_json(e, tmp / "ema.json")
             cur, old = out / "ckpt", out / "ckpt.old"
@@ -253,75 +369,63 @@ def run_loop(cfg: LoopConfig, model: nn.Module, loss_fn: Callable[[Step], tuple[
             tmp.rename(cur)
             if old.exists():
                 shutil.rmtree(old)
-            write_csv(out / "metrics.csv", state["history"])
+            write_csv(out / "metrics.csv", self.state["history"])
+        self._full = {}
         acc.wait_for_everyone()
 
-    def evaluate() -> None:
-        msg = None
-        if main:
-            inner.eval()
-            if ema is not None:
-                ema.store(params), ema.copy_to(params)
-            with torch.no_grad():
-                ev = eval_fn(state["step"])
-            if ema is not None:
-                ema.restore(params)
-            inner.train()
-            bad = [k for k, v in ev.items() if isinstance(v, (int, float)) and not _finite(v)]
-            msg = f"step {state['step']}: evaluation {bad[0]} is {ev[bad[0]]}" if bad else None
-            if not msg:
-                state["evals"].append(dict(step=state["step"], seconds=round(state["seconds"], 1), **ev))
-                bar.write(f"[{out.name}] step {state['step']}: {_fmt(ev)}")
-        msg = broadcast_object_list([msg])[0] if acc.num_processes > 1 else msg
-        if msg:
-            raise NonFiniteError(msg + " (nothing saved for this step; lower the learning rate or check the data)")
+    def load(self, ckpt: Path) -> None:
+        """Exact resume: weights, optimizer, schedule, RNGs, EMA, data RNG, history."""
+        from safetensors.torch import load_file
+        self.acc.load_state(str(ckpt))
+        if self.by_hand:
+            self.opt.load_state_dict(torch.load(ckpt / f"optimizer_rank{self.acc.process_index}.pt", weights_only=False))
+            self.sched.load_state_dict(torch.load(ckpt / "scheduler_fsdp.pt", weights_only=False))
+        saved = json.loads((ckpt / "loop_state.json").read_text())
+        self.rng.bit_generator.state = saved.pop("data_rng")
+        self.state.update(saved)
+        if self.ema is not None:
+            e = json.loads((ckpt / "ema.json").read_text())
+            sp = load_file(str(ckpt / "ema.safetensors"))
+            self.ema.load_state_dict(dict(e, shadow_params=[sp[str(i)] for i in range(len(sp))]))
 
-    t0, start = time.time(), state["seconds"]
-    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not (cfg.progress and main), desc=out.name, mininterval=5)
-    inner.train()
+    def close(self) -> None:
+        """Undo what the loop put on the module (checkpointing, autocast wrappers); free accelerate's references."""
+        self.bar.close()
+        for m in self.gc_modules:
+            m.disable_gradient_checkpointing()
+        self.inner.__dict__.pop("forward", None)
+        self.inner.__dict__.pop("_original_forward", None)
+        self.acc.free_memory()
+
+
+def run_loop(cfg: LoopConfig, model: nn.Module, loss_fn: Callable[[Step], tuple[torch.Tensor, dict]],
+             eval_fn: Callable[[int], dict] | None = None, param_groups: list[dict] | None = None,
+             run_config: dict | None = None) -> dict:
+    """Train the trainable parameters of `model`; resumes from out_dir/ckpt when present (same config).
+
+    param_groups: [dict(params=[...], freeze_at=N or None), ...] (default: one group of every trainable
+    parameter). eval_fn(step) -> dict of numbers runs every eval_every steps on the main process under
+    no_grad (EMA weights swapped in when cfg.ema > 0). run_config: the recipe's settings, stored in
+    out_dir/run.json with the loop's and compared on resume. Returns dict(step, history, evals, seconds,
+    main) where main says whether this process is the one that writes files. With cfg.fsdp under N processes
+    the model stays sharded afterwards: gather what you keep with `full_tensor` on every rank."""
+    t = Trainer(cfg, model, loss_fn, eval_fn, param_groups, run_config)
     try:
-        while state["step"] < cfg.steps:
-            step = state["step"]
-            for micro in range(cfg.grad_accum):
-                with acc.accumulate(prepared):
-                    with acc.autocast():
-                        loss, logs = loss_fn(Step(step, rng, prepared, acc.process_index, acc.num_processes, micro))
-                    acc.backward(loss)
-            gn = acc.clip_grad_norm_(params, cfg.clip if cfg.clip else float("inf"))
-            if not _finite(loss.detach()) or not _finite(gn):
-                what = f"loss is {float(loss.detach())}" if not _finite(loss.detach()) else f"gradient norm is {float(gn)}"
-                raise NonFiniteError(f"step {step + 1}: {what} (nothing saved for this step; lower the learning rate "
-                                     f"(now {cfg.lr:g}) or check the data)")
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(params)
-            loss_mean = float(acc.reduce(loss.detach().float(), reduction="mean")) if acc.num_processes > 1 else float(loss.detach())
-            state["step"] += 1
-            state["seconds"] = start + time.time() - t0
-            state["history"].append(dict(step=state["step"], loss=loss_mean, grad_norm=float(gn), lr=sched.get_last_lr()[0],
-                                         seconds=round(state["seconds"], 2), **{k: float(v) for k, v in logs.items()}))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_mean:.4f}", refresh=False)
-            done = state["step"] >= cfg.steps or bool(cfg.max_minutes and state["seconds"] > 60 * cfg.max_minutes)
-            if eval_fn and (state["step"] % cfg.eval_every == 0 or done):
-                evaluate()
-            if state["step"] % cfg.ckpt_every == 0 or done:
-                save()
+        while t.state["step"] < cfg.steps:
+            done = t.step()
+            if eval_fn and (t.state["step"] % cfg.eval_every == 0 or done):
+                t.evaluate()
+            if t.state["step"] % cfg.ckpt_every == 0 or done:
+                t.save()
             if done:
                 break
     finally:
-        bar.close()
-        for m in gc_modules:
-            m.disable_gradient_checkpointing()
-        inner.__dict__.pop("forward", None)
-        inner.__dict__.pop("_original_forward", None)
-        acc.free_memory()
-    if ema is not None:
-        ema.copy_to(params)
-    inner.eval()
-    return dict(state, main=main)
+        t.close()
+    if t.ema is not None:
+        t.ema.copy_to(t.params)
+    t.inner.eval()
+    engine = None if not t.sharded else "torch" if t.by_hand else "accelerate"  # who applied FSDP2
+    return dict(t.state, main=t.main, sharded=t.sharded, fsdp_engine=engine)
 
 
 def _fmt(d: dict) -> str:

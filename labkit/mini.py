@@ -159,7 +159,8 @@ def train_mini(args) -> Path:
         ed_loop = LoopConfig(steps=args.editor_steps, lr=args.editor_lr, warmup=100, clip=1.0, ckpt_every=250,
                              eval_every=args.eval_every, max_minutes=args.editor_minutes, seed=args.seed, out_dir=str(run / "editor"),
                              mixed_precision="no")  # fp32 on every CPU: the weights do not depend on the machine
-        over = dict(task_probs=args.task_probs, upscale=args.upscale)  # CLI overrides of the recipe (probes)
+        over = dict(task_probs=args.task_probs, upscale=args.upscale,  # CLI overrides of the recipe (probes)
+                    refine_kind_probs=getattr(args, "refine_kind_probs", None))
         ecfg = EditorConfig(**{k: tuple(v) for k, v in over.items() if v}, **({"region": args.region} if args.region else {}))
         st = train_editor(bb, ed_loop, ecfg, bank_size=args.bank_size, refine_bank=args.refine_bank)
         prev = _read_card(args.out)

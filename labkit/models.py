@@ -206,11 +206,7 @@ def build(preset: P.Preset) -> Backbone:
 def load(preset: str | os.PathLike = "mini", device: str | torch.device = "cpu", seed: int = 0, **overrides) -> Backbone:
     """Load a backbone by preset name (tiny | mini | flux-kontext), or from a diffusers FluxKontextPipeline
     folder (the save_pretrained layout) given as a path; overrides replace preset fields (e.g. weights='/path')."""
-    if isinstance(preset, os.PathLike) or (isinstance(preset, str) and preset not in P.PRESETS and
-                                           (os.sep in preset or Path(preset).expanduser().exists())):
-        overrides["weights"] = str(Path(preset).expanduser())
-        preset = "flux-kontext"
-    cfg = P.get(str(preset), **overrides)
+    cfg = P.get(preset, **overrides)  # a name, or a pipeline folder (flux-kontext with those weights)
     if cfg.text == "t5clip":
         return _load_pipeline(cfg, device)
     torch.manual_seed(seed)

@@ -139,8 +139,12 @@ def editor_region(preset: str) -> str:
     return last.get("recipe", {}).get("region", "none")
 
 
-def get(name: str, **overrides) -> Preset:
-    """Look up a preset by name; keyword overrides replace its fields (e.g. resolution=256)."""
+def get(name: str | os.PathLike, **overrides) -> Preset:
+    """Look up a preset by name, or a diffusers FluxKontextPipeline folder (the save_pretrained layout, as a
+    path: the flux-kontext preset with those weights); keyword overrides replace its fields (e.g. resolution=256)."""
+    if isinstance(name, os.PathLike) or (name not in PRESETS and (os.sep in name or Path(name).expanduser().exists())):
+        overrides["weights"] = str(Path(name).expanduser())
+        name = "flux-kontext"
     if name not in PRESETS:
         raise UnknownPreset(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}, or give a FluxKontextPipeline folder")
     preset = PRESETS[name]

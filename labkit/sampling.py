@@ -3,7 +3,7 @@ Flow-GRPO SDE step with its log-probability (t: 1 = noise -> 0 = clean, as diffu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,12 +55,14 @@ def sample(bb, contexts: Sequence[torch.Tensor], prompt: str | None, shape: tupl
            generator: torch.Generator | None = None, latents: torch.Tensor | None = None, init: torch.Tensor | None = None,
            strength: float = 1.0, keep: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
            prompt_embeds: tuple | None = None, guidance: float | None = None, negative_embeds: tuple | None = None,
-           true_cfg: float = 1.0, return_path: bool = False):
+           true_cfg: float = 1.0, return_path: bool = False, callback: Callable | None = None):
     """THE sampler: the backbone's scheduler (Euler steps in fp32, as diffusers), from noise or from `init`
     latents noised to `strength` (img2img); with keep/keep_mask (latent grid, 1 = keep) the kept latents,
     noised to the current level, are blended back after every step (FluxKontextInpaintPipeline's way).
     guidance: the embedded guidance of guidance-distilled models (FLUX.1-Kontext-dev); negative_embeds +
     true_cfg > 1: true CFG, v = v_neg + true_cfg·(v - v_neg), as the pipeline.
+    callback(i, n, x0): called after step i of n with the step's x0 prediction x_t - sigma·v (latents), as
+    diffusers' callback_on_step_end; it may raise to stop the run (the studio's cancel button does).
     Returns latents (B, C, h, w) (and the path of latents when return_path)."""
     n_tokens = shape[-2] * shape[-1] // 4
     sch, start = prepare(bb, steps, n_tokens, strength)
@@ -76,12 +78,15 @@ def sample(bb, contexts: Sequence[torch.Tensor], prompt: str | None, shape: tupl
         if negative_embeds is not None and true_cfg > 1:
             v_neg = bb(x, float(t) / 1000, contexts, prompt_embeds=negative_embeds, **kw)
             v = v_neg + true_cfg * (v - v_neg)
+        x0 = x - float(t) / 1000 * v.float() if callback is not None else None  # flow: x_t = (1-s)·x0 + s·eps, v = eps - x0
         x = sch.step(v.float(), t, x, return_dict=False)[0].float()
         if keep is not None:
             nxt = ts[i + 1:i + 2]
             k = sch.scale_noise(keep.float(), nxt, noise) if len(nxt) else keep.float()
             x = keep_mask * k + (1 - keep_mask) * x
         path.append(x)
+        if callback is not None:
+            callback(i, len(ts), x0 if keep is None else keep_mask * keep.float() + (1 - keep_mask) * x0)
     return (x, path) if return_path else x
 
 

@@ -19,7 +19,7 @@ from . import losses as L
 from . import models as M
 from . import presets as P
 from .loop import LoopConfig, Step, run_loop
-from .util import case_seed, write_json
+from .util import case_seed, main_process, write_json
 
 
 @dataclass
@@ -146,16 +146,18 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
             rows, imgs = evaluate_refiner(bb, val_trips, cfg.val_steps, seed=0, prompt=cfg.prompt, return_images=True, progress=False,
                                           region=cfg.region)
             out["val_region_psnr"] = float(np.mean([r["region_psnr"] for r in rows]))
-            save_val_grid(val_trips, imgs, Path(loop.out_dir) / "val" / f"step_{step:06d}.png",
-                          f"step {step}: val region PSNR {out['val_region_psnr']:.2f} dB")
+            if main_process():  # under FSDP every rank evaluates (collective forward); one writes
+                save_val_grid(val_trips, imgs, Path(loop.out_dir) / "val" / f"step_{step:06d}.png",
+                              f"step {step}: val region PSNR {out['val_region_psnr']:.2f} dB")
         return out
 
     state = run_loop(loop, bb, loss_fn, eval_fn, param_groups=groups, run_config=dict(sft=asdict(cfg), preset=bb.preset.name))
+    adapter = FM.adapter_state(bb.transformer)  # whole on every rank (gathered from the shards under FSDP)
     if state["main"]:
         from .util import git_commit
         provenance = dict(steps=state["step"], seed=loop.seed, lr=loop.lr, ema=loop.ema, git=git_commit(),
                           mixed_precision=loop.mixed_precision, val=state["evals"][-1] if state["evals"] else None)
-        FM.save(bb.transformer, dict(spec, **identity, sft=asdict(cfg), training=provenance), Path(loop.out_dir) / "adapter")
+        FM.save(bb.transformer, dict(spec, **identity, sft=asdict(cfg), training=provenance), Path(loop.out_dir) / "adapter", adapter)
         write_json(dict(history=state["history"], evals=state["evals"]), Path(loop.out_dir) / "train_state.json")
     return state
 

@@ -3,18 +3,22 @@ parameter sweeps whose points collect into one tidy table.
 
     labkit sweep figures --preset mini [--only 03_vae_crop_vs_full]
     labkit sweep grid NOTEBOOK --param lr=1e-3,3e-3 --param seed=0,1 [--timeout 3600]
+    labkit sweep grid NOTEBOOK --param seed=0,1,2 --executor slurm --partition gpu --gpus 1 --time 120 --mem 64
 
 A notebook's outputs are written into a temporary folder and swapped into place when it finishes, so a kill
 leaves the old figures or the new ones, never a mix. In a grid every point runs in its own process with a
 timeout; a failed point becomes a row with its error and log path, the others still run, the table is
 rewritten (atomically) after every point, a rerun skips the points already done, and the command exits
-non-zero if any point failed.
+non-zero if any point failed. `--executor slurm` submits the points that are not done as one Slurm job array
+through submitit (partition, GPUs, time and memory from flags or a YAML file); the table is collected the
+same way. A YAML `cluster: local` runs that path on this machine with submitit's local executor (the tests).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -110,32 +114,100 @@ def run_point(nb: Path, out_dir: Path, preset: str, params: dict, timeout: float
 
 
 def grid(notebook: str, params: dict[str, list], preset: str = "mini", out: Path | None = None, extra: dict | None = None,
-         timeout: float | None = 3600) -> Path:
-    """Run one notebook at every point of a parameter grid (plus fixed `extra` parameters), each in its own
-    process with a timeout; collect each point's claims (or its error) into one tidy CSV, rewritten after
-    every point. Points already done (status ok) in an earlier table are skipped."""
-    import pandas as pd
+         timeout: float | None = 3600, executor: str = "local", cluster: dict | None = None) -> Path:
+    """Run one notebook at every point of a parameter grid (plus fixed `extra` parameters) and collect each
+    point's claims (or its error and log) into one tidy CSV, rewritten after every point. Points already done
+    (status ok) in an earlier table are skipped. executor: local (one process per point, here, in turn) or
+    slurm (one submitit job array; `cluster`: slurm_config's keys)."""
     nb = notebooks([notebook])[0]
     out = Path(out or FIGURES / "sweep" / nb.stem)
     out.mkdir(parents=True, exist_ok=True)
     done = {}
     if (out / "table.json").exists():
         done = {r["point"]: r for r in json.loads((out / "table.json").read_text()) if r.get("status") == "ok"}
-    rows, keys = [], list(params)
-    for values in itertools.product(*params.values()):
-        point = dict(zip(keys, values))
-        tag = "_".join(f"{k}-{v}" for k, v in point.items())
-        if tag in done and (out / tag / "results.json").exists():
-            rows.append(done[tag])
-        else:
-            r = run_point(nb, out / tag, preset, {**(extra or {}), **point}, timeout)
-            rows.append({"point": tag, **point, "status": r["status"], "error": r["error"], "log": r["log"], "seconds": r["seconds"],
-                         **{f"{k}": c["value"] for k, c in r["claims"].items()}, **{f"{k}_holds": c["holds"] for k, c in r["claims"].items()}})
-            print(f"[sweep] {tag}: {r['status']} {r['error']}", flush=True)
-        table = pd.DataFrame(rows)
-        atomic_save(lambda p, t=table: t.to_csv(p, index=False), out / "table.csv")
-        write_json(rows, out / "table.json")
+    points = {"_".join(f"{k}-{v}" for k, v in pt.items()): pt for pt in (dict(zip(params, vs)) for vs in itertools.product(*params.values()))}
+    rows = {tag: done[tag] for tag in points if tag in done and (out / tag / "results.json").exists()}
+    todo = {tag: {**(extra or {}), **pt} for tag, pt in points.items() if tag not in rows}
+    if executor == "local":
+        results = ((tag, run_point(nb, out / tag, preset, p, timeout)) for tag, p in todo.items())
+    elif executor == "slurm":
+        results = submit_points(nb, out, preset, todo, timeout, cluster or {})
+    else:
+        raise ValueError(f"unknown executor {executor!r}: local or slurm")
+    write_table(out, points, rows)
+    for tag, r in results:
+        rows[tag] = {"point": tag, **points[tag], "status": r["status"], "error": r["error"], "log": r["log"], "seconds": r["seconds"],
+                     **{f"{k}": c["value"] for k, c in r["claims"].items()}, **{f"{k}_holds": c["holds"] for k, c in r["claims"].items()}}
+        print(f"[sweep] {tag}: {r['status']} {r['error']}", flush=True)
+        write_table(out, points, rows)
     return out / "table.csv"
+
+
+def write_table(out: Path, points: dict, rows: dict) -> None:
+    """table.csv + table.json of the rows so far, in grid order (atomically)."""
+    import pandas as pd
+    ordered = [rows[t] for t in points if t in rows]
+    atomic_save(lambda p: pd.DataFrame(ordered).to_csv(p, index=False), out / "table.csv")
+    write_json(ordered, out / "table.json")
+
+
+# ------------------------------------------------------------------------------------------------ Slurm (submitit)
+SLURM_KEYS = dict(partition="slurm_partition", gpus="gpus_per_node", time="timeout_min", mem="mem_gb", cpus="cpus_per_task",
+                  array_parallelism="slurm_array_parallelism", account="slurm_account", qos="slurm_qos")
+
+
+def slurm_parameters(cluster: dict, timeout: float | None) -> tuple[str, dict]:
+    """(submitit cluster name, update_parameters kwargs) from slurm_config keys; submitit's own names
+    (slurm_*, timeout_min, ...) pass through unchanged."""
+    cfg = dict(cluster)
+    name = cfg.pop("cluster", "slurm")
+    kw = {SLURM_KEYS.get(k, k): v for k, v in cfg.items() if v is not None}
+    kw.setdefault("timeout_min", max(1, math.ceil((timeout or 3600) / 60)))
+    return name, kw
+
+
+def point_job(nb: str, out_dir: str, preset: str, params: dict) -> dict:
+    """What one array job runs: the notebook into its folder; returns its claims and seconds."""
+    t0 = time.time()
+    res = run_notebook(nb, out_dir, preset=preset, **params)
+    return dict(claims=res["claims"], seconds=round(time.time() - t0, 1))
+
+
+def submit_points(nb: Path, out: Path, preset: str, todo: dict[str, dict], timeout: float | None, cluster: dict):
+    """Submit the points as one job array (submitit's AutoExecutor.map_array); yield (tag, result) as jobs finish."""
+    import submitit
+    if not todo:
+        return
+    name, kw = slurm_parameters(cluster, timeout)
+    ex = submitit.AutoExecutor(folder=out / "submitit" / "%j", cluster=name)
+    ex.update_parameters(name=f"labkit-{nb.stem}", **kw)
+    tags = list(todo)
+    jobs = ex.map_array(point_job, [str(nb)] * len(tags), [str(out / t) for t in tags], [preset] * len(tags), [todo[t] for t in tags])
+    print(f"[sweep] {len(jobs)} points submitted to {ex.cluster} (job array {jobs[0].job_id.split('_')[0]}); logs in {out / 'submitit'}",
+          flush=True)
+    tag_of = {j.job_id: t for j, t in zip(jobs, tags)}
+    for job in submitit.helpers.as_completed(jobs):
+        log = str(job.paths.stdout)
+        try:
+            r = job.result()
+            yield tag_of[job.job_id], dict(status="ok", error="", log=log, seconds=r["seconds"], claims=r["claims"])
+        except Exception as e:  # noqa: BLE001 - a failed point is a row with its error, the others still count
+            lines = [ln.strip() for ln in str(e).splitlines() if re.match(r"^\s*[\w.]*(Error|Exception)\b", ln)]
+            status = "timeout" if "timed out" in str(e).lower() or "TIMEOUT" in str(e) else "failed"
+            yield tag_of[job.job_id], dict(status=status, error=lines[-1] if lines else str(e).splitlines()[0][:300], log=log,
+                                           seconds=float("nan"), claims={})
+
+
+def slurm_config(path: str | None, flags: dict) -> dict:
+    """The cluster settings: a YAML file's keys (partition, gpus, time, mem, cpus, array_parallelism, cluster,
+    or submitit's own names), overridden by the flags that were given."""
+    cfg = {}
+    if path:
+        import yaml
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: a YAML mapping of Slurm settings (partition: gpu, gpus: 1, time: 120, mem: 64)")
+    return cfg | {k: v for k, v in flags.items() if v is not None}
 
 
 def _parse_value(v: str):
@@ -164,6 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--param", action="append", default=[], help="name=v1,v2,... (repeatable)")
     g.add_argument("--timeout", type=float, default=3600, help="seconds per point before it is killed and marked failed")
     g.add_argument("--out", default=None, help="folder of the sweep (default figures/sweep/<notebook>)")
+    g.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local: one process per point here; slurm: one submitit job array")
+    g.add_argument("--slurm-config", default=None, help="YAML of Slurm settings (partition, gpus, time, mem, cpus, array_parallelism)")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--gpus", type=int, default=None, help="GPUs per job")
+    g.add_argument("--time", type=int, default=None, help="minutes per job (default: --timeout)")
+    g.add_argument("--mem", type=float, default=None, help="GB of memory per job")
+    g.add_argument("--cpus", type=int, default=None, help="CPUs per job")
+    g.add_argument("--array-parallelism", type=int, default=None, help="at most this many jobs of the array at once")
     r = sub.add_parser("run", help="run one notebook into a folder (what each grid point runs in its own process)",
                        description="example: labkit sweep run 03_vae_crop_vs_full out/ --preset tiny --params-json '{\"seed\": 1}'")
     r.add_argument("notebook")
@@ -184,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import pandas as pd
             params = {k: [_parse_value(v) for v in vs.split(",")] for k, vs in (p.split("=", 1) for p in a.param)}
-            path = grid(a.notebook, params, a.preset, out=Path(a.out) if a.out else None, timeout=a.timeout)
+            cluster = slurm_config(a.slurm_config, dict(partition=a.partition, gpus=a.gpus, time=a.time, mem=a.mem, cpus=a.cpus,
+                                                        array_parallelism=a.array_parallelism)) if a.executor == "slurm" else None
+            path = grid(a.notebook, params, a.preset, out=Path(a.out) if a.out else None, timeout=a.timeout, executor=a.executor,
+                        cluster=cluster)
             table = pd.read_csv(path)
             print(path)
             failed = table[table.status != "ok"]

@@ -18,6 +18,7 @@ import sys
 from dataclasses import fields
 
 from . import presets as P
+from .data import FAILURES
 from .loop import RUNS, LoopConfig
 from .sft import SFTConfig, train_sft
 from .util import run_cli
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--upscale", type=int, nargs="+", default=None, help="editor upscale factors drawn per example")
         q.add_argument("--editor-lr", type=float, default=1e-3, help="editor peak LR (a fine-tune from --init: 1e-4)")
         q.add_argument("--refine-bank", type=int, default=2048, help="pre-encoded refine-task examples (focus crops)")
+        q.add_argument("--refine-kind-probs", type=float, nargs=len(FAILURES), default=None,
+                       help=f"refine task: weight of each kind of damage, in the order {' '.join(FAILURES)} (default uniform)")
         q.add_argument("--region", choices=["none", "context", "draw"], default=None, help="refine task: how the region reaches the editor")
         q.add_argument("--eval-every", type=int, default=500, help="editor: steps between validation evals (and the copy-skill curve)")
     m.add_argument("--stage", choices=["all", "vae", "editor"], default="all")
@@ -65,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="autocast of the forward (auto: bf16 on CUDA or a CPU with native bf16)")
     s.add_argument("--gradient-checkpointing", action="store_true")
+    s.add_argument("--fsdp", action="store_true", help="under accelerate launch: shard the frozen transformer (FSDP2, its blocks "
+                                                       "as units) across the processes; the adapter trains, rank 0 saves it whole")
     s.add_argument("--fresh", action="store_true", help="start over in --out instead of resuming the run there")
     for f_ in fields(SFTConfig):
         names = [f"--{f_.name.replace('_', '-')}"] + (["--data"] if f_.name == "data_dir" else [])
@@ -77,14 +82,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.loop = LoopConfig(steps=args.steps, lr=args.lr, warmup=min(50, max(0, args.steps) // 10 + 1), ckpt_every=100,
                                    eval_every=max(1, args.steps // 4), seed=args.seed, out_dir=args.out, ema=args.ema,
                                    mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                                   fresh=args.fresh).check()
+                                   fresh=args.fresh, fsdp=args.fsdp).check()
         else:
             for k in ("vae_steps", "editor_steps", "bank_size", "refine_bank", "eval_every"):
                 if getattr(args, k) < 1:
                     raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
             LoopConfig(lr=args.editor_lr).check()
-            if args.task_probs and (min(args.task_probs) < 0 or not sum(args.task_probs) > 0):
-                raise ValueError(f"--task-probs must be >= 0 with a positive sum, got {args.task_probs}")
+            for k in ("task_probs", "refine_kind_probs"):
+                v = getattr(args, k)
+                if v and (min(v) < 0 or not sum(v) > 0):
+                    raise ValueError(f"--{k.replace('_', '-')} must be >= 0 with a positive sum, got {v}")
     except ValueError as e:
         ap.error(str(e))  # usage error: exit 2, nothing written
     if args.cmd == "editor":

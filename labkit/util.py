@@ -196,3 +196,8 @@ def write_results(out_dir: str | os.PathLike, preset: str, params: dict, claims:
                          "- find the step that diverged (the training loop stops on non-finite losses) before reporting")
     obj = dict(claims=claims, preset=preset, params=params, git=git_commit(), versions=versions(), **numbers)
     return write_json(obj, Path(out_dir) / "results.json")
+
+
+def main_process() -> bool:
+    """Whether this is the process that writes files (rank 0 under torchrun / accelerate launch; True alone)."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -119,3 +119,33 @@ def test_perceptual_columns_say_unavailable_without_local_weights(monkeypatch):
     monkeypatch.delenv("LABKIT_DINO", raising=False)
     p = E.perceptual_models()
     assert set(p) == {"lpips", "dino", "clip"} and all(isinstance(v, str) and "unavailable" in v for v in p.values())
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_two_processes_equal_one(tmp_path):
+    """`labkit evaluate` under `accelerate launch` with 2 CPU processes: the cases are split across the ranks,
+    rank 0 merges and writes, and the table (and every per-case row) equals one process's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+    trips = [D.make_triplet(s, "test", 64, factor=2) for s in range(5)]
+    data = D.write_cases(tmp_path / "cases", trips)
+    args = ["-m", "labkit", "evaluate", "--data", str(data), "--preset", "tiny", "--pipelines", "focus", "--steps", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    launcher = Path(sys.executable).parent / "accelerate"
+    two = subprocess.run([str(launcher), "launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+                          "--dynamo_backend", "no", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "(2 processes)" in two.stdout
+    a, b = (pd.read_csv(tmp_path / d / "per_case.csv") for d in ("one", "two"))
+    cols = [c for c in a if c != "seconds_per_case"]
+    assert len(a) == 2 * 5 and list(a.case) == list(b.case) and list(a.method) == list(b.method)
+    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=False, rtol=1e-5)
+    ta, tb = (pd.read_csv(tmp_path / d / "table.csv") for d in ("one", "two"))
+    pd.testing.assert_frame_equal(ta.drop(columns=[c for c in ta if "second" in c]), tb.drop(columns=[c for c in tb if "second" in c]),
+                                  check_exact=False, rtol=1e-5)

@@ -1,6 +1,7 @@
 """Every research notebook runs headlessly through papermill on `tiny` and writes a results.json
 whose claims are well-formed; assertions are on that file, never on cell output."""
 import math
+import os
 
 import pytest
 
@@ -56,3 +57,28 @@ def test_sweep_collects_points_into_one_table(tmp_path):
     assert list(table.seed) == [0, 1]
     assert "crop_beats_full_small_regions" in table and "crop_beats_full_small_regions_holds" in table
     assert table.crop_beats_full_small_regions.nunique() == 2  # different seeds, different numbers
+
+
+@pytest.mark.slow
+def test_slurm_sweep_through_submitit_local_executor_fails_one_point_and_resumes(tmp_path):
+    """`--executor slurm` on submitit's local executor (real processes, one job array): a failing point becomes a
+    row with its error and log, the table is the local executor's, and a rerun skips what is done."""
+    import json
+
+    import pandas as pd
+
+    from labkit.sweep import grid
+    kw = dict(preset="tiny", out=tmp_path, extra=dict(n_images=2, fracs=[0.05, 0.4], upsamples=["work"]), executor="slurm",
+              cluster=dict(cluster="local", partition="ignored-here", time=10))
+    csv = grid("03_vae_crop_vs_full", {"seed": [0, 1], "size": [64, 8]}, **kw)
+    table = pd.read_csv(csv)
+    assert list(table.point) == ["seed-0_size-64", "seed-0_size-8", "seed-1_size-64", "seed-1_size-8"]  # grid order
+    ok, bad = table[table.status == "ok"], table[table.status != "ok"]
+    assert list(ok.point) == ["seed-0_size-64", "seed-1_size-64"] and ok.crop_beats_full_small_regions.nunique() == 2
+    assert len(bad) == 2 and all(bad.error.str.len() > 0) and all(os.path.exists(p) for p in bad.log)
+    assert (tmp_path / "submitit").is_dir()
+    stamp = {p: (tmp_path / p / "results.json").stat().st_mtime for p in ok.point}
+    grid("03_vae_crop_vs_full", {"seed": [0, 1], "size": [64, 8]}, **kw)  # resume: the done points are kept as they are
+    again = json.loads((tmp_path / "table.json").read_text())
+    assert [r["status"] for r in again] == list(table.status)
+    assert stamp == {p: (tmp_path / p / "results.json").stat().st_mtime for p in ok.point}

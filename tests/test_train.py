@@ -352,3 +352,60 @@ def test_two_cpu_processes_sync_gradients_and_match_one_process_with_the_doubled
     assert json.loads((two / "writes_1.json").read_text()) == []  # rank 1 writes nothing of labkit's
     assert any("run.json" in p for p in json.loads((two / "writes_0.json").read_text()))
     assert (two / "out" / "adapter" / "adapter.safetensors").exists()
+
+
+FSDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+import labkit
+from labkit.loop import LoopConfig
+from labkit.sft import SFTConfig, train_sft
+from accelerate import PartialState
+out, fsdp, batch = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
+torch.set_num_threads(1)
+bb = labkit.load("tiny")
+cfg = SFTConfig(adapter="freqmole", rank=2, size=64, batch=batch, bank=8, val_images=0)
+st = train_sft(bb, LoopConfig(steps=4, lr=1e-2, warmup=1, ckpt_every=2, eval_every=2, out_dir=str(out), progress=False,
+                              mixed_precision="no", fsdp=fsdp), cfg)
+blocks = [n for n, m in bb.transformer.named_modules() if type(m).__name__.startswith("FSDP")]
+rank = PartialState().process_index
+(out / f"result_{rank}.json").write_text(json.dumps(dict(loss=[h["loss"] for h in st["history"]], engine=st["fsdp_engine"],
+                                                        fsdp_modules=blocks, distributed=str(PartialState().distributed_type))))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_two_cpu_processes_match_one_process(tmp_path):
+    """--fsdp under 2 CPU processes (gloo): the transformer's blocks are FSDP2 units, the frozen base is sharded,
+    the adapter trains; the loss curve and the saved adapter equal one process with the doubled batch, and a
+    rerun resumes from the sharded checkpoint to the same adapter.
+
+    accelerate's FSDP plugin does not apply to CPU processes (its state keeps MULTI_CPU: the plugin is only
+    honoured for GPU-like devices), so on CPU labkit applies the same FSDP2 (torch's fully_shard on the blocks
+    the plugin would wrap, then the root): the code path the plugin takes on GPUs, through torch."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    script = tmp_path / "fsdp_sft.py"
+    script.write_text(FSDP_SCRIPT)
+    launcher = Path(sys.executable).parent / "accelerate"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+    def launch(n, batch, out, fsdp="1"):
+        cmd = [str(launcher), "launch", "--num_processes", str(n), "--multi_gpu" if n > 1 else "--cpu", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(out), fsdp, str(batch)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((out / "result_0.json").read_text())
+    two, one = launch(2, 2, tmp_path / "two"), launch(1, 4, tmp_path / "one", fsdp="0")
+    assert two["engine"] == "torch" and "MULTI_CPU" in two["distributed"]  # the plugin was not applied on CPU: torch's fully_shard was
+    assert len(two["fsdp_modules"]) >= 3 and one["fsdp_modules"] == []  # blocks + the transformer root are FSDP units
+    assert np.allclose(two["loss"], one["loss"], rtol=1e-5, atol=1e-6)  # the same loss curve
+    a, b = (load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("two", "one"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # the same adapter, saved whole once
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # and training moved it
+    assert json.loads((tmp_path / "two" / "result_1.json").read_text())["loss"] == two["loss"]
+    launch(2, 2, tmp_path / "two")  # the finished run again: resumes from its sharded checkpoint (per-rank optimizer shards)
+    c = load_file(str(tmp_path / "two" / "adapter" / "adapter.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)

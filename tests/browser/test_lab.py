@@ -1,5 +1,6 @@
 """JupyterLab in headless Chromium (Debian's, driven by playwright through executable_path): 00_tour and 01
-run to the end on tiny with no error output, and moving the 01 explorer's slider redraws its figure.
+run to the end on tiny with no error output, and moving the 01 explorer's slider redraws its figure; the
+07 studio is driven with the mouse (draw a region, Run, Save) and its case folder checked.
 Screenshots land in .cache/browser/. Run with `make test-browser` (needs `apt-get install chromium`)."""
 import json
 import os
@@ -16,7 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / ".cache" / "browser"
 TOKEN = "labkit-browser-test"
-SMALL = {"00_tour": dict(n_triplets=2), "01_attention_correspondence": dict(n_pairs=3, n_calib=2, timesteps=[1.0, 0.5], sample_steps=2, size=64)}
+SMALL = {"00_tour": dict(n_triplets=2), "01_attention_correspondence": dict(n_pairs=3, n_calib=2, timesteps=[1.0, 0.5], sample_steps=2, size=64),
+         "07_studio": dict(steps=3, cases_dir=str(WORK / "studio_cases"))}
 
 
 def _free_port() -> int:
@@ -107,4 +109,48 @@ def test_tour_and_attention_notebooks_run_and_the_explorer_responds(lab, browser
                            " return i && i.getAttribute('src') !== b; }", arg=before, timeout=60_000)
     page.screenshot(path=str(WORK / "01_explorer_after.png"), full_page=True)
     assert img.get_attribute("src") != before  # the figure was redrawn for the other case
+    page.close()
+
+
+def test_studio_draws_runs_and_saves_with_the_mouse(lab, browser):
+    import numpy as np
+    from PIL import Image
+    page = browser.new_page(viewport={"width": 1600, "height": 1200})
+    _run_all(page, lab, "07_studio.ipynb")
+    assert _errors(page) == []
+    cases = WORK / "studio_cases"
+    n_before = len((cases / "metadata.jsonl").read_text().splitlines())  # the headless part saved the examples
+    canvas = page.locator(".studio-canvas canvas").first
+    canvas.scroll_into_view_if_needed()
+    page.locator(".studio-clear").first.click()
+    box = canvas.bounding_box()
+    x0, y0 = box["x"] + 0.30 * box["width"], box["y"] + 0.35 * box["height"]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for k in range(1, 13):  # a stroke to the lower right, one mouse-move event per step
+        page.mouse.move(x0 + 8 * k, y0 + 5 * k)
+    page.mouse.up()
+    out_img = page.locator(".studio-panel-output img").first
+    before = out_img.get_attribute("src")
+    page.wait_for_timeout(500)
+    page.locator(".studio-run").first.click()
+    page.wait_for_function("(b) => { const i = document.querySelector('.studio-panel-output img');"
+                           " return i && i.getAttribute('src') !== b; }", arg=before, timeout=120_000)
+    assert page.locator(".studio-error").count() == 0
+    page.locator(".studio-save").first.click()
+    page.wait_for_function("() => (document.querySelector('.studio-saved') || {}).textContent", timeout=60_000)
+    page.screenshot(path=str(WORK / "07_studio.png"), full_page=True)
+    rows = [json.loads(x) for x in (cases / "metadata.jsonl").read_text().splitlines() if x.strip()]
+    assert len(rows) == n_before + 1
+    row = rows[-1]
+    read = lambda k: np.asarray(Image.open(cases / row[k]).convert("RGB"), np.float32) / 255  # noqa: E731
+    draft, out, mask = read("draft"), read("output"), read("mask")[..., 0]
+    ys, xs = np.nonzero(mask)
+    assert len(xs) > 20 and xs.min() > 20 and ys.min() > 20  # the stroke drawn with the mouse, where it was drawn
+    change = np.abs(out - draft).max(-1)
+    bx0, by0, bx1, by1 = row["studio"]["box"]
+    assert bx0 <= xs.min() and by0 <= ys.min() and bx1 > xs.max() and by1 > ys.max()  # the box holds the region
+    outside = change.copy()
+    outside[by0:by1, bx0:bx1] = 0
+    assert outside.max() == 0 and change[by0:by1, bx0:bx1].max() > 0  # the change map is non-zero only inside the box
     page.close()
