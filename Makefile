@@ -45,7 +45,7 @@ lab: .venv/.done  ## JupyterLab on the venv kernel (root too); it prints the URL
 	@.venv/bin/nbstripout --install --attributes .git/info/attributes 2>/dev/null && git config filter.nbstripout.extrakeys "$(STRIP_KEYS)" || true
 	.venv/bin/jupyter lab notebooks --no-browser --ServerApp.ip=127.0.0.1 $(LAB_ARGS) $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-test-browser: .venv/.done  ## opt-in: JupyterLab in headless Chromium runs 00_tour and 01 on tiny, moves a slider (needs chromium)
+test-browser: .venv/.done  ## opt-in: JupyterLab in headless Chromium: 00_tour, 01 (moves a slider), 07 studio (draws, runs, saves) on tiny (needs chromium)
 	@command -v chromium >/dev/null || { echo "needs Debian's chromium: apt-get install -y chromium"; exit 1; }
 	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt playwright
 	LABKIT_BROWSER=1 $(PY) -m pytest tests/browser -p no:cacheprovider -q

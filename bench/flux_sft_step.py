@@ -12,8 +12,7 @@ import time
 
 import torch
 
-REAL = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+from labkit.presets import FLUX_KONTEXT_TRANSFORMER as REAL
 
 
 def main() -> None:

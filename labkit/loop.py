@@ -14,16 +14,21 @@ process with the EMA weights swapped in, metrics CSV, checkpoints with `Accelera
 trainable weights as safetensors, the rest as JSON or weights_only torch files) written to a temporary
 folder and renamed into place, exact resume, and a run folder that refuses another config unless
 `fresh`. Trainable parameters are kept fp32; after the loop no autocast wrapper is left on the module.
+With `fsdp` (or an accelerate config with distributed_type FSDP) under N processes the transformer is sharded
+with FSDP2, its blocks as units: through accelerate's plugin on GPUs, through torch's fully_shard on CPU
+processes (accelerate ignores the plugin there); checkpoints hold the gathered trainable weights and each
+rank's optimizer shard.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +200,8 @@ class Trainer:
 
     def __init__(self, cfg: LoopConfig, model: nn.Module, loss_fn: Callable, eval_fn: Callable | None,
                  param_groups: list[dict] | None, run_config: dict | None):
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # an accelerate config with distributed_type: FSDP
+            cfg = replace(cfg, fsdp=True)
         self.cfg, self.model, self.loss_fn, self.eval_fn = cfg.check(), model, loss_fn, eval_fn
         self.acc = acc = self._accelerator(model)
         self.main, self.out = acc.is_main_process, Path(cfg.out_dir)

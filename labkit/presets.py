@@ -80,6 +80,11 @@ def _dit(double: int, single: int, heads: int, head_dim: int, rope: tuple[int, i
     )
 
 
+# FLUX.1-Kontext-dev's transformer (its transformer/config.json): what the benchmarks build on the meta device
+FLUX_KONTEXT_TRANSFORMER = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+                                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
 PRESETS: dict[str, Preset] = {
     # smallest configs that keep the real module tree (double + single blocks, 8x VAE, 16 channels)
     "tiny": Preset(

@@ -120,7 +120,7 @@ def test_studio_draws_runs_and_saves_with_the_mouse(lab, browser):
     assert _errors(page) == []
     cases = WORK / "studio_cases"
     n_before = len((cases / "metadata.jsonl").read_text().splitlines())  # the headless part saved the examples
-    canvas = page.locator(".studio-canvas canvas").first
+    canvas = page.locator("canvas.studio-canvas, .studio-canvas canvas").first
     canvas.scroll_into_view_if_needed()
     page.locator(".studio-clear").first.click()
     box = canvas.bounding_box()
@@ -130,11 +130,11 @@ def test_studio_draws_runs_and_saves_with_the_mouse(lab, browser):
     for k in range(1, 13):  # a stroke to the lower right, one mouse-move event per step
         page.mouse.move(x0 + 8 * k, y0 + 5 * k)
     page.mouse.up()
-    out_img = page.locator(".studio-panel-output img").first
+    out_img = page.locator("img.studio-panel-output").first
     before = out_img.get_attribute("src")
     page.wait_for_timeout(500)
     page.locator(".studio-run").first.click()
-    page.wait_for_function("(b) => { const i = document.querySelector('.studio-panel-output img');"
+    page.wait_for_function("(b) => { const i = document.querySelector('img.studio-panel-output');"
                            " return i && i.getAttribute('src') !== b; }", arg=before, timeout=120_000)
     assert page.locator(".studio-error").count() == 0
     page.locator(".studio-save").first.click()
