@@ -46,8 +46,8 @@ def perceptual_models() -> dict:
     return out
 
 
-def case_metrics(out: torch.Tensor, case, draft: torch.Tensor, box=None, perceptual: dict | None = None) -> dict:
-    """One output (3, H, W) of a case: labkit.metrics.case_row (region and whole vs HRGT, background vs the
+def score(out: torch.Tensor, case, draft: torch.Tensor, box=None, perceptual: dict | None = None) -> dict:
+    """One output (3, H, W) of a case as a row of floats: labkit.metrics.case_row (region and whole vs HRGT, background vs the
     draft, outside the paste box) plus the perceptual columns that have local weights."""
     row = Mt.case_row(out, case.hrgt, case.mask, draft, box)
     for name, fn in (perceptual or {}).items():
@@ -55,21 +55,22 @@ def case_metrics(out: torch.Tensor, case, draft: torch.Tensor, box=None, percept
     return row
 
 
-def run(cases: Sequence, methods: dict[str, Callable], draft_fn: Callable, progress: bool = True,
+def run(cases: Sequence, runners: dict[str, Callable], draft_fn: Callable, progress: bool = True,
         perceptual: dict | None = None, keep: Sequence[int] = range(4), indices: Sequence[int] | None = None) -> tuple[pd.DataFrame, dict]:
-    """Every method on every case: methods[name](case) -> (output (3,H,W), info); one row per (case, method).
+    """Every runner on every case: runners[name](case) -> (output (3,H,W), info); one row per (case, runner name,
+    in the `method` column).
     Returns the rows and, per method, the outputs of the cases in `keep` (for the qualitative grid). indices:
     the cases' numbers in the whole set (a shard of it), else 0..n-1."""
     from tqdm.auto import tqdm
     indices = list(range(len(cases))) if indices is None else list(indices)
     rows, samples = [], {}
-    bar = tqdm(total=len(cases) * len(methods), disable=not progress, desc="evaluate", mininterval=5)
-    for name, fn in methods.items():
+    bar = tqdm(total=len(cases) * len(runners), disable=not progress, desc="evaluate", mininterval=5)
+    for name, fn in runners.items():
         t0 = time.time()
         for i, c in zip(indices, cases):
             out, info = fn(c)
             rows.append(dict(method=name, case=i, scene=c.meta["seed"], content=c.meta["content"], degradation=c.meta["degradation"],
-                             **case_metrics(out, c, draft_fn(c), info.get("box"), perceptual)))
+                             **score(out, c, draft_fn(c), info.get("box"), perceptual)))
             if i in keep:
                 samples.setdefault(name, {})[i] = out
             bar.update(1)
@@ -85,7 +86,7 @@ def processes():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def run_sharded(cases: Sequence, methods: dict[str, Callable], draft_fn: Callable, progress: bool = True,
+def run_sharded(cases: Sequence, runners: dict[str, Callable], draft_fn: Callable, progress: bool = True,
                 perceptual: dict | None = None, keep: Sequence[int] = range(4)) -> tuple[pd.DataFrame, dict] | None:
     """`run` split across the processes of `accelerate launch` (accelerate's split_between_processes: contiguous
     shards of the cases); every rank's rows and kept outputs are gathered, and the main process gets the
@@ -93,14 +94,14 @@ def run_sharded(cases: Sequence, methods: dict[str, Callable], draft_fn: Callabl
     from accelerate.utils import gather_object
     state = processes()
     if state.num_processes == 1:
-        return run(cases, methods, draft_fn, progress, perceptual, keep)
+        return run(cases, runners, draft_fn, progress, perceptual, keep)
     with state.split_between_processes(list(range(len(cases)))) as mine:
-        df, samples = run([cases[i] for i in mine], methods, draft_fn, progress and state.is_main_process, perceptual, keep, indices=mine)
+        df, samples = run([cases[i] for i in mine], runners, draft_fn, progress and state.is_main_process, perceptual, keep, indices=mine)
     parts = gather_object([(df.to_dict(orient="records"), {k: {i: v[j] for j, i in enumerate(sorted(set(keep) & set(mine)))}
                                                             for k, v in samples.items()})])
     if not state.is_main_process:
         return None
-    order = {m: k for k, m in enumerate(methods)}
+    order = {m: k for k, m in enumerate(runners)}
     rows = sorted((r for recs, _ in parts for r in recs), key=lambda r: (order[r["method"]], r["case"]))
     merged: dict = {}
     for _, smp in parts:
@@ -259,23 +260,24 @@ def choose_defaults(cases: Sequence, candidates: dict[str, dict], preset: str = 
     """Each candidate setting of labkit.refine (name -> keyword arguments) on the (val) cases: a table of mean
     region PSNR / background error, and the name of the best by region PSNR."""
     from . import inference as I
-    methods = {name: (lambda c, kw=kw: I.refine_tensor(c.draft, c.mask, c.hrri, seed=seed, preset=preset, device=device, **kw))
+    runners = {name: (lambda c, kw=kw: I.refine_tensor(c.draft, c.mask, c.hrri, seed=seed, preset=preset, device=device, **kw))
                for name, kw in candidates.items()}
-    df, _ = run(cases, methods, lambda c: c.draft, progress=progress, keep=[])
+    df, _ = run(cases, runners, lambda c: c.draft, progress=progress, keep=[])
     tab = table(df, "method", ["region_psnr", "mse_bg"], seed=seed)
     return tab, str(tab.set_index("method").region_psnr.idxmax())
 
 
-def methods_for(pipelines: Sequence[str], adapters: dict, steps: int | None, seed: int, preset: str, device: str = "cpu",
+def runners_for(methods: Sequence[str], adapters: dict, steps: int | None, seed: int, preset: str, device: str = "cpu",
                 paste_true_box: bool = False, prompt: str | None = None, input_label: str = "input", pastes: bool = False,
                 defaults: dict | None = None) -> dict[str, Callable]:
-    """name -> case -> (output, info): the input, (with known boxes) the naive paste, (pastes=True) the M*-box
-    and registered pastes, and every model (frozen editor / adapters) through every pipeline (full | focus |
-    align | align_box), with `defaults` (e.g. blend) for the model calls. A case's own prompt wins."""
+    """name -> runner (case -> (output, info)): the input, (with known boxes) the naive paste, (pastes=True) the
+    M*-box and registered pastes, and every model (frozen editor / adapters) through every refine method (full |
+    focus | align | align_box), named "<model>/<method>", with `defaults` (e.g. blend) for the model calls. A
+    case's own prompt wins."""
     from . import inference as I
 
-    def model(adapter, pipeline):
-        return lambda c: I.refine_tensor(c.draft, c.mask, getattr(c, "references", None) or c.hrri, method=pipeline, adapter=adapter,
+    def model(adapter, method):
+        return lambda c: I.refine_tensor(c.draft, c.mask, getattr(c, "references", None) or c.hrri, method=method, adapter=adapter,
                                          steps=steps, seed=seed, preset=preset, device=device, prompt=getattr(c, "prompt", None) or prompt,
                                          **(defaults or {}))
     out = {input_label: lambda c: I.refine_tensor(c.draft, c.mask, method="input")}
@@ -286,8 +288,8 @@ def methods_for(pipelines: Sequence[str], adapters: dict, steps: int | None, see
         out["paste (registered)"] = lambda c: I.refine_tensor(c.draft, c.mask, c.hrri, method="paste_warp", preset=preset, seed=seed,
                                                               device=device)
     for name, folder in adapters.items():
-        for p in pipelines:
-            out[f"{name}/{p}"] = model(folder, p)
+        for m in methods:
+            out[f"{name}/{m}"] = model(folder, m)
     return out
 
 
@@ -300,7 +302,7 @@ def pair_claim(df: pd.DataFrame, a: str, b: str, paper: str, col: str = "region_
                  f"(95% bootstrap CI over {p['n_scenes']} scenes, {p['n']} cases)", ci=[p["ci_low"], p["ci_high"]])
 
 
-def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "mini", pipelines: Sequence[str] = ("full", "focus"),
+def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "mini", methods: Sequence[str] = ("full", "focus"),
                    adapters: dict | None = None, steps: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
                    params: dict | None = None, run_settings: dict | None = None) -> dict:
     """Every method on every case -> out_dir/{per_case.csv, table.csv, table.html, table.png, qualitative.png,
@@ -314,9 +316,9 @@ def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "m
     for c in cases:
         c.hrgt  # noqa: B018 - every case needs a target to be scored: fail before any work
     adapters = {"frozen": None, **(adapters or {})}
-    methods = methods_for(pipelines, adapters, steps, seed, preset, device)
+    runners = runners_for(methods, adapters, steps, seed, preset, device)
     shown = distinct_scenes(cases, 4)
-    got = run_sharded(cases, methods, lambda c: c.draft, progress=progress, keep=shown)  # N processes under accelerate launch
+    got = run_sharded(cases, runners, lambda c: c.draft, progress=progress, keep=shown)  # N processes under accelerate launch
     if got is None:
         return {}  # not the main process: rank 0 merges and writes
     df, samples = got
@@ -326,7 +328,7 @@ def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "m
     best_model = model_rows.idxmax()
     claims = dict(best_model_beats_input=pair_claim(df, best_model, "input", "all papers (a refiner should beat its input)", seed=seed))
     for name in adapters:
-        if f"{name}/focus" in methods and f"{name}/full" in methods and name == best_model.split("/")[0]:
+        if f"{name}/focus" in runners and f"{name}/full" in runners and name == best_model.split("/")[0]:
             claims["focus_beats_full"] = pair_claim(df, f"{name}/focus", f"{name}/full", "RefineAnything (Focus-and-Refine vs whole image)",
                                                     seed=seed)
     focus = df[df.method.str.endswith(("/focus", "/align"))]
@@ -341,11 +343,11 @@ def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "m
         tab.to_csv(tmp / "table.csv", index=False)
         render(tab, columns, {}, str(tmp / "table.html"), f"{len(cases)} cases, preset {preset}")
         viz.save(table_figure(tab, columns, f"mean over {len(cases)} cases (best per column shaded)"), "table", tmp)
-        show = list(methods)[:6]
+        show = list(runners)[:6]
         rows = [[cases[i].hrri] + [samples[m][j] for m in show] + [cases[i].hrgt] for j, i in enumerate(shown)]
         viz.save(viz.grid(rows, ["reference", *show, "target"], [cases[i].meta.get("source", str(i)) for i in shown], size=1.5),
                  "qualitative", tmp, dict(methods=show, cases=[cases[i].meta for i in shown]))
-        write_results(tmp, preset, dict(params or {}, pipelines=list(pipelines), adapters={k: str(v) for k, v in adapters.items()},
+        write_results(tmp, preset, dict(params or {}, methods=list(methods), adapters={k: str(v) for k, v in adapters.items()},
                                         steps=steps, seed=seed), claims, n_cases=len(cases), best=best(tab, columns),
                       table=tab.set_index("method")[columns].to_dict())
     return json.loads((Path(out_dir) / "results.json").read_text())
@@ -356,15 +358,15 @@ def parse_args(argv: list[str] | None = None):
     import argparse
     ap = argparse.ArgumentParser(prog="labkit evaluate", description="Notebook 05's tables on a case folder (metadata.jsonl): "
                                  "every method on every case with a target, region/background metrics, bootstrap CIs, claims.",
-                                 epilog="example: labkit evaluate --data cases/ --out runs/eval --pipelines focus align")
+                                 epilog="example: labkit evaluate --data cases/ --out runs/eval --methods focus align")
     ap.add_argument("--data", required=True, help="a case folder with metadata.jsonl; every scored case needs a target")
     ap.add_argument("--out", required=True, help="output folder (per_case.csv, table.csv/html/png, qualitative.png, results.json, "
                                                  "run.json); a finished one with the same settings is kept, other settings refused")
     ap.add_argument("--fresh", action="store_true", help="start over in --out (deletes what is there)")
     ap.add_argument("--split", default=None, choices=["train", "val", "test"], help="only this split (default: every case)")
     ap.add_argument("--preset", default="mini")
-    ap.add_argument("--pipelines", nargs="+", default=["full", "focus"], choices=["full", "focus", "align"],
-                    help="how the model methods are applied (inference's `method`)")
+    ap.add_argument("--methods", "--pipelines", dest="methods", nargs="+", default=["full", "focus"],
+                    choices=["full", "focus", "align", "align_box"], help="labkit.refine's methods each model is run with")
     ap.add_argument("--adapters", nargs="*", default=[], help="adapter folders or committed names, besides the frozen editor")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         from accelerate.utils import broadcast_object_list
         state = processes()  # N processes under accelerate launch: rank 0 checks the folder, all evaluate a shard
-        settings = dict(data=str(Path(a.data).resolve()), split=a.split, preset=a.preset, pipelines=a.pipelines,
+        settings = dict(data=str(Path(a.data).resolve()), split=a.split, preset=a.preset, methods=a.methods,
                         adapters=a.adapters, steps=a.steps, seed=a.seed)
         resumed = [claim_out_dir(a.out, settings, a.fresh) if state.is_main_process else None]
         resumed = broadcast_object_list(resumed)[0] if state.num_processes > 1 else resumed[0]
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             res = json.loads((Path(a.out) / "results.json").read_text())
         else:
             cases = load_cases(a.data, a.split, preset=a.preset)  # files, sizes and prompts checked before any work
-            res = evaluate_cases(cases, a.out, a.preset, a.pipelines, {Path(x).name: x for x in a.adapters}, a.steps, a.seed, a.device,
+            res = evaluate_cases(cases, a.out, a.preset, a.methods, {Path(x).name: x for x in a.adapters}, a.steps, a.seed, a.device,
                                  params=dict(data=str(a.data), split=a.split), run_settings=settings)
         if not state.is_main_process:
             return

@@ -43,10 +43,10 @@ def test_evaluate_refuses_an_out_that_is_a_file_and_leaves_it_alone(folder, tmp_
 def test_evaluate_refuses_a_folder_holding_other_settings(folder, tmp_path, capsys):
     out = tmp_path / "ev"
     out.mkdir()
-    (out / "run.json").write_text(json.dumps(dict(data=str(folder.resolve()), split=None, preset="tiny", pipelines=["full"],
+    (out / "run.json").write_text(json.dumps(dict(data=str(folder.resolve()), split=None, preset="tiny", methods=["full"],
                                                   adapters=[], steps=1, seed=0)))
     assert evaluate_main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1", "--seed", "3",
-                          "--pipelines", "full"]) == 2
+                          "--methods", "full"]) == 2
     err = capsys.readouterr().err
     assert "seed: 0 -> 3" in err and "--fresh" in err
     (out / "other.txt").write_text("x")

@@ -108,7 +108,7 @@ def test_the_labkit_command_lists_its_subcommands_and_refuses_an_unknown_one():
 def test_evaluate_cli_writes_the_tables_and_claims(folder, tmp_path):
     from labkit.evaluate import main
     out = tmp_path / "eval"
-    assert main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1", "--pipelines", "full", "focus"]) == 0
+    assert main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1", "--methods", "full", "focus"]) == 0
     assert {"per_case.csv", "table.csv", "table.html", "table.png", "qualitative.png", "results.json"} <= {p.name for p in out.iterdir()}
     r = json.loads((out / "results.json").read_text())
     assert {"best_model_beats_input", "background_exact"} <= set(r["claims"]) and r["n_cases"] == 6

@@ -53,7 +53,7 @@ def test_reference_free_mode_and_background_exact_outside_the_box(case):
     outside[y0:y1, x0:x1] = False
     assert torch.equal(out[:, outside], img[:, outside])  # bit-identical
     assert not torch.equal(out, img)  # and the region did change
-    row = E.case_metrics(out, case, img, info["box"])
+    row = E.score(out, case, img, info["box"])
     assert row["bg_box_maxabs"] == 0.0
 
 
@@ -133,7 +133,7 @@ def test_sharded_evaluation_two_processes_equal_one(tmp_path):
     import pandas as pd
     trips = [D.make_triplet(s, "test", 64, factor=2) for s in range(5)]
     data = D.write_cases(tmp_path / "cases", trips)
-    args = ["-m", "labkit", "evaluate", "--data", str(data), "--preset", "tiny", "--pipelines", "focus", "--steps", "2"]
+    args = ["-m", "labkit", "evaluate", "--data", str(data), "--preset", "tiny", "--methods", "focus", "--steps", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-2000:]

@@ -88,9 +88,19 @@ def test_hf_ratio_detects_blur():
     assert metrics.spectrum_distance(lowpass(x, 1.5), x).item() > metrics.spectrum_distance(x, x).item()
 
 
-def test_seam_error_zero_for_identical():
-    a = torch.rand(1, 3, 32, 32)
-    assert focus.seam_error(a, a, _mask(32, 32, (8, 8, 20, 20))).item() == 0
+def test_seam_error_sees_the_band_and_only_the_band():
+    """Zero for identical images over a non-empty ±4 px band; a change on the mask's edge counts, one far from it
+    (the region's centre, outside the band) does not."""
+    from labkit.losses import boundary_band
+    m = _mask(48, 48, (8, 8, 40, 40))
+    band = boundary_band(m[None].float(), 4)
+    assert 0 < int(band.sum()) < 48 * 48 and band[0, 0, 8, 24] == 1 and band[0, 0, 24, 24] == 0
+    a = torch.rand(1, 3, 48, 48)
+    assert focus.seam_error(a, a, m).item() == 0
+    edge, centre = a.clone(), a.clone()
+    edge[..., 6:10, 20:28] += 0.5  # across the top edge of the region
+    centre[..., 22:26, 22:26] += 0.5  # deep inside the region, > 4 px from its edge
+    assert focus.seam_error(edge, a, m).item() > 1e-3 and focus.seam_error(centre, a, m).item() == 0
 
 
 def test_feature_similarity_from_local_folder(tmp_path):

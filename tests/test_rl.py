@@ -79,10 +79,24 @@ def test_extra_reference_views_leave_the_triplet_unchanged():
     assert not torch.equal(b.extra_refs[0], b.hrri) and b.extra_refs[0].shape == b.hrri.shape
 
 
-def test_sde_sample_trajectory_shapes(tiny):
+def test_sde_sample_log_probs_score_its_own_steps(tiny):
+    """The recorded log-probabilities are those of each stored step under the policy (re-scored from the
+    trajectory with the model), a step's log-prob is highest at its mean, and another seed gives another path."""
+    from labkit.sampling import sde_step
     z = torch.zeros(2, 16, 8, 8)
     tr = sde_sample(tiny, [z], "refine", (2, 16, 8, 8), steps=4, generator=torch.Generator().manual_seed(0))
-    assert tr["latents"].shape == (5, 2, 16, 8, 8) and tr["log_probs"].shape == (3, 2) and torch.isfinite(tr["log_probs"]).all()
+    assert tr["latents"].shape == (5, 2, 16, 8, 8) and tr["log_probs"].shape == (3, 2)
+    embeds = tiny.encode_prompt("refine", batch=2)
+    ts = tr["times"].tolist()
+    for i in range(3):
+        x_t, x_next = tr["latents"][i], tr["latents"][i + 1]
+        v = tiny(x_t, ts[i], [z], prompt_embeds=embeds)
+        _, lp, mean, std = sde_step(v, x_t, ts[i], ts[i + 1], x_next=x_next)
+        assert torch.allclose(lp, tr["log_probs"][i], atol=1e-5)
+        assert (sde_step(v, x_t, ts[i], ts[i + 1], x_next=mean)[1] > lp).all()  # the mean is the most likely next step
+        assert float((x_next - mean).std() / std) == pytest.approx(1.0, abs=0.15)  # the noise has the step's std
+    other = sde_sample(tiny, [z], "refine", (2, 16, 8, 8), steps=4, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(other["latents"][-1], tr["latents"][-1])
 
 
 @pytest.mark.parametrize("beta, precision", [(0.0, "no"), (0.1, "no"), (0.1, "bf16")])

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,15 +159,33 @@ def test_ema_weights_lag_the_raw_weights(tmp_path):
     assert 0 < (avg - w0).norm() < (raw - w0).norm()
 
 
-def test_checkpoint_is_atomic(tmp_path):
-    from labkit.util import atomic_save
+def test_loop_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch):
+    """A crash in the middle of writing the step-4 checkpoint (after accelerate's files, before the loop state)
+    leaves the step-2 checkpoint whole in ckpt/; the run resumes from it and ends where an uninterrupted one does."""
+    import labkit.loop as LP
 
-    def bad_writer(p):
-        open(p, "w").write("half")
-        raise RuntimeError("disk full")
-    with pytest.raises(RuntimeError):
-        atomic_save(bad_writer, tmp_path / "ckpt.pt")
-    assert list(tmp_path.iterdir()) == []
+    def run(out):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 1)
+        x, y = torch.randn(16, 4), torch.randn(16, 1)
+        return m, run_loop(LoopConfig(steps=6, lr=1e-2, warmup=1, ckpt_every=2, out_dir=str(out), progress=False,
+                                      mixed_precision="no"), m, lambda s: (((s.model(x) - y) ** 2).mean(), {}))
+    real = LP.write_json
+
+    def crash_at_step_4(obj, path):
+        if Path(path).name == "loop_state.json" and obj.get("step") == 4:
+            raise OSError("disk full")
+        return real(obj, path)
+    monkeypatch.setattr(LP, "write_json", crash_at_step_4)
+    with pytest.raises(OSError):
+        run(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "ckpt" / "loop_state.json").read_text())["step"] == 2  # the last whole checkpoint
+    assert LP._latest_ckpt(tmp_path / "a") == tmp_path / "a" / "ckpt"
+    monkeypatch.setattr(LP, "write_json", real)
+    resumed, st = run(tmp_path / "a")
+    plain, _ = run(tmp_path / "b")
+    assert st["step"] == 6 and [h["step"] for h in st["history"]] == list(range(1, 7))
+    assert torch.allclose(resumed.weight, plain.weight, atol=1e-7)
 
 
 def test_boundary_band_and_weight():
