@@ -231,6 +231,26 @@ def resize(img: torch.Tensor, size: int | tuple[int, int], mode: str = "bicubic"
     return out.reshape(*img.shape[:-2], *hw)
 
 
+MASK_RULES = ("threshold", "coverage", "touched")
+
+
+def resize_mask(mask: torch.Tensor, hw: tuple[int, int], rule: str = "threshold") -> torch.Tensor:
+    """THE mask resize, (..., 1, H, W) to hw by one of three rules: 'threshold' ({0, 1}: bilinear then > 0.5; a pixel
+    mask at a new image size), 'coverage' (the fraction of each new cell the mask covers; loss weights on the
+    latent grid), 'touched' ({0, 1}: 1 where the mask touches the cell; the latent cells a blend must generate)."""
+    import torch.nn.functional as F
+    hw = (int(hw[0]), int(hw[1]))
+    if rule == "threshold":
+        return (resize(mask.float(), hw, "bilinear") > 0.5).float()
+    if rule not in MASK_RULES:
+        raise ValueError(f"unknown mask rule {rule!r}; choose from {MASK_RULES}")
+    if tuple(mask.shape[-2:]) == hw:
+        return mask.float()
+    x = mask.float().reshape(-1, *mask.shape[-3:])
+    out = F.adaptive_avg_pool2d(x, hw) if rule == "coverage" else F.adaptive_max_pool2d(x, hw)
+    return out.reshape(*mask.shape[:-2], *hw)
+
+
 def resize_np(img: np.ndarray, size: int | tuple[int, int], mode: str = "bicubic") -> np.ndarray:
     """resize() for an (H, W, C) numpy image (this module's pixel format)."""
     return to_numpy(resize(to_tensor(img), size, mode))
@@ -676,7 +696,7 @@ class Case:
     def resized(self, size: int) -> Case:
         """The case at size x size (SFT batches need one shape; aspect is not kept)."""
         r = lambda x, mode="bicubic": resize(x, size, mode)  # noqa: E731
-        return Case(self.name, r(self.draft), [r(x) for x in self.references], (r(self.mask, "bilinear") > 0.5).float(),
+        return Case(self.name, r(self.draft), [r(x) for x in self.references], resize_mask(self.mask, (size, size)),
                     None if self.target is None else r(self.target), self.prompt, self.split, self.meta)
 
 

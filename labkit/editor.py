@@ -82,7 +82,7 @@ def refine_example(rng: np.random.Generator, split: str, cfg: EditorConfig, kind
     c_draft, c_mask, box = F_.focus_crop(t(draft), t(mask[..., None]), work * work, multiple, margin)
     hw = c_draft.shape[-2:]
     crop = lambda x: D.resize(F_.crop(t(x), box), hw)  # noqa: E731
-    return dict(draft=c_draft, mask=(c_mask > 0.5).float(), target=crop(img), reference=crop(ref), kind=kind, content=c,
+    return dict(draft=c_draft, mask=c_mask, target=crop(img), reference=crop(ref), kind=kind, content=c,
                 source=name, box=box, size=size)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import bbox_of, resize  # noqa: F401  (THE resize; focus.resize is the same function)
+from .data import bbox_of, resize, resize_mask  # noqa: F401  (THE resize; focus.resize is the same function)
 
 Box = tuple[int, int, int, int]
 
@@ -46,11 +46,12 @@ def crop(img: torch.Tensor, box: Box) -> torch.Tensor:
 
 def focus_crop(img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int = 16, margin: float = 64,
                min_side: int = 0) -> tuple[torch.Tensor, torch.Tensor, Box]:
-    """Crop image and mask around the mask and upsample to ≈working_area (aspect kept, snapped sides)."""
+    """Crop image and mask around the mask and upsample to ≈working_area (aspect kept, snapped sides); the
+    crop's mask stays {0, 1} (data.resize_mask's 'threshold')."""
     box = focus_box(mask, margin, working_area, min_side)
     c_img, c_mask = crop(img, box), crop(mask, box)
     hw = snap_size(c_img.shape[-2], c_img.shape[-1], working_area, multiple)
-    return resize(c_img, hw), resize(c_mask.float(), hw, mode="bilinear"), box
+    return resize(c_img, hw), resize_mask(c_mask, hw), box
 
 
 def soft_mask(mask: torch.Tensor, dilate: int = 7, blur_radius: float = 5.0) -> torch.Tensor:

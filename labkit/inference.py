@@ -33,7 +33,7 @@ import torch
 
 from . import focus as F_
 from .align import Registration, register, registered_paste, warp_reference
-from .data import as_image_tensor, as_mask_tensor, as_references  # noqa: F401  (the one input check; re-exported)
+from .data import as_image_tensor, as_mask_tensor, as_references, resize_mask  # noqa: F401  (the one input check; re-exported)
 from .presets import editor_region
 from .sampling import check_steps  # noqa: F401  (re-exported: the one steps check)
 from .util import REPO
@@ -156,7 +156,7 @@ def edit(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], st
             raise ValueError("strength < 1 and mask blending need the target at the draft's size")
         init = keep = bb.encode(draft[None].to(bb.device))  # the draft itself (context 1 may carry the region drawn on it)
         if blend:  # latent cells the mask touches (dilated by one cell) are generated; the rest kept
-            m = torch.nn.functional.adaptive_max_pool2d(mask[None].float(), shape[-2:])
+            m = resize_mask(mask[None], shape[-2:], "touched")
             keep_mask = 1 - torch.nn.functional.max_pool2d(m, 3, 1, 1).to(bb.device)
         else:
             keep = None
@@ -272,7 +272,7 @@ def focus_refine(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, references
     area = working_area or r.bb.preset.resolution ** 2  # the preset's working area (mini 128², flux-kontext 1024²)
     c_img, c_mask, box = F_.focus_crop(draft, mask, area, r.bb.multiple, margin)
     refs = [F_.resize(F_.crop(a, box), c_img.shape[-2:]) for a in aligned] + list(references)
-    out = edit(r, c_img, refs, steps, seed, budget=area, prompt=prompt, strength=strength, mask=(c_mask > 0.5).float(),
+    out = edit(r, c_img, refs, steps, seed, budget=area, prompt=prompt, strength=strength, mask=c_mask,
                blend=blend, region=region, callback=callback)
     soft = F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
     return F_.paste_back(draft, out, box, soft), box

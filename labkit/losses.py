@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import data as D
 from .frequency import split as freq_split
 
 
@@ -28,8 +29,8 @@ def x0_estimate(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Te
 
 
 def resize_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Area-resize a (B, 1, H, W) mask to the latent grid (fractional coverage in [0, 1])."""
-    return F.adaptive_avg_pool2d(mask.float(), hw) if mask.shape[-2:] != hw else mask.float()
+    """A (B, 1, H, W) pixel mask on the latent grid as fractional coverage in [0, 1] (data.resize_mask's 'coverage')."""
+    return D.resize_mask(mask, hw, "coverage")
 
 
 def boundary_band(mask: torch.Tensor, radius: int = 16) -> torch.Tensor:

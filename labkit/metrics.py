@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .frequency import gaussian_kernel
+
 
 def _b(x: torch.Tensor) -> torch.Tensor:
     return (x[None] if x.ndim == 3 else x).float()
@@ -29,17 +31,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, eps
     return (-10 * torch.log10(mse(a, b, mask) + eps)).clamp(max=100.0)
 
 
-def _gauss(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float32) - size // 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def ssim_map(a: torch.Tensor, b: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """SSIM map (B, 1, H, W) of Wang et al. 2004 (Gaussian window, C1/C2 for range 1), channel-averaged."""
+def ssim_map(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM map (B, 1, H, W) of Wang et al. 2004 (Gaussian window of σ 1.5: 11 taps, C1/C2 for range 1), channel-averaged."""
     a, b = _b(a), _b(b)
     c = a.shape[1]
-    g = _gauss(size, sigma).to(a)
+    g = gaussian_kernel(sigma).to(a)  # the one Gaussian (frequency.gaussian_kernel: radius ceil(3σ) -> 11 taps at 1.5)
+    size = len(g)
     k = (g[:, None] * g[None, :]).expand(c, 1, size, size)
     blur = lambda x: F.conv2d(F.pad(x, [size // 2] * 4, mode="reflect"), k, groups=c)  # noqa: E731
     mu_a, mu_b = blur(a), blur(b)

@@ -50,7 +50,7 @@ class SFTConfig:
 def bank_of(bb: M.Backbone, cases: list, prompts: list[str], default_prompt: str, region: str = "none") -> dict:
     """Latents of cases (target, draft - the region drawn on it with region='draw' -, reference, and the region
     image with region='context'; one size) plus pixel masks and each case's prompt index into `prompts`
-    (extended in place): encoded once, for fast CPU steps. The 'lrgi' key holds the draft's latents."""
+    (extended in place): encoded once, for fast CPU steps."""
     enc = lambda xs: torch.cat([bb.encode(x[None]).float().cpu() for x in xs])  # noqa: E731
     for c in cases:
         p = getattr(c, "prompt", None) or default_prompt
@@ -58,7 +58,7 @@ def bank_of(bb: M.Backbone, cases: list, prompts: list[str], default_prompt: str
             prompts.append(p)
     ctx = [F_.region_contexts(c.draft, c.mask, [c.hrri], region) for c in cases]  # [draft, (region image), reference]
     extra = dict(region=enc([x[1] for x in ctx])) if region == "context" else {}
-    return extra | dict(hrgt=enc([c.hrgt for c in cases]), lrgi=enc([x[0] for x in ctx]), hrri=enc([c.hrri for c in cases]),
+    return extra | dict(target=enc([c.hrgt for c in cases]), draft=enc([x[0] for x in ctx]), reference=enc([c.hrri for c in cases]),
                 mask=torch.stack([c.mask for c in cases]), ref_mask=torch.stack([c.ref_mask for c in cases]),
                 prompt=torch.tensor([prompts.index(getattr(c, "prompt", None) or default_prompt) for c in cases]))
 
@@ -82,14 +82,14 @@ def sft_loss(model, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Ten
 
     model: the Backbone, or the loop's prepared module around it; embeds: the prompt encoded once (1, ...)
     (the text encoders stay frozen, so like diffusers' Kontext LoRA script they run once, not every step)."""
-    x0 = batch["hrgt"]
+    x0 = batch["target"]
     x_t = L.noisy(x0, eps, t)
     if embeds is None:
         kw = dict(prompt=cfg.prompt)
     else:  # the prompt table (P, ...) encoded once; each example its own prompt
         i = batch["prompt"].to(embeds[0].device)
         kw = dict(prompt_embeds=(embeds[0][i], embeds[1][i], embeds[2]))
-    v = model(x_t, t, [batch["lrgi"], *([batch["region"]] if "region" in batch else []), batch["hrri"]], **kw)
+    v = model(x_t, t, [batch["draft"], *([batch["region"]] if "region" in batch else []), batch["reference"]], **kw)
     hw = x0.shape[-2:]
     w = None
     if cfg.boundary_alpha:
@@ -99,7 +99,7 @@ def sft_loss(model, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Ten
     loss = L.weighted_mse(v, eps - x0, w) / x0.shape[1]
     logs = dict(flow=loss.detach())
     if cfg.w_freq:
-        fl, parts = L.frequency_loss(L.x0_estimate(x_t, v.float(), t), x0, batch["hrri"], batch["mask"], batch["ref_mask"],
+        fl, parts = L.frequency_loss(L.x0_estimate(x_t, v.float(), t), x0, batch["reference"], batch["mask"], batch["ref_mask"],
                                      cfg.sigma, cfg.w_freq, cfg.w_freq)
         loss = loss + fl
         logs.update(parts)
@@ -133,14 +133,14 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
         g = cfg.batch * s.world  # the global batch, identical on every rank; each keeps its share
         idx = torch.from_numpy(s.rng.choice(n_bank, g, replace=n_bank < g))
         t = L.sample_t(s.rng, g)
-        eps = torch.from_numpy(s.rng.standard_normal((g, *bank["hrgt"].shape[1:]))).float()
+        eps = torch.from_numpy(s.rng.standard_normal((g, *bank["target"].shape[1:]))).float()
         batch = {k: s.shard(v[idx]) for k, v in bank.items()}
         return sft_loss(s.model, batch, cfg, s.shard(t), s.shard(eps), embeds)
 
     def eval_fn(step: int) -> dict:
         g = np.random.default_rng(0)
-        t = torch.full((val["hrgt"].shape[0],), 0.5)
-        eps = torch.from_numpy(g.standard_normal(val["hrgt"].shape)).float()
+        t = torch.full((val["target"].shape[0],), 0.5)
+        eps = torch.from_numpy(g.standard_normal(val["target"].shape)).float()
         out = dict(val_loss=float(sft_loss(bb, val, cfg, t, eps, embeds)[0]))
         if val_trips:
             rows, imgs = evaluate_refiner(bb, val_trips, cfg.val_steps, seed=0, prompt=cfg.prompt, return_images=True, progress=False,
@@ -179,7 +179,7 @@ def save_val_grid(trips: list, outputs: list[torch.Tensor], path: Path, title: s
 def evaluate_refiner(bb: M.Backbone, trips: list, steps: int = 8, seed: int = 0, prompt: str = "refine",
                      return_images: bool = False, progress: bool = True, region: str = "none"):
     """Sample HRGT from [draft, HRRI] with the sampler; per case labkit.metrics.case_row of the output and,
-    prefixed 'lrgi_', of the draft itself (the no-model baseline); the output images when return_images."""
+    prefixed 'draft_', of the draft itself (the no-model baseline); the output images when return_images."""
     from tqdm.auto import tqdm
 
     from .metrics import case_row
@@ -192,6 +192,6 @@ def evaluate_refiner(bb: M.Backbone, trips: list, steps: int = 8, seed: int = 0,
                    generator=torch.Generator().manual_seed(seed + i))
         y = bb.decode(z)[0].float().cpu()
         rows.append(dict(case=i, content=t.meta.get("content", "user"), **case_row(y, t.hrgt, t.mask, t.draft),
-                         **case_row(t.draft, t.hrgt, t.mask, prefix="lrgi_")))
+                         **case_row(t.draft, t.hrgt, t.mask, prefix="draft_")))
         images.append(y)
     return (rows, images) if return_images else rows
