@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from labkit import data as D
 from labkit import models as M
 from labkit import presets as P
-from labkit.editor import EditorConfig
 from labkit.mini import VAEConfig
+from labkit.pretrain import EditorConfig
 
 
 def timed(step, reps: int = 4) -> float:

@@ -295,7 +295,7 @@ def runners_for(methods: Sequence[str], adapters: dict, steps: int | None, seed:
 
 def pair_claim(df: pd.DataFrame, a: str, b: str, paper: str, col: str = "region_psnr", seed: int = 0) -> dict:
     """A claim 'a beats b' from the paired bootstrap over the same cases: holds if the CI's lower bound > 0."""
-    from .util import claim
+    from .results import claim
     p = paired(df, a, b, col, seed)
     return claim(p["value"], p["baseline"], p["ci_low"] > 0, f"{col} (dB)" if "psnr" in col else col, paper,
                  f"{a} vs {b}: paired diff {p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] "
@@ -312,7 +312,8 @@ def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "m
     from pathlib import Path
 
     from . import viz
-    from .util import atomic_dir, claim, write_json, write_results
+    from .results import claim, write_results
+    from .util import atomic_dir, write_json
     for c in cases:
         c.hrgt  # noqa: B018 - every case needs a target to be scored: fail before any work
     adapters = {"frozen": None, **(adapters or {})}

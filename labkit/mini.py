@@ -1,4 +1,4 @@
-"""The mini backbone recipe: train the VAE (here), then the Kontext-style editor (labkit.editor), on CPU;
+"""The mini backbone recipe: train the VAE (here), then the Kontext-style editor (labkit.pretrain), on CPU;
 write safetensors weights + card. Both stages are recipes on labkit.loop."""
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from . import data as D
 from . import models as M
 from . import presets as P
 from .loop import LoopConfig, Step, run_loop
-from .util import atomic_save, git_commit, versions, write_json
+from .results import git_commit, versions
+from .util import atomic_save, write_json
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def train_mini(args) -> Path:
     else:
         M.load_weights(bb, args.out, parts=("vae",))
     if args.stage in ("all", "editor"):
-        from .editor import EditorConfig, train_editor
+        from .pretrain import EditorConfig, train_editor
         ed_loop = LoopConfig(steps=args.editor_steps, lr=args.editor_lr, warmup=100, clip=1.0, ckpt_every=250,
                              eval_every=args.eval_every, max_minutes=args.editor_minutes, seed=args.seed, out_dir=str(run / "editor"),
                              mixed_precision="no")  # fp32 on every CPU: the weights do not depend on the machine
@@ -179,7 +180,7 @@ def train_mini(args) -> Path:
 
 def editor_heldout(bb, n: int = 16, steps: int = 8) -> dict:
     """The editor on held-out (val) examples of each pretraining task vs its no-model baselines (PSNR, dB)."""
-    from .editor import evaluate
+    from .pretrain import evaluate
     keep = ("editor_psnr", "input_psnr", "vae_ceiling_psnr", "vae_input_psnr", "editor_region_psnr", "input_region_psnr",
             "vae_input_region_psnr", "oracle_region_psnr", "editor_wrong_ref_region_psnr", "ref_gain_region_db",
             "editor_region_psnr_strong", "input_region_psnr_strong", "editor_wrong_ref_region_psnr_strong")
@@ -226,8 +227,8 @@ def load_checkpoint_weights(bb: M.Backbone, ckpt: str | Path) -> M.Backbone:
 def compare_region_encodings(checkpoints: dict[str, str], preset: str = "mini", n: int = 48, steps: int = 8, seed: int = 0,
                              split: str = "val") -> dict:
     """Region encodings after the same training budget: each checkpoint (name = its encoding) scored by
-    editor.evaluate_refine on `split` with the target and with an aligned reference; per kind and overall."""
-    from .editor import EditorConfig, evaluate_refine
+    pretrain.evaluate_refine on `split` with the target and with an aligned reference; per kind and overall."""
+    from .pretrain import EditorConfig, evaluate_refine
     out = {}
     for region, ckpt in checkpoints.items():
         bb = load_checkpoint_weights(M.load(preset), ckpt)

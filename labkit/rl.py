@@ -237,7 +237,7 @@ def train_grpo(bb, loop: LoopConfig, cfg: GRPOConfig, spec: dict, reward: Callab
 
     state = run_loop(loop, bb, loss_fn, eval_fn, run_config=dict(grpo=asdict(cfg), spec=spec))
     if state["main"]:
-        from .util import git_commit
+        from .results import git_commit
         FM.save(bb.transformer, dict(spec, grpo=asdict(cfg), grpo_training=dict(steps=state["step"], seed=loop.seed, lr=loop.lr,
                                                                                  mixed_precision=loop.mixed_precision, git=git_commit())),
                 Path(loop.out_dir) / "adapter")

@@ -154,7 +154,7 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
     state = run_loop(loop, bb, loss_fn, eval_fn, param_groups=groups, run_config=dict(sft=asdict(cfg), preset=bb.preset.name))
     adapter = FM.adapter_state(bb.transformer)  # whole on every rank (gathered from the shards under FSDP)
     if state["main"]:
-        from .util import git_commit
+        from .results import git_commit
         provenance = dict(steps=state["step"], seed=loop.seed, lr=loop.lr, ema=loop.ema, git=git_commit(),
                           mixed_precision=loop.mixed_precision, val=state["evals"][-1] if state["evals"] else None)
         FM.save(bb.transformer, dict(spec, **identity, sft=asdict(cfg), training=provenance), Path(loop.out_dir) / "adapter", adapter)

@@ -1,4 +1,4 @@
-"""The training command line (the recipes live in labkit.mini, labkit.editor, labkit.sft, labkit.rl; the
+"""The training command line (the recipes live in labkit.mini, labkit.pretrain, labkit.sft, labkit.rl; the
 loop in labkit.loop):
 
     labkit train mini [--fresh] [--vae-minutes 35] [--editor-minutes 40]

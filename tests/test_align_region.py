@@ -5,9 +5,9 @@ import torch
 
 from labkit import align as A
 from labkit import data as D
-from labkit import editor as E
 from labkit import focus as F_
 from labkit import inference as I
+from labkit import pretrain as E
 
 
 def _photo(size=128):

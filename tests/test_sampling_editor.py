@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from labkit import data as D
-from labkit import editor as E
+from labkit import pretrain as E
 from labkit.sampling import sample, times
 
 
@@ -53,7 +53,7 @@ def test_sampler_uses_the_scheduler_as_the_flux_kontext_pipeline_does():
 def test_task_batches_shapes():
     cfg = E.EditorConfig(batch=2, size=64)
     rng = np.random.default_rng(0)
-    for task in [t for t in E.TASKS if t != "refine"]:  # refine examples vary in shape: editor.refine_example (own test)
+    for task in [t for t in E.TASKS if t != "refine"]:  # refine examples vary in shape: pretrain.refine_example (own test)
         b = E.task_batch(task, rng, "train", cfg)
         assert b["target"].shape == (2, 3, 64, 64)
         assert b["contexts"][0].shape == (2, 3, 64, 64)  # every context on the target's grid
