@@ -31,6 +31,7 @@ test: .venv/.done lint  ## lint, then the test suite (tiny preset; notebooks thr
 
 lint: .venv/.done  ## ruff (configured in pyproject.toml) over labkit, tests, bench
 	.venv/bin/ruff check labkit tests bench
+	.venv/bin/ruff format --check labkit tests bench
 
 test-fast: .venv/.done  ## unit tests only (no notebooks)
 	$(PY) -m pytest tests -m "not slow"

@@ -6,6 +6,7 @@ Prints step time and peak GPU memory of each and their ratio, measured interleav
 Needs a CUDA GPU with ~40 GB (the 12B transformer in bf16); on CPU it says so and exits.
     python bench/flux_sft_step.py [--tokens 4096] [--rank 16] [--reps 5]
 """
+
 import argparse
 import sys
 import time
@@ -17,12 +18,16 @@ from labkit.presets import FLUX_KONTEXT_TRANSFORMER as REAL
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=4096, help="target tokens (1024x1024 = 4096); the context doubles the sequence")
+    ap.add_argument(
+        "--tokens", type=int, default=4096, help="target tokens (1024x1024 = 4096); the context doubles the sequence"
+    )
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        print("bench/flux_sft_step.py: needs a CUDA GPU (a 12B transformer in bf16, ~40 GB); skipped on this CPU machine.")
+        print(
+            "bench/flux_sft_step.py: needs a CUDA GPU (a 12B transformer in bf16, ~40 GB); skipped on this CPU machine."
+        )
         return
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
@@ -30,7 +35,8 @@ def main() -> None:
     from labkit import freqmole as FM
     from labkit.models import Backbone
     from labkit.presets import get
-    dev, side = torch.device("cuda"), int(a.tokens ** 0.5) * 2  # latent side
+
+    dev, side = torch.device("cuda"), int(a.tokens**0.5) * 2  # latent side
 
     def build():
         torch.manual_seed(0)
@@ -43,8 +49,11 @@ def main() -> None:
 
     x = torch.randn(1, 16, side, side, device=dev)
     ctx = torch.randn(1, 16, side, side, device=dev)
-    txt = (torch.randn(1, 512, 4096, device=dev, dtype=torch.bfloat16), torch.randn(1, 768, device=dev, dtype=torch.bfloat16),
-           torch.zeros(512, 3, device=dev))
+    txt = (
+        torch.randn(1, 512, 4096, device=dev, dtype=torch.bfloat16),
+        torch.randn(1, 768, device=dev, dtype=torch.bfloat16),
+        torch.zeros(512, 3, device=dev),
+    )
 
     def labkit_step():
         t = build()
@@ -61,6 +70,7 @@ def main() -> None:
                 v = bb(x, torch.full((1,), 0.5, device=dev), [ctx], prompt_embeds=txt, guidance=2.5)
             v.float().pow(2).mean().backward()
             opt.step(), opt.zero_grad(set_to_none=True)
+
         return f
 
     def plain_step():
@@ -76,10 +86,19 @@ def main() -> None:
 
         def f():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = t(hidden_states=tokens, encoder_hidden_states=txt[0], pooled_projections=txt[1], timestep=torch.full((1,), 0.5, device=dev),
-                        img_ids=ids, txt_ids=txt[2], guidance=torch.full((1,), 2.5, device=dev), return_dict=False)[0]
-            out[:, :tokens.shape[1] // 2].float().pow(2).mean().backward()
+                out = t(
+                    hidden_states=tokens,
+                    encoder_hidden_states=txt[0],
+                    pooled_projections=txt[1],
+                    timestep=torch.full((1,), 0.5, device=dev),
+                    img_ids=ids,
+                    txt_ids=txt[2],
+                    guidance=torch.full((1,), 2.5, device=dev),
+                    return_dict=False,
+                )[0]
+            out[:, : tokens.shape[1] // 2].float().pow(2).mean().backward()
             opt.step(), opt.zero_grad(set_to_none=True)
+
         return f
 
     res = {}
@@ -93,7 +112,10 @@ def main() -> None:
         torch.cuda.synchronize()
         res[name] = ((time.time() - t0) / a.reps, torch.cuda.max_memory_allocated() / 2**30)
         del f
-    print(f"FLUX-size LoRA SFT step, rank {a.rank}, {a.tokens} target + {a.tokens} context tokens, {torch.cuda.get_device_name()}")
+    print(
+        f"FLUX-size LoRA SFT step, rank {a.rank}, {a.tokens} target + {a.tokens} context tokens, "
+        f"{torch.cuda.get_device_name()}"
+    )
     for k, (s, m) in res.items():
         print(f"  {k:24s} {s:7.3f} s/step   peak {m:6.1f} GiB")
     (s0, m0), (s1, m1) = res["plain diffusers+peft"], res["labkit"]

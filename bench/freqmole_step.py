@@ -1,5 +1,6 @@
 """Training-step time of FreqMoLE ÷ peft LoRA at equal rank (goal ≤ 1.15) and ÷ the frozen model's own
 forward + backward, on the mini editor config, measured interleaved in one run."""
+
 import time
 
 import torch
@@ -17,6 +18,7 @@ def step_fn(bb, x, c):
         v.pow(2).mean().backward()
         if opt:
             opt.step(), opt.zero_grad()
+
     return f
 
 

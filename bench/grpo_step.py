@@ -1,5 +1,6 @@
 """One GRPO step on the mini config, split into sampling (G SDE samples + decode + reward) and update
 (policy forwards over the trained steps + backward + AdamW), measured side by side in one run."""
+
 import time
 
 import numpy as np
@@ -23,7 +24,7 @@ def main(group: int = 8, inputs: int = 2, sample_steps: int = 6, train_frac: flo
     t_sample, t_update = [], []
     for rep in range(reps + 1):  # the first repetition warms up
         t0 = time.perf_counter()
-        rolls = [rl.rollout(bb, c, rl.contexts(bb, c, 1, cfg.size ** 2), cfg, reward, gen) for c in cases]
+        rolls = [rl.rollout(bb, c, rl.contexts(bb, c, 1, cfg.size**2), cfg, reward, gen) for c in cases]
         t1 = time.perf_counter()
         loss, _ = rl.grpo_loss(bb, rolls, cfg, rng)
         loss.backward()
@@ -32,7 +33,10 @@ def main(group: int = 8, inputs: int = 2, sample_steps: int = 6, train_frac: flo
         if rep:
             t_sample.append(t1 - t0), t_update.append(t2 - t1)
     s, u = float(np.median(t_sample)), float(np.median(t_update))
-    print(f"GRPO step on mini (G={group}, inputs={inputs}, {sample_steps} SDE steps, {train_frac:.0%} trained), {torch.get_num_threads()} threads:")
+    print(
+        f"GRPO step on mini (G={group}, inputs={inputs}, {sample_steps} SDE steps, {train_frac:.0%} trained), "
+        f"{torch.get_num_threads()} threads:"
+    )
     print(f"  sampling  {s:6.2f} s  ({s / (s + u):.0%})")
     print(f"  update    {u:6.2f} s  ({u / (s + u):.0%})")
     print(f"  update / sampling = {u / s:.2f}")

@@ -14,13 +14,14 @@ VAE are not resident during training.
 
     python bench/memory_estimates.py [--gpus 8] [--adapter freqmole] [--rank 16] [--tokens 4096] [--refs 1] [--batch 1]
 """
+
 import argparse
 import sys
 
 import numpy as np
 import torch
 
-GIB = 2 ** 30
+GIB = 2**30
 CARDS = (24, 40, 48, 80, 141)  # GB of the common cards the table is compared with
 
 
@@ -29,6 +30,7 @@ def build(layers: int, single: int, device: str = "meta"):
     from diffusers import FluxTransformer2DModel
 
     from labkit.presets import FLUX_KONTEXT_TRANSFORMER
+
     with torch.device("meta"):
         t = FluxTransformer2DModel(**dict(FLUX_KONTEXT_TRANSFORMER, num_layers=layers, num_single_layers=single))
     return t if device == "meta" else t.to_empty(device=device).to(torch.bfloat16)
@@ -38,19 +40,26 @@ def counts(adapter: str, rank: int) -> dict:
     """Parameters of the full transformer, of its adapters, and of its largest FSDP unit (one block)."""
     from labkit import freqmole as FM
     from labkit.presets import FLUX_KONTEXT_TRANSFORMER as C
+
     t = build(C["num_layers"], C["num_single_layers"])
     FM.inject(t, adapter, rank=rank)
     n = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
     blocks = list(t.transformer_blocks) + list(t.single_transformer_blocks)
-    return dict(base=n(p for p in t.parameters() if not p.requires_grad), adapter=n(p for p in t.parameters() if p.requires_grad),
-                unit=max(n(b.parameters()) for b in blocks), double=C["num_layers"], single=C["num_single_layers"],
-                hidden=C["num_attention_heads"] * C["attention_head_dim"])
+    return dict(
+        base=n(p for p in t.parameters() if not p.requires_grad),
+        adapter=n(p for p in t.parameters() if p.requires_grad),
+        unit=max(n(b.parameters()) for b in blocks),
+        double=C["num_layers"],
+        single=C["num_single_layers"],
+        hidden=C["num_attention_heads"] * C["attention_head_dim"],
+    )
 
 
 def saved_bytes(t, tokens: int, txt: int = 64) -> int:
     """Bytes autograd saves for backward in one forward of t on `tokens` image tokens + `txt` text tokens."""
     from labkit.models import Backbone
-    side = int(round(tokens ** 0.5))
+
+    side = int(round(tokens**0.5))
     x = torch.randn(1, side * side, 64, dtype=torch.bfloat16, requires_grad=True)
     ids = Backbone.image_ids(side * 2, side * 2, 0, "cpu")
     seen: dict = {}
@@ -60,10 +69,18 @@ def saved_bytes(t, tokens: int, txt: int = 64) -> int:
             s = v.untyped_storage()
             seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
         return v
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v), torch.autocast("cpu", dtype=torch.bfloat16):
-        t(hidden_states=x, encoder_hidden_states=torch.randn(1, txt, 4096, dtype=torch.bfloat16),
-          pooled_projections=torch.randn(1, 768, dtype=torch.bfloat16), timestep=torch.full((1,), 0.5), img_ids=ids,
-          txt_ids=torch.zeros(txt, 3), guidance=torch.full((1,), 2.5), return_dict=False)
+        t(
+            hidden_states=x,
+            encoder_hidden_states=torch.randn(1, txt, 4096, dtype=torch.bfloat16),
+            pooled_projections=torch.randn(1, 768, dtype=torch.bfloat16),
+            timestep=torch.full((1,), 0.5),
+            img_ids=ids,
+            txt_ids=torch.zeros(txt, 3),
+            guidance=torch.full((1,), 2.5),
+            return_dict=False,
+        )
     return sum(seen.values())
 
 
@@ -71,6 +88,7 @@ def per_token(adapter: str, rank: int, lengths=(64, 144, 256)) -> dict:
     """Saved-activation bytes per token of one double and one single block (linear part of a quadratic fit in
     the sequence length), and the quadratic coefficient (math attention's N² matrix)."""
     from labkit import freqmole as FM
+
     out = {}
     models = {(1, 0): None, (2, 0): None, (1, 1): None}
     for key in models:
@@ -85,7 +103,10 @@ def per_token(adapter: str, rank: int, lengths=(64, 144, 256)) -> dict:
     for name, (a, b) in dict(double=((2, 0), (1, 0)), single=((1, 1), (1, 0))).items():
         diff = np.array(models[a], float) - np.array(models[b], float)
         c2, c1, _ = np.polyfit(seq, diff, 2)
-        out[name], out[f"{name}_quadratic"] = float(c1 + 2 * c2 * seq.mean()) if c2 < 0 else float(c1), float(max(c2, 0.0))
+        out[name], out[f"{name}_quadratic"] = (
+            float(c1 + 2 * c2 * seq.mean()) if c2 < 0 else float(c1),
+            float(max(c2, 0.0)),
+        )
     return out
 
 
@@ -97,11 +118,24 @@ def estimates(c: dict, act: dict, tokens: int, refs: int, batch: int, gpus: int)
     ckpt = batch * seq * (2 * c["hidden"] * (c["double"] * 2 + c["single"]) + max(act["double"], act["single"]))
     unit = 2 * 2 * c["unit"]  # FSDP: the gathered block and the prefetched next one, bf16
     rows = []
-    for name, world, shard in (("1 GPU", 1, False), (f"DDP 1x{gpus}", gpus, False), (f"FSDP 1x{gpus}", gpus, True),
-                               (f"FSDP 2x{gpus} (2 nodes)", 2 * gpus, True)):
-        states = (base + adapter) / world + unit if shard else base + adapter + (4 * c["adapter"] if world > 1 else 0)  # DDP buckets
-        rows.append(dict(setting=name, world=world, states_gb=states / GIB, no_ckpt_gb=(states + full) / GIB,
-                         ckpt_gb=(states + ckpt) / GIB))
+    for name, world, shard in (
+        ("1 GPU", 1, False),
+        (f"DDP 1x{gpus}", gpus, False),
+        (f"FSDP 1x{gpus}", gpus, True),
+        (f"FSDP 2x{gpus} (2 nodes)", 2 * gpus, True),
+    ):
+        states = (
+            (base + adapter) / world + unit if shard else base + adapter + (4 * c["adapter"] if world > 1 else 0)
+        )  # DDP buckets
+        rows.append(
+            dict(
+                setting=name,
+                world=world,
+                states_gb=states / GIB,
+                no_ckpt_gb=(states + full) / GIB,
+                ckpt_gb=(states + ckpt) / GIB,
+            )
+        )
     return rows
 
 
@@ -118,16 +152,30 @@ def main() -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     c = counts(a.adapter, a.rank)
     act = per_token(a.adapter, a.rank)
-    print(f"FLUX.1-Kontext transformer: {c['base'] / 1e9:.2f}B frozen parameters, {a.adapter} rank {a.rank}: "
-          f"{c['adapter'] / 1e6:.1f}M trainable; largest FSDP unit {c['unit'] / 1e6:.0f}M")
-    print(f"saved activations per token (bf16, measured): double block {act['double'] / 1024:.1f} KiB, single block "
-          f"{act['single'] / 1024:.1f} KiB (+{act['double_quadratic']:.0f} / {act['single_quadratic']:.0f} bytes x N² with math attention)")
+    print(
+        f"FLUX.1-Kontext transformer: {c['base'] / 1e9:.2f}B frozen parameters, {a.adapter} rank {a.rank}: "
+        f"{c['adapter'] / 1e6:.1f}M trainable; largest FSDP unit {c['unit'] / 1e6:.0f}M"
+    )
+    print(
+        f"saved activations per token (bf16, measured): double block {act['double'] / 1024:.1f} KiB, single block "
+        f"{act['single'] / 1024:.1f} KiB (+{act['double_quadratic']:.0f} / {act['single_quadratic']:.0f} bytes "
+        "x N² with math attention)"
+    )
     seq = a.tokens * (2 + a.refs) + 512
-    print(f"sequence: {a.tokens} target + {a.tokens} draft + {a.refs} x {a.tokens} reference + 512 text = {seq} tokens, batch {a.batch}/GPU\n")
-    print(f"{'setting':26s} {'weights+adapter state':>22s} {'no checkpointing':>17s} {'grad. checkpointing':>20s}   fits (ckpt) on")
+    print(
+        f"sequence: {a.tokens} target + {a.tokens} draft + {a.refs} x {a.tokens} reference + 512 text = {seq} "
+        f"tokens, batch {a.batch}/GPU\n"
+    )
+    print(
+        f"{'setting':26s} {'weights+adapter state':>22s} {'no checkpointing':>17s} "
+        f"{'grad. checkpointing':>20s}   fits (ckpt) on"
+    )
     for r in estimates(c, act, a.tokens, a.refs, a.batch, a.gpus):
         fits = ", ".join(f"{g} GB" for g in CARDS if r["ckpt_gb"] * GIB < g * 1e9 * 0.92) or "none listed"
-        print(f"{r['setting']:26s} {r['states_gb']:19.1f} GiB {r['no_ckpt_gb']:13.1f} GiB {r['ckpt_gb']:16.1f} GiB   {fits}")
+        print(
+            f"{r['setting']:26s} {r['states_gb']:19.1f} GiB {r['no_ckpt_gb']:13.1f} GiB {r['ckpt_gb']:16.1f} "
+            f"GiB   {fits}"
+        )
     return 0
 
 

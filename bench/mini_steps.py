@@ -1,5 +1,6 @@
 """Seconds per training step of the mini VAE and the mini editor at their recipe's batch and sizes,
 measured side by side in one run (fp32 vs bf16 autocast too: bf16 only helps on CPUs with native bf16)."""
+
 import time
 
 import numpy as np
@@ -38,6 +39,7 @@ def main() -> None:
                 rec = bb.vae.decode(bb.vae.encode(x * 2 - 1).latent_dist.mode()).sample
                 loss = F.l1_loss(rec.float(), x * 2 - 1)
             loss.backward(), vopt.step(), vopt.zero_grad()
+
         return f
 
     def editor_step(bf16: bool):
@@ -46,12 +48,15 @@ def main() -> None:
                 v = bb(z[0], torch.rand(ec.batch), z[1:], prompt="restore")
                 loss = (v.float() ** 2).mean()
             loss.backward(), topt.step(), topt.zero_grad()
+
         return f
 
     print(f"threads: {torch.get_num_threads()}")
     print(f"{'':34s} {'fp32 s/step':>11} {'bf16 s/step':>11} {'bf16/fp32':>9}")
-    for name, mk in [(f"VAE (batch {vc.batch}, {vc.crop}²)", vae_step),
-                     (f"editor (batch {ec.batch}, 3×{(ec.size // 16) ** 2} tokens)", editor_step)]:
+    for name, mk in [
+        (f"VAE (batch {vc.batch}, {vc.crop}²)", vae_step),
+        (f"editor (batch {ec.batch}, 3×{(ec.size // 16) ** 2} tokens)", editor_step),
+    ]:
         a, b = timed(mk(False)), timed(mk(True), reps=2)
         print(f"{name:34s} {a:11.3f} {b:11.3f} {b / a:9.2f}")
 

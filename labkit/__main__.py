@@ -1,4 +1,5 @@
 """`python -m labkit ...` is the `labkit` command (labkit.cli)."""
+
 import sys
 
 from .cli import main

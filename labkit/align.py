@@ -9,6 +9,7 @@ caller falls back to the M* box crop.
 
 Homographies map reference pixels (x, y, 1) to draft pixels, in pixel units (x right, y down).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,13 +34,20 @@ class Registration:
     matches: int
     residual: float  # RMS photometric error outside the region after the warp, relative to the draft's spread there
     reason: str = ""  # why it was refused, when it was
-    gain: np.ndarray = field(default_factory=lambda: np.ones(3))  # per-channel light change: draft ≈ gain·(warped - mean) + mean'
+    gain: np.ndarray = field(
+        default_factory=lambda: np.ones(3)
+    )  # per-channel light change: draft ≈ gain·(warped - mean) + mean'
     offset: np.ndarray = field(default_factory=lambda: np.zeros(3))  # draft ≈ gain·warped + offset
 
     def describe(self) -> dict:
         """What the output's info records."""
-        return dict(used="warp" if self.ok else "box", inliers=self.inliers, matches=self.matches,
-                    residual=round(self.residual, 4), reason=self.reason)
+        return dict(
+            used="warp" if self.ok else "box",
+            inliers=self.inliers,
+            matches=self.matches,
+            residual=round(self.residual, 4),
+            reason=self.reason,
+        )
 
 
 def _keypoints(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +66,9 @@ def feature_fit(draft: np.ndarray, reference: np.ndarray, outside: np.ndarray, s
     k1, d1 = _keypoints(color.rgb2gray(draft))
     k2, d2 = _keypoints(color.rgb2gray(reference))
     if len(k1):
-        keep = outside[k1[:, 0].astype(int).clip(0, outside.shape[0] - 1), k1[:, 1].astype(int).clip(0, outside.shape[1] - 1)]
+        keep = outside[
+            k1[:, 0].astype(int).clip(0, outside.shape[0] - 1), k1[:, 1].astype(int).clip(0, outside.shape[1] - 1)
+        ]
         k1, d1 = k1[keep], d1[keep]
     if len(k1) < 3 or len(k2) < 3:
         return None, 0, 0
@@ -85,9 +95,12 @@ def _grid(h_mat: torch.Tensor, hw: tuple[int, int], ref_hw: tuple[int, int]) -> 
 
 
 def warp_reference(reference: torch.Tensor, matrix: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
-    """The reference (3, h, w) warped into the draft's frame (3, H, W); pixels that fall outside it repeat its border."""
+    """The reference (3, h, w) warped into the draft's frame (3, H, W); pixels that fall outside it repeat its
+    border."""
     g = _grid(torch.as_tensor(matrix, dtype=torch.float64), hw, tuple(reference.shape[-2:])).float()
-    return F.grid_sample(reference[None].float(), g, mode="bilinear", padding_mode="border", align_corners=False)[0].clamp(0, 1)
+    return F.grid_sample(reference[None].float(), g, mode="bilinear", padding_mode="border", align_corners=False)[
+        0
+    ].clamp(0, 1)
 
 
 def _inside(h_mat: torch.Tensor, hw: tuple[int, int], ref_hw: tuple[int, int]) -> torch.Tensor:
@@ -100,7 +113,9 @@ def _gain_offset(warped: torch.Tensor, draft: torch.Tensor, w: torch.Tensor) -> 
     """Weighted per-channel least squares draft ≈ a·warped + b: (a, b), each (3, 1, 1)."""
     sw = w.sum().clamp_min(1)
     mw, md = (warped * w).sum((-2, -1), keepdim=True) / sw, (draft * w).sum((-2, -1), keepdim=True) / sw
-    a = ((warped - mw) * (draft - md) * w).sum((-2, -1), keepdim=True) / (((warped - mw) ** 2 * w).sum((-2, -1), keepdim=True) + 1e-6)
+    a = ((warped - mw) * (draft - md) * w).sum((-2, -1), keepdim=True) / (
+        ((warped - mw) ** 2 * w).sum((-2, -1), keepdim=True) + 1e-6
+    )
     return a, md - a * mw
 
 
@@ -110,8 +125,14 @@ def _photometric(warped: torch.Tensor, draft: torch.Tensor, w: torch.Tensor) -> 
     return (a * warped + b - draft) * w.sqrt()
 
 
-def refine_fit(draft: torch.Tensor, reference: torch.Tensor, outside: torch.Tensor, init: np.ndarray, iters: int = 60,
-               blurs: tuple[float, ...] = (2.0, 0.0)) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+def refine_fit(
+    draft: torch.Tensor,
+    reference: torch.Tensor,
+    outside: torch.Tensor,
+    init: np.ndarray,
+    iters: int = 60,
+    blurs: tuple[float, ...] = (2.0, 0.0),
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """Direct refinement of a homography on the pixels outside the region that the reference covers (coarse
     to fine), with a gain and offset per channel: (matrix, residual relative to the draft's own spread there,
     gain (3,), offset (3,))."""
@@ -127,8 +148,9 @@ def refine_fit(draft: torch.Tensor, reference: torch.Tensor, outside: torch.Tens
         opt = torch.optim.Adam([delta], lr=1e-3)
         for _ in range(iters):
             h_mat = torch.linalg.inv(norm) @ (base + torch.cat([delta, delta.new_zeros(1)]).reshape(3, 3)) @ norm
-            warped = F.grid_sample(r[None].double(), _grid(h_mat, hw, ref_hw), mode="bilinear", padding_mode="border",
-                                   align_corners=False)[0]
+            warped = F.grid_sample(
+                r[None].double(), _grid(h_mat, hw, ref_hw), mode="bilinear", padding_mode="border", align_corners=False
+            )[0]
             loss = _photometric(warped, d.double(), w).pow(2).mean()
             opt.zero_grad()
             loss.backward()
@@ -138,14 +160,23 @@ def refine_fit(draft: torch.Tensor, reference: torch.Tensor, outside: torch.Tens
         w = outside.float()[None] * _inside(h_mat, hw, ref_hw)
         warped = warp_reference(reference, h_mat.numpy(), hw).double()
         res = _photometric(warped, draft.double(), w)
-        spread = _photometric(torch.zeros_like(draft, dtype=torch.float64), draft.double(), w)  # the draft about its mean
+        spread = _photometric(
+            torch.zeros_like(draft, dtype=torch.float64), draft.double(), w
+        )  # the draft about its mean
         rel = float(res.pow(2).sum() / spread.pow(2).sum().clamp_min(1e-12)) ** 0.5
         a, b = _gain_offset(warped, draft.double(), w)
     return (h_mat / h_mat[2, 2]).numpy(), rel, a.flatten().numpy(), b.flatten().numpy()
 
 
-def register(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, min_inliers: int = 8, max_residual: float = 0.5,
-             margin: int = 4, seed: int = 0) -> Registration:
+def register(
+    draft: torch.Tensor,
+    mask: torch.Tensor,
+    reference: torch.Tensor,
+    min_inliers: int = 8,
+    max_residual: float = 0.5,
+    margin: int = 4,
+    seed: int = 0,
+) -> Registration:
     """Estimate the reference -> draft homography from everything outside the (dilated) region.
 
     ok=False (with the reason) when there are fewer than min_inliers RANSAC inliers or the photometric residual
@@ -154,20 +185,32 @@ def register(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, m
     outside = ~ndimage.binary_dilation(mask[0].numpy() > 0.5, iterations=margin)
     model, inl, nm = feature_fit(to_numpy(draft), to_numpy(reference), outside, seed)
     if model is None or inl < min_inliers:
-        return Registration(np.eye(3), False, inl, nm, float("nan"), f"{inl} RANSAC inliers outside the region (< {min_inliers})")
+        return Registration(
+            np.eye(3), False, inl, nm, float("nan"), f"{inl} RANSAC inliers outside the region (< {min_inliers})"
+        )
     mat, rms, gain, offset = refine_fit(draft, reference, torch.from_numpy(outside), model.params)
     if not np.isfinite(mat).all() or rms > max_residual:
-        return Registration(mat, False, inl, nm, rms, f"photometric residual {rms:.3f} after the fit (> {max_residual})")
+        return Registration(
+            mat, False, inl, nm, rms, f"photometric residual {rms:.3f} after the fit (> {max_residual})"
+        )
     return Registration(mat, True, inl, nm, rms, gain=gain, offset=offset)
 
 
-def registered_paste(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, reg: Registration,
-                     dilate: int = 5, blur_radius: float = 3.0) -> torch.Tensor:
+def registered_paste(
+    draft: torch.Tensor,
+    mask: torch.Tensor,
+    reference: torch.Tensor,
+    reg: Registration,
+    dilate: int = 5,
+    blur_radius: float = 3.0,
+) -> torch.Tensor:
     """The no-model baseline a registration allows: the warped reference, its light matched to the draft
     (the fitted gain/offset), pasted into the region with a soft seam; outside the dilated region the draft."""
     warped = warp_reference(reference, reg.matrix, tuple(draft.shape[-2:]))
-    matched = (torch.as_tensor(reg.gain, dtype=torch.float32)[:, None, None] * warped
-               + torch.as_tensor(reg.offset, dtype=torch.float32)[:, None, None]).clamp(0, 1)
+    matched = (
+        torch.as_tensor(reg.gain, dtype=torch.float32)[:, None, None] * warped
+        + torch.as_tensor(reg.offset, dtype=torch.float32)[:, None, None]
+    ).clamp(0, 1)
     s = paste_mask(mask, dilate, blur_radius)
     return s * matched + (1 - s) * draft
 
@@ -175,4 +218,5 @@ def registered_paste(draft: torch.Tensor, mask: torch.Tensor, reference: torch.T
 def paste_mask(mask: torch.Tensor, dilate: int = 5, blur_radius: float = 3.0) -> torch.Tensor:
     """The registered paste's blend weight (1, H, W): the region dilated, with a soft seam (> 0 where it may change)."""
     from .focus import soft_mask
+
     return soft_mask(mask, dilate=dilate, blur_radius=blur_radius)

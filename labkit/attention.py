@@ -4,6 +4,7 @@ in every FLUX block, reduced as it is computed to M[t, l] = Σ_{q in mask} mean_
 Joint-sequence layout in both block types: [text | target (id 0) | context 1 | context 2 | ...].
 Storage is O(T · L · N_ref) per query set, independent of heads and of the number of queries.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,9 @@ class CaptureProcessor(FluxAttnProcessor):
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         self._reduce(q, k, n_text)
-        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                               attn_mask=attention_mask).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attention_mask
+        ).transpose(1, 2)
         out = out.flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is not None:
             enc, img = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
@@ -153,7 +155,12 @@ def map_to_box(grid: np.ndarray, thr: float = 0.5, patch: int = 16) -> tuple[np.
     sizes = ndimage.sum(np.ones_like(grid), lab, range(1, n + 1))
     comp = lab == (int(np.argmax(sizes)) + 1)
     ys, xs = np.nonzero(comp)
-    return comp, (int(xs.min()) * patch, int(ys.min()) * patch, (int(xs.max()) + 1) * patch, (int(ys.max()) + 1) * patch)
+    return comp, (
+        int(xs.min()) * patch,
+        int(ys.min()) * patch,
+        (int(xs.max()) + 1) * patch,
+        (int(ys.max()) + 1) * patch,
+    )
 
 
 def box_iou(a, b) -> float:
@@ -178,15 +185,18 @@ def chance_box_iou(box, gt, size: int, rng: np.random.Generator, n: int = 200) -
     return float(np.mean([box_iou((x, y, x + w, y + h), gt) for x, y in zip(xs, ys)]))
 
 
-def crop_reference(reference: torch.Tensor, box, margin: float = 0.25, out_size: int | None = None, multiple: int = 16) -> torch.Tensor:
+def crop_reference(
+    reference: torch.Tensor, box, margin: float = 0.25, out_size: int | None = None, multiple: int = 16
+) -> torch.Tensor:
     """Align→Focus: crop the reference around M*'s box (grown by margin × side) and upsample it, so the
     reference region also gets the resolution budget before it becomes a context."""
     from .focus import resize, snap_size
+
     h, w = reference.shape[-2:]
     x0, y0, x1, y1 = box
     mx, my = margin * (x1 - x0), margin * (y1 - y0)
     b = (max(0, int(x0 - mx)), max(0, int(y0 - my)), min(w, int(math.ceil(x1 + mx))), min(h, int(math.ceil(y1 + my))))
-    c = reference[..., b[1]:b[3], b[0]:b[2]]
+    c = reference[..., b[1] : b[3], b[0] : b[2]]
     area = (out_size or h) * (out_size or w)
     return resize(c, snap_size(c.shape[-2], c.shape[-1], area, multiple))
 
@@ -194,18 +204,30 @@ def crop_reference(reference: torch.Tensor, box, margin: float = 0.25, out_size:
 # ------------------------------------------------------------------------------------------------
 # one triplet: contexts = [LRGI upsampled (id 1), HRRI (id 2)]; queries = target / draft tokens in the mask
 @torch.no_grad()
-def triplet_maps(bb, trip, timesteps, path: str = "teacher", sample_steps: int = 8, prompt: str = "restore",
-                 seed: int = 0, renorm: bool = True) -> tuple[dict, tuple[int, int]]:
+def triplet_maps(
+    bb,
+    trip,
+    timesteps,
+    path: str = "teacher",
+    sample_steps: int = 8,
+    prompt: str = "restore",
+    seed: int = 0,
+    renorm: bool = True,
+) -> tuple[dict, tuple[int, int]]:
     """M[(query set, t, block)] (N_ref,) for one triplet, on the teacher-forced path (true target noised to
     each t) or on the model's own Euler sampling path from noise (t = the sampler's steps)."""
     from .sampling import sample
+
     size = trip.hrgt.shape[-1]
     up = trip.draft[None]
     z_gt, z_draft, z_ref = bb.encode(trip.hrgt[None]), bb.encode(up), bb.encode(trip.hrri[None])
     patch = bb.multiple
     n_tok = (size // patch) ** 2
-    spec = CaptureSpec(queries={"target": tokens_in_mask(trip.mask, patch), "draft": tokens_in_mask(trip.mask, patch, offset=n_tok)},
-                       ref=slice(2 * n_tok, 3 * n_tok), renorm=renorm)
+    spec = CaptureSpec(
+        queries={"target": tokens_in_mask(trip.mask, patch), "draft": tokens_in_mask(trip.mask, patch, offset=n_tok)},
+        ref=slice(2 * n_tok, 3 * n_tok),
+        renorm=renorm,
+    )
     g = torch.Generator().manual_seed(seed)
     with capture(bb.transformer, spec, n_image=3 * n_tok) as rec:
         if path == "teacher":

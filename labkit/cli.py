@@ -19,6 +19,7 @@ shows a progress bar, writes OUTDIR/<case>.png atomically and skips cases alread
 interrupted run resumes; other settings on the same OUTDIR are refused (naming the difference and --fresh).
 Exit status: 2 for a usage error or bad input, 1 for a failed run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,24 +43,43 @@ def save_image(img, path: Path) -> Path:
 def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
     """The refine command line (usage errors exit 2 before any work)."""
     from .inference import METHODS
-    ap = argparse.ArgumentParser(prog="labkit refine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="example: labkit refine draft.png mask.png ref.png -o out.png --method focus")
+
+    ap = argparse.ArgumentParser(
+        prog="labkit refine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: labkit refine draft.png mask.png ref.png -o out.png --method focus",
+    )
     ap.add_argument("draft", nargs="?", help="the generated image to refine")
     ap.add_argument("mask", nargs="?", help="the region to refine (any non-black pixel, or an alpha channel)")
     ap.add_argument("references", nargs="*", help="reference image(s) showing the right detail (none: reference-free)")
     ap.add_argument("-o", "--output", help="output image (one case)")
     ap.add_argument("--data", help="a case folder with metadata.jsonl (every case; see --split)")
-    ap.add_argument("--out", help="output folder for --data (its run.json records the settings: the same settings resume)")
+    ap.add_argument(
+        "--out", help="output folder for --data (its run.json records the settings: the same settings resume)"
+    )
     ap.add_argument("--fresh", action="store_true", help="--data: start over in --out (deletes what is there)")
     ap.add_argument("--split", choices=["train", "val", "test"], help="--data: only this split")
-    ap.add_argument("--method", default=None, choices=METHODS, help="default: the setting chosen on val (inference.REFINE_DEFAULTS)")
-    ap.add_argument("--blend", default=None, action=argparse.BooleanOptionalAction,
-                    help="keep the draft's latents outside the region at every step (default: chosen on val)")
+    ap.add_argument(
+        "--method", default=None, choices=METHODS, help="default: the setting chosen on val (inference.REFINE_DEFAULTS)"
+    )
+    ap.add_argument(
+        "--blend",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="keep the draft's latents outside the region at every step (default: chosen on val)",
+    )
     ap.add_argument("--strength", type=float, default=1.0, help="< 1 starts from the draft noised to that level")
-    ap.add_argument("--region", default=None, choices=["none", "context", "draw"],
-                    help="how the region reaches the editor (default: as its recipe trained it)")
+    ap.add_argument(
+        "--region",
+        default=None,
+        choices=["none", "context", "draw"],
+        help="how the region reaches the editor (default: as its recipe trained it)",
+    )
     ap.add_argument("--adapter", default=None, help="adapter folder or committed name (default: the frozen editor)")
-    ap.add_argument("--prompt", default=None, help="instruction / free text (default: the editor's; a case's own prompt wins)")
+    ap.add_argument(
+        "--prompt", default=None, help="instruction / free text (default: the editor's; a case's own prompt wins)"
+    )
     ap.add_argument("--preset", default="mini", help="tiny | mini | flux-kontext | a FluxKontextPipeline folder")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
@@ -85,11 +105,24 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
 def refine_main(argv: list[str] | None = None) -> int:
     """`labkit refine ...`: 0 done, 2 usage or bad input (naming the file and the fix), 1 a failed run."""
     a = parse_refine(argv)
-    kw = dict(method=a.method, adapter=a.adapter, steps=a.steps, seed=a.seed, preset=a.preset, device=a.device, blend=a.blend,
-              strength=a.strength, region=a.region)
+    kw = dict(
+        method=a.method,
+        adapter=a.adapter,
+        steps=a.steps,
+        seed=a.seed,
+        preset=a.preset,
+        device=a.device,
+        blend=a.blend,
+        strength=a.strength,
+        region=a.region,
+    )
 
     def one():
-        imgs = [read_image(a.draft, "draft"), read_image(a.mask, "mask"), *[read_image(r, "reference") for r in a.references]]
+        imgs = [
+            read_image(a.draft, "draft"),
+            read_image(a.mask, "mask"),
+            *[read_image(r, "reference") for r in a.references],
+        ]
         out = I.refine(imgs[0], imgs[1], imgs[2:] or None, prompt=a.prompt, **kw)
         save_image(out, Path(a.output))
         print(f"wrote {a.output}")
@@ -105,6 +138,7 @@ def refine_main(argv: list[str] | None = None) -> int:
         for c in tqdm(todo, desc="refine"):
             img = I.refine(c.draft, c.mask, c.references, prompt=c.prompt or a.prompt, **kw)
             save_image(img, out_dir / f"{c.name}.png")
+
     kept = f"the outputs written to {a.out} are kept; the same command resumes" if a.data else "nothing was written"
     return run_cli("labkit refine", folder if a.data else one, kept)
 
@@ -112,6 +146,7 @@ def refine_main(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`labkit SUBCOMMAND ...`: dispatch to the subcommand's own parser (each has --help)."""
     from . import evaluate, sweep, train
+
     commands = {"refine": refine_main, "evaluate": evaluate.main, "train": train.main, "sweep": sweep.main}
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:

@@ -3,6 +3,7 @@
 Images are float32 numpy arrays (H, W, 3) in [0, 1] inside this module; `Triplet` exposes torch
 tensors (3, H, W) in [0, 1]. Everything is deterministic from a seed. Splits are by *source image*.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,14 +49,17 @@ PHOTOS: dict[str, tuple[str, str, str, str]] = {
 SPLITS = ("train", "val", "test")
 N_RENDERED = {"train": 24, "val": 6, "test": 8}  # rendered text and logo sources per split
 DEGRADATIONS = ("blur", "color", "elastic", "noise", "glyph", "vae")  # the benchmark's artifacts ("mixed" draws 2)
-EDIT_DEGRADATIONS = ("smear", "occlude")  # strong ones for editor pretraining: they survive the VAE, so only the reference can undo them
+EDIT_DEGRADATIONS = (
+    "smear",
+    "occlude",
+)  # strong ones for editor pretraining: they survive the VAE, so only the reference can undo them
 # generative failures (the refine task and benchmark v2): wrong words/glyphs (content from elsewhere in the same
 # image, or a fine warp of the glyphs), lost detail (x2/x4 low-res), smear, occlusion, colour, elastic
 FAILURES = ("wrong", "glyph", "lowres2", "lowres4", "smear", "occlude", "color", "elastic")
 
 _WORDS = {  # disjoint vocabularies so rendered test text never appeared in training
     "train": "refine detail glyph latent token vector kernel signal focus region crop paste brand "
-             "label model sample prior reward group policy studio atlas nimbus vortex quartz",
+    "label model sample prior reward group policy studio atlas nimbus vortex quartz",
     "val": "harbor lantern meadow copper falcon willow ember",
     "test": "orbit saffron granite velvet tundra pixel mosaic cobalt",
 }
@@ -63,8 +67,19 @@ _WORDS = {  # disjoint vocabularies so rendered test text never appeared in trai
 
 # Training fonts come from the font-* packages on PyPI (installed by pyproject); matplotlib's bundled DejaVu
 # fonts never reach training: they render the val and test splits, a held-out font set.
-TRAIN_FONT_PACKAGES = ("font_lato", "font_source_sans_pro", "font_source_serif_pro", "font_caladea", "font_manrope",
-                       "font_hanken_grotesk", "font_fredoka_one", "font_fjallaone", "font_rhd", "font_amatic_sc", "font_intuitive")
+TRAIN_FONT_PACKAGES = (
+    "font_lato",
+    "font_source_sans_pro",
+    "font_source_serif_pro",
+    "font_caladea",
+    "font_manrope",
+    "font_hanken_grotesk",
+    "font_fredoka_one",
+    "font_fjallaone",
+    "font_rhd",
+    "font_amatic_sc",
+    "font_intuitive",
+)
 BOLD_FONT = ("Bold", "Black", "Fredoka", "Fjalla")  # name parts of the heavy faces logos use
 
 
@@ -73,16 +88,22 @@ def _font_files(split: str = "val") -> tuple[str, ...]:
     """TTF/OTF files for a split: train from the font-* packages, val/test matplotlib's DejaVu (held out)."""
     if split != "train":
         import matplotlib
+
         return tuple(sorted(str(p) for p in (Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("DejaVu*.ttf")))
     import importlib.resources
+
     files = []
     for pkg in TRAIN_FONT_PACKAGES:
         try:
             folder = importlib.resources.files(pkg) / "files"
         except ModuleNotFoundError:
-            raise ModuleNotFoundError(f"the training fonts need the PyPI package {pkg.replace('_', '-')}: "
-                                      "pip install -c constraints.txt -e . (or make venv) installs them") from None
-        files += sorted(str(f) for f in folder.iterdir() if f.name.lower().endswith((".ttf", ".otf")) and "Variable" not in f.name)
+            raise ModuleNotFoundError(
+                f"the training fonts need the PyPI package {pkg.replace('_', '-')}: "
+                "pip install -c constraints.txt -e . (or make venv) installs them"
+            ) from None
+        files += sorted(
+            str(f) for f in folder.iterdir() if f.name.lower().endswith((".ttf", ".otf")) and "Variable" not in f.name
+        )
     return tuple(files)
 
 
@@ -92,14 +113,17 @@ def load_photo(name: str) -> np.ndarray:
     package, key, _, _ = PHOTOS[name]
     if package == "skimage":
         import skimage.data
+
         img = getattr(skimage.data, key)()
         if isinstance(img, tuple):  # stereo_motorcycle -> (left, right, disparity)
             img = img[0]
     elif package == "sklearn":
         from sklearn.datasets import load_sample_image
+
         img = load_sample_image(key)
     else:
         import matplotlib.cbook
+
         img = np.asarray(Image.open(matplotlib.cbook.get_sample_data(key)).convert("RGB"))
     img = np.asarray(img)
     if img.ndim == 2:
@@ -151,9 +175,14 @@ def render_logo(split: str, index: int, size: int = 384) -> np.ndarray:
             draw.polygon(pts, fill=fill)
     letters = "".join(rng.choice(list("ABCDEFGHKLMNPRSTVXYZ"), size=int(rng.integers(1, 4))))
     font = ImageFont.truetype(str(rng.choice(fonts)), int(rng.integers(60, 130)))
-    draw.text((int(rng.integers(10, size // 3)), int(rng.integers(10, size // 2))), letters, font=font,
-              fill=tuple(int(v) for v in rng.integers(0, 256, 3)), stroke_width=int(rng.integers(0, 4)),
-              stroke_fill=(255, 255, 255))
+    draw.text(
+        (int(rng.integers(10, size // 3)), int(rng.integers(10, size // 2))),
+        letters,
+        font=font,
+        fill=tuple(int(v) for v in rng.integers(0, 256, 3)),
+        stroke_width=int(rng.integers(0, 4)),
+        stroke_fill=(255, 255, 255),
+    )
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
@@ -182,18 +211,26 @@ def load_source(split: str, content: str, name: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # crops for backbone training
-def random_crop(rng: np.random.Generator, img: np.ndarray, size: int, zoom: tuple[float, float] = (0.5, 1.0)) -> np.ndarray:
+def random_crop(
+    rng: np.random.Generator, img: np.ndarray, size: int, zoom: tuple[float, float] = (0.5, 1.0)
+) -> np.ndarray:
     """A random square crop resized to `size` (zoom = crop side / short side range), random flip."""
     h, w = img.shape[:2]
     side = int(min(h, w) * rng.uniform(*zoom))
     side = max(min(side, h, w), min(size, h, w))
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    crop = resize_np(img[y:y + side, x:x + side], size)
+    crop = resize_np(img[y : y + side, x : x + side], size)
     return crop[:, ::-1].copy() if rng.random() < 0.5 else crop
 
 
-def crop_batch(rng: np.random.Generator, split: str, batch: int, size: int, text_frac: float = 0.3,
-               zoom: tuple[float, float] = (0.3, 1.0)) -> torch.Tensor:
+def crop_batch(
+    rng: np.random.Generator,
+    split: str,
+    batch: int,
+    size: int,
+    text_frac: float = 0.3,
+    zoom: tuple[float, float] = (0.3, 1.0),
+) -> torch.Tensor:
     """(B, 3, size, size) random crops: photos, and rendered text/logos with probability text_frac."""
     photos, rendered = sources(split, "photo"), sources(split, "text") + sources(split, "logo")
     out = []
@@ -223,6 +260,7 @@ def resize(img: torch.Tensor, size: int | tuple[int, int], mode: str = "bicubic"
     """THE resize: (..., C, H, W) tensor to size (square int or (h, w)), anti-aliased when shrinking,
     clamped to [0, 1]; mode bicubic | bilinear | nearest | area."""
     import torch.nn.functional as F
+
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     x = img.reshape(-1, *img.shape[-3:]).float()
     shrink = hw[0] < x.shape[-2] or hw[1] < x.shape[-1]
@@ -239,6 +277,7 @@ def resize_mask(mask: torch.Tensor, hw: tuple[int, int], rule: str = "threshold"
     mask at a new image size), 'coverage' (the fraction of each new cell the mask covers; loss weights on the
     latent grid), 'touched' ({0, 1}: 1 where the mask touches the cell; the latent cells a blend must generate)."""
     import torch.nn.functional as F
+
     hw = (int(hw[0]), int(hw[1]))
     if rule == "threshold":
         return (resize(mask.float(), hw, "bilinear") > 0.5).float()
@@ -280,8 +319,10 @@ def _array(x, name: str, what: str = "a (3, H, W) tensor or an (H, W, 3) array")
         return np.asarray(x)
     if isinstance(x, (np.ndarray, torch.Tensor)):
         return x
-    raise TypeError(f"{name} must be a PIL.Image, {what}; got {type(x).__name__}"
-                    + (" (wrap a list of lists in np.array(...))" if isinstance(x, (list, tuple)) else ""))
+    raise TypeError(
+        f"{name} must be a PIL.Image, {what}; got {type(x).__name__}"
+        + (" (wrap a list of lists in np.array(...))" if isinstance(x, (list, tuple)) else "")
+    )
 
 
 WIDE_PIL_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16/32-bit and float single-channel images
@@ -296,8 +337,10 @@ def _pil_pixels(x: Image.Image) -> np.ndarray:
         if x.mode != "F":
             hi = int(a.max()) if a.size else 0
             if hi > 65535 or int(a.min()) < 0:
-                raise ValueError(f"a {x.mode} image with values in [{int(a.min())}, {hi}]: expected 16-bit 0..65535; "
-                                 "save it as 8- or 16-bit PNG")
+                raise ValueError(
+                    f"a {x.mode} image with values in [{int(a.min())}, {hi}]: expected 16-bit 0..65535; "
+                    "save it as 8- or 16-bit PNG"
+                )
             a = a.astype(np.float32) / 65535.0
         return np.repeat(a.astype(np.float32)[..., None], 3, axis=2)
     return np.asarray(x.convert("RGB"))
@@ -321,20 +364,28 @@ def as_image_tensor(x, name: str = "image") -> torch.Tensor:
         t = t.permute(2, 0, 1)  # (H, W, 3) arrays
     t = t[0] if t.ndim == 4 and t.shape[0] == 1 else t
     if t.ndim != 3 or t.shape[0] != 3:
-        raise ValueError(f"{name} must be RGB: (3, H, W) tensor or (H, W, 3) array / PIL image; got shape {tuple(t.shape)} "
-                         "(convert grey or RGBA images with PIL's .convert('RGB'))")
-    if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)):
+        raise ValueError(
+            f"{name} must be RGB: (3, H, W) tensor or (H, W, 3) array / PIL image; got shape {tuple(t.shape)} "
+            "(convert grey or RGBA images with PIL's .convert('RGB'))"
+        )
+    if t.dtype == torch.bool or not (
+        t.is_floating_point() or t.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)
+    ):
         raise TypeError(f"{name} has dtype {t.dtype}: pass uint8 (0..255), uint16 (0..65535) or float (0..1) pixels")
     if not t.is_floating_point():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi > 255:
-            raise ValueError(f"{name} is {t.dtype} with values in [{lo}, {hi}]; expected 0..255 (uint8), or pass uint16 "
-                             "data as uint16 (read as 0..65535)")
+            raise ValueError(
+                f"{name} is {t.dtype} with values in [{lo}, {hi}]; expected 0..255 (uint8), or pass uint16 "
+                "data as uint16 (read as 0..65535)"
+            )
         return t.float() / 255.0
     t = t.float()
     bad = (~torch.isfinite(t)).sum().item()
     if bad:
-        raise ValueError(f"{name} holds {bad} NaN/inf values: pass finite pixels (e.g. torch.nan_to_num(x).clamp(0, 1))")
+        raise ValueError(
+            f"{name} holds {bad} NaN/inf values: pass finite pixels (e.g. torch.nan_to_num(x).clamp(0, 1))"
+        )
     lo, hi = float(t.min()), float(t.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         hint = "divide by 255" if hi <= 255 and lo >= 0 else "rescale it to [0, 1] (e.g. (x + 1) / 2 for [-1, 1] data)"
@@ -361,7 +412,9 @@ def _mask_plane(m) -> tuple[np.ndarray | torch.Tensor, str]:
     if a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] not in (1, 3, 4):  # (H, W, 3|4) arrays
         if a.shape[-1] == 4 and a[..., 3].min() != a[..., 3].max():
             return a[..., 3], "the alpha channel of an (H, W, 4) array"
-        return a[..., :3].max(-1) if isinstance(a, np.ndarray) else a[..., :3].amax(-1), "the brightest channel of an (H, W, 3) array"
+        return a[..., :3].max(-1) if isinstance(a, np.ndarray) else a[..., :3].amax(
+            -1
+        ), "the brightest channel of an (H, W, 3) array"
     return a, f"a {type(a).__name__} of shape {tuple(a.shape)}"
 
 
@@ -378,7 +431,9 @@ def as_mask_tensor(m, hw: tuple[int, int]) -> torch.Tensor:
     if t.ndim != 2:
         raise ValueError(f"mask must be (H, W) or (1, H, W) (or an RGB/RGBA image); got shape {tuple(t.shape)}")
     if tuple(t.shape) != tuple(hw):
-        raise ValueError(f"mask size {tuple(t.shape)} does not match the image {tuple(hw)}: resize the mask to the image (nearest)")
+        raise ValueError(
+            f"mask size {tuple(t.shape)} does not match the image {tuple(hw)}: resize the mask to the image (nearest)"
+        )
     if t.dtype == torch.bool:
         inside, rule = t, "True"
     elif not t.is_floating_point():  # 0/1 or 0..255 integer masks (a PIL 'L' mask may hold either)
@@ -386,12 +441,16 @@ def as_mask_tensor(m, hw: tuple[int, int]) -> torch.Tensor:
         inside, rule = t > cut, f"> {cut}"
     else:
         if not torch.isfinite(t).all() or float(t.min()) < 0 or float(t.max()) > 1 + 1e-6:
-            raise ValueError(f"float mask values must be finite and in [0, 1]; got [{float(t.min()):.3g}, {float(t.max()):.3g}] "
-                             "(pass a uint8 0/255 mask, or divide by 255)")
+            raise ValueError(
+                f"float mask values must be finite and in [0, 1]; got [{float(t.min()):.3g}, {float(t.max()):.3g}] "
+                "(pass a uint8 0/255 mask, or divide by 255)"
+            )
         inside, rule = t > 0.5, "> 0.5"
     if not inside.any():
-        raise ValueError(f"empty mask: read {how}, values in [{float(t.min()):.3g}, {float(t.max()):.3g}], none {rule}; "
-                         "mark the region to refine with any non-black pixel (or an alpha channel)")
+        raise ValueError(
+            f"empty mask: read {how}, values in [{float(t.min()):.3g}, {float(t.max()):.3g}], none {rule}; "
+            "mark the region to refine with any non-black pixel (or an alpha channel)"
+        )
     return inside.float()[None]
 
 
@@ -483,13 +542,18 @@ def _view_homography(rng: np.random.Generator, size: int, strength: float) -> np
     rot = np.array([[s * np.cos(th), -s * np.sin(th), 0], [s * np.sin(th), s * np.cos(th), 0], [0, 0, 1]])
     persp = np.eye(3)
     persp[2, :2] = rng.uniform(-0.4, 0.4, 2) * strength / size
-    to_c, from_c = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1.0]]), np.array([[1, 0, c + t[0]], [0, 1, c + t[1]], [0, 0, 1.0]])
+    to_c, from_c = (
+        np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1.0]]),
+        np.array([[1, 0, c + t[0]], [0, 1, c + t[1]], [0, 0, 1.0]]),
+    )
     return from_c @ persp @ rot @ to_c
 
 
 def _warp(img: np.ndarray, inverse: np.ndarray, size: int, order: int = 3) -> np.ndarray:
     """Sample img at inverse(output pixel) with a homography (x, y) convention."""
-    out = sktf.warp(img, sktf.ProjectiveTransform(matrix=inverse), output_shape=(size, size), order=order, mode="reflect")
+    out = sktf.warp(
+        img, sktf.ProjectiveTransform(matrix=inverse), output_shape=(size, size), order=order, mode="reflect"
+    )
     return out.astype(np.float32)
 
 
@@ -506,11 +570,15 @@ def degrade(rng: np.random.Generator, img: np.ndarray, kind: str, vae_roundtrip:
         d = [ndimage.gaussian_filter(rng.normal(size=(h, h)), scale) for _ in range(2)]
         d = [x / (np.abs(x).max() + 1e-8) * amp * rng.uniform(0.6, 1.0) for x in d]
         yy, xx = np.mgrid[:h, :h].astype(np.float32)
-        return np.stack([ndimage.map_coordinates(img[..., k], [yy + d[0], xx + d[1]], order=1, mode="reflect")
-                         for k in range(3)], -1)
+        return np.stack(
+            [ndimage.map_coordinates(img[..., k], [yy + d[0], xx + d[1]], order=1, mode="reflect") for k in range(3)],
+            -1,
+        )
     if kind == "noise":
         return img + rng.normal(0, rng.uniform(0.04, 0.1), img.shape).astype(np.float32)
-    if kind == "smear":  # detail gone, colour kept: the low frequencies stay with the image, the high must come from elsewhere
+    if (
+        kind == "smear"
+    ):  # detail gone, colour kept: the low frequencies stay with the image, the high must come from elsewhere
         return ndimage.gaussian_filter(img, sigma=(rng.uniform(3.0, 5.0),) * 2 + (0,))
     if kind == "occlude":  # content gone: a flat random colour
         return np.broadcast_to(rng.uniform(0.15, 0.85, 3).astype(np.float32), img.shape).copy()
@@ -542,10 +610,19 @@ def damage(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, kind: st
     return np.clip(m * bad + (1 - m) * img, 0, 1).astype(np.float32)
 
 
-def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int = 2, degradation: str = "mixed",
-                 area: tuple[float, float] = (0.04, 0.25), content: str | None = None,
-                 view_strength: float = 1.0, vae_roundtrip: Callable | None = None, extra_refs: int = 0,
-                 failure: str | None = None) -> Triplet:
+def make_triplet(
+    seed: int,
+    split: str = "train",
+    size: int = 128,
+    factor: int = 2,
+    degradation: str = "mixed",
+    area: tuple[float, float] = (0.04, 0.25),
+    content: str | None = None,
+    view_strength: float = 1.0,
+    vae_roundtrip: Callable | None = None,
+    extra_refs: int = 0,
+    failure: str | None = None,
+) -> Triplet:
     """One LRGI/HRRI/HRGT triplet, deterministic from (seed, split, params); extra_refs further reference
     views come from their own RNG streams, so the triplet itself does not change with extra_refs.
     failure (one of FAILURES): the draft is the target itself at full size with that generative failure in
@@ -575,8 +652,11 @@ def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int =
     if failure is not None:
         kinds, lrgi = [failure], damage(rng, hrgt, mask, failure)
     else:
-        kinds = list(rng.choice([d for d in DEGRADATIONS if d != "vae" or vae_roundtrip], 2, replace=False)) \
-            if degradation == "mixed" else [degradation]
+        kinds = (
+            list(rng.choice([d for d in DEGRADATIONS if d != "vae" or vae_roundtrip], 2, replace=False))
+            if degradation == "mixed"
+            else [degradation]
+        )
         low = resize_np(hrgt, size // factor)
         m_low = resize_np(mask[..., None], size // factor, "bilinear")
         bad = low
@@ -584,17 +664,35 @@ def make_triplet(seed: int, split: str = "train", size: int = 128, factor: int =
             bad = degrade(rng, bad, k, vae_roundtrip)
         lrgi = np.clip(m_low * bad + (1 - m_low) * low, 0, 1)
     scribble = _scribble(rng, mask)
-    meta = dict(source=name, content=kind, degradation="+".join(kinds), factor=factor, seed=seed, split=split,
-                size=size, vae_stand_in="vae" in kinds and vae_roundtrip is None)
+    meta = dict(
+        source=name,
+        content=kind,
+        degradation="+".join(kinds),
+        factor=factor,
+        seed=seed,
+        split=split,
+        size=size,
+        vae_stand_in="vae" in kinds and vae_roundtrip is None,
+    )
     t = lambda x: to_tensor(x if x.ndim == 3 else x[..., None])  # noqa: E731
     extra = []
     for k in range(extra_refs):  # other views of the same crop: own homography and photometric change
         rk = np.random.default_rng([seed, hash_str(split), size, factor, 7919, k])
         v = np.clip(_warp(img, t_gt @ _view_homography(rk, size, view_strength), size), 0, 1)
         extra.append(t(relight(rk, v)))
-    return Triplet(hrgt=t(hrgt), hrri=t(hrri), lrgi=t(lrgi), mask=t(mask), ref_mask=t(ref_mask),
-                   scribble=t(scribble), bbox=bbox_of(mask), ref_bbox=bbox_of(ref_mask),
-                   warp=np.linalg.inv(a), meta=meta, extra_refs=extra)
+    return Triplet(
+        hrgt=t(hrgt),
+        hrri=t(hrri),
+        lrgi=t(lrgi),
+        mask=t(mask),
+        ref_mask=t(ref_mask),
+        scribble=t(scribble),
+        bbox=bbox_of(mask),
+        ref_bbox=bbox_of(ref_mask),
+        warp=np.linalg.inv(a),
+        meta=meta,
+        extra_refs=extra,
+    )
 
 
 def _scribble(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
@@ -606,8 +704,16 @@ def _scribble(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     return (np.asarray(img, np.float32) / 255.0) * (mask > 0.5)
 
 
-def eval_set(n: int = 64, degradations: Sequence[str] = ("blur", "color", "elastic", "glyph"), size: int = 128,
-             factor: int = 2, split: str = "test", seed: int = 0, cache: bool = True, extra_refs: int = 0) -> list[Triplet]:
+def eval_set(
+    n: int = 64,
+    degradations: Sequence[str] = ("blur", "color", "elastic", "glyph"),
+    size: int = 128,
+    factor: int = 2,
+    split: str = "test",
+    seed: int = 0,
+    cache: bool = True,
+    extra_refs: int = 0,
+) -> list[Triplet]:
     """The fixed evaluation set: n cases × each degradation, built on demand and cached on disk
     (extra_refs > 0: the same cases with more reference views, for multi-reference studies)."""
     key = dict(n=n, d=list(degradations), size=size, factor=factor, split=split, seed=seed, v=2)
@@ -615,8 +721,11 @@ def eval_set(n: int = 64, degradations: Sequence[str] = ("blur", "color", "elast
     path = CACHE_DIR / f"eval_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if cache and (path / "cases.json").exists():
         return load_triplets(path)
-    cases = [make_triplet(case_seed(seed, i), split, size, factor, degradation=d, extra_refs=extra_refs)
-             for i in range(n) for d in degradations]
+    cases = [
+        make_triplet(case_seed(seed, i), split, size, factor, degradation=d, extra_refs=extra_refs)
+        for i in range(n)
+        for d in degradations
+    ]
     if cache:
         save_triplets(cases, path)
     return cases
@@ -630,9 +739,13 @@ def save_triplets(cases: Sequence[Triplet], folder: Path) -> Path:
     from safetensors.torch import save_file
 
     from .util import atomic_save, write_json
+
     tensors = {f"{i}.{k}": getattr(c, k).contiguous() for i, c in enumerate(cases) for k in TENSORS}
     tensors |= {f"{i}.extra.{j}": r.contiguous() for i, c in enumerate(cases) for j, r in enumerate(c.extra_refs)}
-    meta = [dict(bbox=c.bbox, ref_bbox=c.ref_bbox, warp=c.warp.tolist(), meta=c.meta, n_extra=len(c.extra_refs)) for c in cases]
+    meta = [
+        dict(bbox=c.bbox, ref_bbox=c.ref_bbox, warp=c.warp.tolist(), meta=c.meta, n_extra=len(c.extra_refs))
+        for c in cases
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save(lambda p: save_file(tensors, p), folder / "pixels.safetensors")
     write_json(meta, folder / "cases.json")  # written last: its presence marks a complete cache
@@ -642,18 +755,29 @@ def save_triplets(cases: Sequence[Triplet], folder: Path) -> Path:
 def load_triplets(folder: Path) -> list[Triplet]:
     """The inverse of save_triplets."""
     from safetensors.torch import load_file
+
     px = load_file(str(folder / "pixels.safetensors"))
     out = []
     for i, m in enumerate(json.loads((folder / "cases.json").read_text())):
-        out.append(Triplet(**{k: px[f"{i}.{k}"] for k in TENSORS}, bbox=tuple(m["bbox"]), ref_bbox=tuple(m["ref_bbox"]),
-                           warp=np.array(m["warp"]), meta=m["meta"], extra_refs=[px[f"{i}.extra.{j}"] for j in range(m["n_extra"])]))
+        out.append(
+            Triplet(
+                **{k: px[f"{i}.{k}"] for k in TENSORS},
+                bbox=tuple(m["bbox"]),
+                ref_bbox=tuple(m["ref_bbox"]),
+                warp=np.array(m["warp"]),
+                meta=m["meta"],
+                extra_refs=[px[f"{i}.extra.{j}"] for j in range(m["n_extra"])],
+            )
+        )
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # cases from users: a folder with metadata.jsonl (README, "Your own cases")
-CASE_FORMAT = ("one JSON object per line: draft, reference (a path or a list), mask, target (optional), prompt (optional), "
-               "split (train|val|test, optional), id (optional); paths relative to the folder")
+CASE_FORMAT = (
+    "one JSON object per line: draft, reference (a path or a list), mask, target (optional), prompt (optional), "
+    "split (train|val|test, optional), id (optional); paths relative to the folder"
+)
 
 
 @dataclass
@@ -673,7 +797,10 @@ class Case:
     @property
     def hrgt(self) -> torch.Tensor:
         if self.target is None:
-            raise ValueError(f"case {self.name!r} has no target: scores and SFT need one (add \"target\" to its line in metadata.jsonl)")
+            raise ValueError(
+                f'case {self.name!r} has no target: scores and SFT need one (add "target" to its line in '
+                "metadata.jsonl)"
+            )
         return self.target
 
     @property
@@ -696,8 +823,16 @@ class Case:
     def resized(self, size: int) -> Case:
         """The case at size x size (SFT batches need one shape; aspect is not kept)."""
         r = lambda x, mode="bicubic": resize(x, size, mode)  # noqa: E731
-        return Case(self.name, r(self.draft), [r(x) for x in self.references], resize_mask(self.mask, (size, size)),
-                    None if self.target is None else r(self.target), self.prompt, self.split, self.meta)
+        return Case(
+            self.name,
+            r(self.draft),
+            [r(x) for x in self.references],
+            resize_mask(self.mask, (size, size)),
+            None if self.target is None else r(self.target),
+            self.prompt,
+            self.split,
+            self.meta,
+        )
 
 
 def _split_of(key: str) -> str:
@@ -747,7 +882,9 @@ def load_cases(folder: str | Path, split: str | None = None, preset: str | None 
         seen[key] = n
         sp = row.get("split") or _split_of(row["draft"])
         if sp not in SPLITS:
-            errors.append(f"{where}: unknown split {sp!r}: use one of {SPLITS} (or leave it out for a deterministic split)")
+            errors.append(
+                f"{where}: unknown split {sp!r}: use one of {SPLITS} (or leave it out for a deterministic split)"
+            )
             continue
         problems: list[str] = []  # every problem of this line, not only the first
         read = functools.partial(_read_case_file, folder, problems)
@@ -757,8 +894,10 @@ def load_cases(folder: str | Path, split: str | None = None, preset: str | None 
         mask = target = None
         if mimg is not None and hw is not None:
             if tuple(mimg.size[::-1]) != hw:
-                problems.append(f"mask {row['mask']!r} is {mimg.size[1]}x{mimg.size[0]} but the draft is {hw[0]}x{hw[1]}: "
-                                "save the mask at the draft's size")
+                problems.append(
+                    f"mask {row['mask']!r} is {mimg.size[1]}x{mimg.size[0]} but the draft is {hw[0]}x{hw[1]}: "
+                    "save the mask at the draft's size"
+                )
             else:
                 try:
                     mask = as_mask_tensor(mimg, hw)
@@ -767,23 +906,43 @@ def load_cases(folder: str | Path, split: str | None = None, preset: str | None 
         if row.get("target"):
             target = read(row["target"], "target")
             if target is not None and hw is not None and tuple(target.shape[-2:]) != hw:
-                problems.append(f"target {row['target']!r} is {target.shape[-2]}x{target.shape[-1]} but the draft is "
-                                f"{hw[0]}x{hw[1]}: the target must be the draft's size")
+                problems.append(
+                    f"target {row['target']!r} is {target.shape[-2]}x{target.shape[-1]} but the draft is "
+                    f"{hw[0]}x{hw[1]}: the target must be the draft's size"
+                )
         references = [read(r, "reference") for r in refs]
         if prompt_ok is not None and row.get("prompt") is not None and not prompt_ok(row["prompt"]):
-            problems.append(f"prompt {row['prompt']!r} is unknown to the {preset} backbone: use one of {P.INSTRUCTIONS} "
-                            "(free text needs the flux-kontext preset)")
+            problems.append(
+                f"prompt {row['prompt']!r} is unknown to the {preset} backbone: use one of {P.INSTRUCTIONS} "
+                "(free text needs the flux-kontext preset)"
+            )
         if problems:
             errors += [f"{where}: {e}" for e in problems]
             continue
         name = str(row.get("id") or Path(row["draft"]).with_suffix("").as_posix().replace("/", "__"))
-        cases.append(Case(name, draft, references, mask, target, row.get("prompt"), sp,
-                          dict(seed=n, content=row.get("content", "user"), degradation=row.get("kind", "user"), split=sp,
-                               source=row["draft"], line=n)))
+        cases.append(
+            Case(
+                name,
+                draft,
+                references,
+                mask,
+                target,
+                row.get("prompt"),
+                sp,
+                dict(
+                    seed=n,
+                    content=row.get("content", "user"),
+                    degradation=row.get("kind", "user"),
+                    split=sp,
+                    source=row["draft"],
+                    line=n,
+                ),
+            )
+        )
     names = [c.name for c in cases]
     dup = sorted({x for x in names if names.count(x) > 1})
     if dup:
-        errors.append(f"{meta}: case names {dup[:3]} repeat (from the draft file names): give those lines an \"id\"")
+        errors.append(f'{meta}: case names {dup[:3]} repeat (from the draft file names): give those lines an "id"')
     if errors:
         raise ValueError(f"{len(errors)} problem(s) in {meta}:\n  " + "\n  ".join(errors))
     if not cases:
@@ -791,12 +950,19 @@ def load_cases(folder: str | Path, split: str | None = None, preset: str | None 
     return [c for c in cases if split is None or c.split == split]
 
 
-def write_cases(folder: str | Path, cases: Sequence, prompts: Sequence[str | None] | None = None,
-                splits: Sequence[str | None] | None = None, outputs: Sequence[torch.Tensor | None] | None = None,
-                extras: Sequence[dict] | None = None, append: bool = False) -> Path:
+def write_cases(
+    folder: str | Path,
+    cases: Sequence,
+    prompts: Sequence[str | None] | None = None,
+    splits: Sequence[str | None] | None = None,
+    outputs: Sequence[torch.Tensor | None] | None = None,
+    extras: Sequence[dict] | None = None,
+    append: bool = False,
+) -> Path:
     """Write triplets (or Cases) as a case folder (PNG files + metadata.jsonl), e.g. to try the commands on known
     data. append=True adds them after the folder's cases (new ids; the studio saves what was tried this way);
-    outputs: a refined image per case, kept as "output"; extras: more fields per line (load_cases ignores both). The PNGs are written first and
+    outputs: a refined image per case, kept as "output"; extras: more fields per line (load_cases ignores both).
+    The PNGs are written first and
     metadata.jsonl is replaced atomically last, so an interrupted write never leaves a line without its files."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -811,6 +977,7 @@ def write_cases(folder: str | Path, cases: Sequence, prompts: Sequence[str | Non
         a = (to_numpy(x.clamp(0, 1)) * 255).round().astype(np.uint8)
         Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / rel)
         return rel
+
     lines = []
     for i, c in enumerate(cases):
         j = start + i
@@ -820,8 +987,12 @@ def write_cases(folder: str | Path, cases: Sequence, prompts: Sequence[str | Non
         refs = c.references if isinstance(c, Case) else [c.hrri, *getattr(c, "extra_refs", [])]
         target = c.target if isinstance(c, Case) else c.hrgt
         names = [png(r, f"{cid}_ref.png" if k == 0 else f"{cid}_ref{k}.png") for k, r in enumerate(refs)]
-        row = dict(id=cid, draft=png(c.draft, f"{cid}_draft.png"), mask=png(c.mask, f"{cid}_mask.png"),
-                   reference=names[0] if len(names) == 1 else names)
+        row = dict(
+            id=cid,
+            draft=png(c.draft, f"{cid}_draft.png"),
+            mask=png(c.mask, f"{cid}_mask.png"),
+            reference=names[0] if len(names) == 1 else names,
+        )
         if target is not None:
             row["target"] = png(target, f"{cid}_target.png")
         if outputs and outputs[i] is not None:

@@ -9,6 +9,7 @@ the raw ratio is heavy-tailed on flat regions, so its mean is not a useful summa
 The eval set shows each scene under several degradations, so confidence intervals resample *scenes*
 (cluster bootstrap), not cases.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,17 @@ from . import metrics as Mt
 
 # column -> which direction is better ("max", "min", or "one": closest to 1)
 COLUMNS = {
-    "region_mse": "min", "region_psnr": "max", "region_ssim": "max", "region_hf_err": "min",
-    "mse_bg": "min", "ssim_bg": "max", "psnr": "max", "ssim": "max",
-    "lpips": "min", "dino": "max", "clip": "max",
+    "region_mse": "min",
+    "region_psnr": "max",
+    "region_ssim": "max",
+    "region_hf_err": "min",
+    "mse_bg": "min",
+    "ssim_bg": "max",
+    "psnr": "max",
+    "ssim": "max",
+    "lpips": "min",
+    "dino": "max",
+    "clip": "max",
 }
 PERCEPTUAL = {"lpips": "LABKIT_LPIPS", "dino": "LABKIT_DINO", "clip": "LABKIT_CLIP"}
 
@@ -47,7 +56,8 @@ def perceptual_models() -> dict:
 
 
 def score(out: torch.Tensor, case, draft: torch.Tensor, box=None, perceptual: dict | None = None) -> dict:
-    """One output (3, H, W) of a case as a row of floats: labkit.metrics.case_row (region and whole vs HRGT, background vs the
+    """One output (3, H, W) of a case as a row of floats: labkit.metrics.case_row (region and whole vs HRGT,
+    background vs the
     draft, outside the paste box) plus the perceptual columns that have local weights."""
     row = Mt.case_row(out, case.hrgt, case.mask, draft, box)
     for name, fn in (perceptual or {}).items():
@@ -55,13 +65,21 @@ def score(out: torch.Tensor, case, draft: torch.Tensor, box=None, perceptual: di
     return row
 
 
-def run(cases: Sequence, runners: dict[str, Callable], draft_fn: Callable, progress: bool = True,
-        perceptual: dict | None = None, keep: Sequence[int] = range(4), indices: Sequence[int] | None = None) -> tuple[pd.DataFrame, dict]:
+def run(
+    cases: Sequence,
+    runners: dict[str, Callable],
+    draft_fn: Callable,
+    progress: bool = True,
+    perceptual: dict | None = None,
+    keep: Sequence[int] = range(4),
+    indices: Sequence[int] | None = None,
+) -> tuple[pd.DataFrame, dict]:
     """Every runner on every case: runners[name](case) -> (output (3,H,W), info); one row per (case, runner name,
     in the `method` column).
     Returns the rows and, per method, the outputs of the cases in `keep` (for the qualitative grid). indices:
     the cases' numbers in the whole set (a shard of it), else 0..n-1."""
     from tqdm.auto import tqdm
+
     indices = list(range(len(cases))) if indices is None else list(indices)
     rows, samples = [], {}
     bar = tqdm(total=len(cases) * len(runners), disable=not progress, desc="evaluate", mininterval=5)
@@ -69,12 +87,20 @@ def run(cases: Sequence, runners: dict[str, Callable], draft_fn: Callable, progr
         t0 = time.time()
         for i, c in zip(indices, cases):
             out, info = fn(c)
-            rows.append(dict(method=name, case=i, scene=c.meta["seed"], content=c.meta["content"], degradation=c.meta["degradation"],
-                             **score(out, c, draft_fn(c), info.get("box"), perceptual)))
+            rows.append(
+                dict(
+                    method=name,
+                    case=i,
+                    scene=c.meta["seed"],
+                    content=c.meta["content"],
+                    degradation=c.meta["degradation"],
+                    **score(out, c, draft_fn(c), info.get("box"), perceptual),
+                )
+            )
             if i in keep:
                 samples.setdefault(name, {})[i] = out
             bar.update(1)
-        for r in rows[-len(cases):] if cases else []:
+        for r in rows[-len(cases) :] if cases else []:
             r["seconds_per_case"] = (time.time() - t0) / len(cases)
     bar.close()
     return pd.DataFrame(rows), {k: [v[i] for i in keep if i in v] for k, v in samples.items()}
@@ -83,22 +109,44 @@ def run(cases: Sequence, runners: dict[str, Callable], draft_fn: Callable, progr
 def processes():
     """accelerate's PartialState (N processes under accelerate launch, CPU ones joining a gloo group; 1 alone)."""
     from accelerate import PartialState
+
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def run_sharded(cases: Sequence, runners: dict[str, Callable], draft_fn: Callable, progress: bool = True,
-                perceptual: dict | None = None, keep: Sequence[int] = range(4)) -> tuple[pd.DataFrame, dict] | None:
+def run_sharded(
+    cases: Sequence,
+    runners: dict[str, Callable],
+    draft_fn: Callable,
+    progress: bool = True,
+    perceptual: dict | None = None,
+    keep: Sequence[int] = range(4),
+) -> tuple[pd.DataFrame, dict] | None:
     """`run` split across the processes of `accelerate launch` (accelerate's split_between_processes: contiguous
     shards of the cases); every rank's rows and kept outputs are gathered, and the main process gets the
     whole table (rows in the order one process writes them), the others None. Alone: `run`."""
     from accelerate.utils import gather_object
+
     state = processes()
     if state.num_processes == 1:
         return run(cases, runners, draft_fn, progress, perceptual, keep)
     with state.split_between_processes(list(range(len(cases)))) as mine:
-        df, samples = run([cases[i] for i in mine], runners, draft_fn, progress and state.is_main_process, perceptual, keep, indices=mine)
-    parts = gather_object([(df.to_dict(orient="records"), {k: {i: v[j] for j, i in enumerate(sorted(set(keep) & set(mine)))}
-                                                            for k, v in samples.items()})])
+        df, samples = run(
+            [cases[i] for i in mine],
+            runners,
+            draft_fn,
+            progress and state.is_main_process,
+            perceptual,
+            keep,
+            indices=mine,
+        )
+    parts = gather_object(
+        [
+            (
+                df.to_dict(orient="records"),
+                {k: {i: v[j] for j, i in enumerate(sorted(set(keep) & set(mine)))} for k, v in samples.items()},
+            )
+        ]
+    )
     if not state.is_main_process:
         return None
     order = {m: k for k, m in enumerate(runners)}
@@ -131,11 +179,23 @@ def paired(df: pd.DataFrame, a: str, b: str, col: str = "region_psnr", seed: int
     d = (pa - pb.reindex(pa.index)).dropna()
     scenes = df[df.method == a].set_index("case").scene.reindex(d.index) if "scene" in df else None
     lo, hi = bootstrap_ci(d.values, seed=seed, groups=None if scenes is None else scenes.values)
-    return dict(a=a, b=b, column=col, value=float(pa.mean()), baseline=float(pb.mean()), diff=float(d.mean()),
-                ci_low=lo, ci_high=hi, n=int(len(d)), n_scenes=int(scenes.nunique()) if scenes is not None else int(len(d)))
+    return dict(
+        a=a,
+        b=b,
+        column=col,
+        value=float(pa.mean()),
+        baseline=float(pb.mean()),
+        diff=float(d.mean()),
+        ci_low=lo,
+        ci_high=hi,
+        n=int(len(d)),
+        n_scenes=int(scenes.nunique()) if scenes is not None else int(len(d)),
+    )
 
 
-def table(df: pd.DataFrame, by: str | list[str] = "method", columns: Sequence[str] | None = None, seed: int = 0) -> pd.DataFrame:
+def table(
+    df: pd.DataFrame, by: str | list[str] = "method", columns: Sequence[str] | None = None, seed: int = 0
+) -> pd.DataFrame:
     """Mean per group for each metric column, with '<col>_lo' / '<col>_hi' bootstrap 95% bounds."""
     cols = [c for c in (columns or COLUMNS) if c in df]
     out = []
@@ -161,7 +221,9 @@ def best(tab: pd.DataFrame, columns: Sequence[str] | None = None) -> dict[str, s
     return out
 
 
-def render(tab: pd.DataFrame, columns: Sequence[str], unavailable: dict[str, str], path_html: str, title: str = "") -> str:
+def render(
+    tab: pd.DataFrame, columns: Sequence[str], unavailable: dict[str, str], path_html: str, title: str = ""
+) -> str:
     """HTML table: mean [95% CI] per cell, the best per column in bold, unavailable columns say why."""
     win = best(tab, columns)
     head = "".join(f"<th>{c}</th>" for c in ["method", *columns, *unavailable])
@@ -174,9 +236,12 @@ def render(tab: pd.DataFrame, columns: Sequence[str], unavailable: dict[str, str
         cells += [f"<td title='{why}'>unavailable</td>" for why in unavailable.values()]
         body.append("<tr>" + "".join(cells) + "</tr>")
     notes = "".join(f"<li>{k}: {v}</li>" for k, v in unavailable.items())
-    html = (f"<h3>{title}</h3><table border=1 cellspacing=0 cellpadding=3><tr>{head}</tr>{''.join(body)}</table>"
-            f"<p>bold: best per column. [95% bootstrap CI, scenes resampled]</p><ul>{notes}</ul>")
+    html = (
+        f"<h3>{title}</h3><table border=1 cellspacing=0 cellpadding=3><tr>{head}</tr>{''.join(body)}</table>"
+        f"<p>bold: best per column. [95% bootstrap CI, scenes resampled]</p><ul>{notes}</ul>"
+    )
     from .util import atomic_save
+
     atomic_save(lambda p: open(p, "w").write(html), path_html)
     return html
 
@@ -184,6 +249,7 @@ def render(tab: pd.DataFrame, columns: Sequence[str], unavailable: dict[str, str
 def table_figure(tab: pd.DataFrame, columns: Sequence[str], title: str = ""):
     """The same table as a matplotlib figure (PNG): means, best per column highlighted."""
     import matplotlib.pyplot as plt
+
     win = best(tab, columns)
     cells = [[f"{r[c]:.3g}" for c in columns] for _, r in tab.iterrows()]
     fig, ax = plt.subplots(figsize=(1.0 + 0.95 * len(columns), 0.3 * (len(tab) + 2)))
@@ -222,22 +288,36 @@ BENCHMARK_KINDS = ("wrong", "lowres4", "smear")  # wrong text/logo glyphs, lost 
 
 @torch.no_grad()
 def focus_ceiling(bb, target: torch.Tensor, mask: torch.Tensor, margin: float = 16) -> float:
-    """Region PSNR of the target through Focus-and-Refine's VAE round trip: the best a latent focus refiner can reach."""
+    """Region PSNR of the target through Focus-and-Refine's VAE round trip: the best a latent focus refiner
+    can reach."""
     from . import focus as F_
-    area = bb.preset.resolution ** 2
+
+    area = bb.preset.resolution**2
     c, _, box = F_.focus_crop(target, mask, area, bb.multiple, margin)
-    back = F_.paste_back(target, bb.roundtrip(c[None])[0].cpu(), box, F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0))
+    back = F_.paste_back(
+        target, bb.roundtrip(c[None])[0].cpu(), box, F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
+    )
     return float(Mt.case_metrics(back, target, mask)["region_psnr"][0])
 
 
-def benchmark_cases(bb, n_per_kind: int = 8, kinds: Sequence[str] = BENCHMARK_KINDS, size: int = 128, split: str = "test",
-                    seed: int = 0, view_strength: float = 0.4, room: float = 0.5, max_tries: int = 20) -> list:
+def benchmark_cases(
+    bb,
+    n_per_kind: int = 8,
+    kinds: Sequence[str] = BENCHMARK_KINDS,
+    size: int = 128,
+    split: str = "test",
+    seed: int = 0,
+    view_strength: float = 0.4,
+    room: float = 0.5,
+    max_tries: int = 20,
+) -> list:
     """Benchmark v2: n cases per kind of generative failure (draft = the target with the failure in the region,
     reference = the scene in another view and light), each kept only if its draft lies at least `room` dB
     below the VAE-through-focus ceiling (else the next seed is drawn); meta records the ceiling. Scene seeds
     follow the one per-case recipe (util.case_seed)."""
     from .data import make_triplet
     from .util import case_seed
+
     out = []
     for kind in kinds:
         got, i = 0, 0
@@ -255,21 +335,40 @@ def benchmark_cases(bb, n_per_kind: int = 8, kinds: Sequence[str] = BENCHMARK_KI
     return out
 
 
-def choose_defaults(cases: Sequence, candidates: dict[str, dict], preset: str = "mini", seed: int = 0, device: str = "cpu",
-                    progress: bool = False) -> tuple[pd.DataFrame, str]:
+def choose_defaults(
+    cases: Sequence,
+    candidates: dict[str, dict],
+    preset: str = "mini",
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+) -> tuple[pd.DataFrame, str]:
     """Each candidate setting of labkit.refine (name -> keyword arguments) on the (val) cases: a table of mean
     region PSNR / background error, and the name of the best by region PSNR."""
     from . import inference as I
-    runners = {name: (lambda c, kw=kw: I.refine_tensor(c.draft, c.mask, c.hrri, seed=seed, preset=preset, device=device, **kw))
-               for name, kw in candidates.items()}
+
+    runners = {
+        name: (lambda c, kw=kw: I.refine_tensor(c.draft, c.mask, c.hrri, seed=seed, preset=preset, device=device, **kw))
+        for name, kw in candidates.items()
+    }
     df, _ = run(cases, runners, lambda c: c.draft, progress=progress, keep=[])
     tab = table(df, "method", ["region_psnr", "mse_bg"], seed=seed)
     return tab, str(tab.set_index("method").region_psnr.idxmax())
 
 
-def runners_for(methods: Sequence[str], adapters: dict, steps: int | None, seed: int, preset: str, device: str = "cpu",
-                paste_true_box: bool = False, prompt: str | None = None, input_label: str = "input", pastes: bool = False,
-                defaults: dict | None = None) -> dict[str, Callable]:
+def runners_for(
+    methods: Sequence[str],
+    adapters: dict,
+    steps: int | None,
+    seed: int,
+    preset: str,
+    device: str = "cpu",
+    paste_true_box: bool = False,
+    prompt: str | None = None,
+    input_label: str = "input",
+    pastes: bool = False,
+    defaults: dict | None = None,
+) -> dict[str, Callable]:
     """name -> runner (case -> (output, info)): the input, (with known boxes) the naive paste, (pastes=True) the
     M*-box and registered pastes, and every model (frozen editor / adapters) through every refine method (full |
     focus | align | align_box), named "<model>/<method>", with `defaults` (e.g. blend) for the model calls. A
@@ -277,16 +376,32 @@ def runners_for(methods: Sequence[str], adapters: dict, steps: int | None, seed:
     from . import inference as I
 
     def model(adapter, method):
-        return lambda c: I.refine_tensor(c.draft, c.mask, getattr(c, "references", None) or c.hrri, method=method, adapter=adapter,
-                                         steps=steps, seed=seed, preset=preset, device=device, prompt=getattr(c, "prompt", None) or prompt,
-                                         **(defaults or {}))
+        return lambda c: I.refine_tensor(
+            c.draft,
+            c.mask,
+            getattr(c, "references", None) or c.hrri,
+            method=method,
+            adapter=adapter,
+            steps=steps,
+            seed=seed,
+            preset=preset,
+            device=device,
+            prompt=getattr(c, "prompt", None) or prompt,
+            **(defaults or {}),
+        )
+
     out = {input_label: lambda c: I.refine_tensor(c.draft, c.mask, method="input")}
     if paste_true_box:
-        out["paste (true ref box)"] = lambda c: I.refine_tensor(c.draft, c.mask, c.hrri, method="paste", reference_box=c.ref_bbox)
+        out["paste (true ref box)"] = lambda c: I.refine_tensor(
+            c.draft, c.mask, c.hrri, method="paste", reference_box=c.ref_bbox
+        )
     if pastes:  # the no-model pastes a refiner must beat: the M* box, and the registered warp
-        out["paste (M* box)"] = lambda c: I.refine_tensor(c.draft, c.mask, c.hrri, method="paste", preset=preset, seed=seed, device=device)
-        out["paste (registered)"] = lambda c: I.refine_tensor(c.draft, c.mask, c.hrri, method="paste_warp", preset=preset, seed=seed,
-                                                              device=device)
+        out["paste (M* box)"] = lambda c: I.refine_tensor(
+            c.draft, c.mask, c.hrri, method="paste", preset=preset, seed=seed, device=device
+        )
+        out["paste (registered)"] = lambda c: I.refine_tensor(
+            c.draft, c.mask, c.hrri, method="paste_warp", preset=preset, seed=seed, device=device
+        )
     for name, folder in adapters.items():
         for m in methods:
             out[f"{name}/{m}"] = model(folder, m)
@@ -296,15 +411,33 @@ def runners_for(methods: Sequence[str], adapters: dict, steps: int | None, seed:
 def pair_claim(df: pd.DataFrame, a: str, b: str, paper: str, col: str = "region_psnr", seed: int = 0) -> dict:
     """A claim 'a beats b' from the paired bootstrap over the same cases: holds if the CI's lower bound > 0."""
     from .results import claim
+
     p = paired(df, a, b, col, seed)
-    return claim(p["value"], p["baseline"], p["ci_low"] > 0, f"{col} (dB)" if "psnr" in col else col, paper,
-                 f"{a} vs {b}: paired diff {p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] "
-                 f"(95% bootstrap CI over {p['n_scenes']} scenes, {p['n']} cases)", ci=[p["ci_low"], p["ci_high"]])
+    return claim(
+        p["value"],
+        p["baseline"],
+        p["ci_low"] > 0,
+        f"{col} (dB)" if "psnr" in col else col,
+        paper,
+        f"{a} vs {b}: paired diff {p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] "
+        f"(95% bootstrap CI over {p['n_scenes']} scenes, {p['n']} cases)",
+        ci=[p["ci_low"], p["ci_high"]],
+    )
 
 
-def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "mini", methods: Sequence[str] = ("full", "focus"),
-                   adapters: dict | None = None, steps: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
-                   params: dict | None = None, run_settings: dict | None = None) -> dict:
+def evaluate_cases(
+    cases: Sequence,
+    out_dir: str | os.PathLike,
+    preset: str = "mini",
+    methods: Sequence[str] = ("full", "focus"),
+    adapters: dict | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    params: dict | None = None,
+    run_settings: dict | None = None,
+) -> dict:
     """Every method on every case -> out_dir/{per_case.csv, table.csv, table.html, table.png, qualitative.png,
     results.json} (claims: best model vs the input, focus vs full, background exactness), written at once.
     Under `accelerate launch` the cases are split across the processes and rank 0 merges and writes (the
@@ -314,12 +447,15 @@ def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "m
     from . import viz
     from .results import claim, write_results
     from .util import atomic_dir, write_json
+
     for c in cases:
         c.hrgt  # noqa: B018 - every case needs a target to be scored: fail before any work
     adapters = {"frozen": None, **(adapters or {})}
     runners = runners_for(methods, adapters, steps, seed, preset, device)
     shown = distinct_scenes(cases, 4)
-    got = run_sharded(cases, runners, lambda c: c.draft, progress=progress, keep=shown)  # N processes under accelerate launch
+    got = run_sharded(
+        cases, runners, lambda c: c.draft, progress=progress, keep=shown
+    )  # N processes under accelerate launch
     if got is None:
         return {}  # not the main process: rank 0 merges and writes
     df, samples = got
@@ -327,16 +463,27 @@ def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "m
     tab = table(df, "method", columns, seed=seed)
     model_rows = tab[tab.method != "input"].set_index("method").region_psnr
     best_model = model_rows.idxmax()
-    claims = dict(best_model_beats_input=pair_claim(df, best_model, "input", "all papers (a refiner should beat its input)", seed=seed))
+    claims = dict(
+        best_model_beats_input=pair_claim(
+            df, best_model, "input", "all papers (a refiner should beat its input)", seed=seed
+        )
+    )
     for name in adapters:
         if f"{name}/focus" in runners and f"{name}/full" in runners and name == best_model.split("/")[0]:
-            claims["focus_beats_full"] = pair_claim(df, f"{name}/focus", f"{name}/full", "RefineAnything (Focus-and-Refine vs whole image)",
-                                                    seed=seed)
+            claims["focus_beats_full"] = pair_claim(
+                df, f"{name}/focus", f"{name}/full", "RefineAnything (Focus-and-Refine vs whole image)", seed=seed
+            )
     focus = df[df.method.str.endswith(("/focus", "/align"))]
     if len(focus):
         worst = float(focus.bg_box_maxabs.max())
-        claims["background_exact"] = claim(worst, 0.0, worst == 0.0, "max |output - input| outside the paste box",
-                                           "RefineAnything (Focus-and-Refine paste-back)", f"over {len(focus)} focus/align outputs")
+        claims["background_exact"] = claim(
+            worst,
+            0.0,
+            worst == 0.0,
+            "max |output - input| outside the paste box",
+            "RefineAnything (Focus-and-Refine paste-back)",
+            f"over {len(focus)} focus/align outputs",
+        )
     with atomic_dir(out_dir) as tmp:
         if run_settings is not None:  # the command line's settings: the same ones resume, others are refused
             write_json(run_settings, tmp / "run.json")
@@ -346,34 +493,72 @@ def evaluate_cases(cases: Sequence, out_dir: str | os.PathLike, preset: str = "m
         viz.save(table_figure(tab, columns, f"mean over {len(cases)} cases (best per column shaded)"), "table", tmp)
         show = list(runners)[:6]
         rows = [[cases[i].hrri] + [samples[m][j] for m in show] + [cases[i].hrgt] for j, i in enumerate(shown)]
-        viz.save(viz.grid(rows, ["reference", *show, "target"], [cases[i].meta.get("source", str(i)) for i in shown], size=1.5),
-                 "qualitative", tmp, dict(methods=show, cases=[cases[i].meta for i in shown]))
-        write_results(tmp, preset, dict(params or {}, methods=list(methods), adapters={k: str(v) for k, v in adapters.items()},
-                                        steps=steps, seed=seed), claims, n_cases=len(cases), best=best(tab, columns),
-                      table=tab.set_index("method")[columns].to_dict())
+        viz.save(
+            viz.grid(
+                rows, ["reference", *show, "target"], [cases[i].meta.get("source", str(i)) for i in shown], size=1.5
+            ),
+            "qualitative",
+            tmp,
+            dict(methods=show, cases=[cases[i].meta for i in shown]),
+        )
+        write_results(
+            tmp,
+            preset,
+            dict(
+                params or {},
+                methods=list(methods),
+                adapters={k: str(v) for k, v in adapters.items()},
+                steps=steps,
+                seed=seed,
+            ),
+            claims,
+            n_cases=len(cases),
+            best=best(tab, columns),
+            table=tab.set_index("method")[columns].to_dict(),
+        )
     return json.loads((Path(out_dir) / "results.json").read_text())
 
 
 def parse_args(argv: list[str] | None = None):
     """The evaluate command line (usage errors exit 2 before any work)."""
     import argparse
-    ap = argparse.ArgumentParser(prog="labkit evaluate", description="Notebook 05's tables on a case folder (metadata.jsonl): "
-                                 "every method on every case with a target, region/background metrics, bootstrap CIs, claims.",
-                                 epilog="example: labkit evaluate --data cases/ --out runs/eval --methods focus align")
+
+    ap = argparse.ArgumentParser(
+        prog="labkit evaluate",
+        description="Notebook 05's tables on a case folder (metadata.jsonl): "
+        "every method on every case with a target, region/background metrics, bootstrap CIs, claims.",
+        epilog="example: labkit evaluate --data cases/ --out runs/eval --methods focus align",
+    )
     ap.add_argument("--data", required=True, help="a case folder with metadata.jsonl; every scored case needs a target")
-    ap.add_argument("--out", required=True, help="output folder (per_case.csv, table.csv/html/png, qualitative.png, results.json, "
-                                                 "run.json); a finished one with the same settings is kept, other settings refused")
+    ap.add_argument(
+        "--out",
+        required=True,
+        help="output folder (per_case.csv, table.csv/html/png, qualitative.png, results.json, "
+        "run.json); a finished one with the same settings is kept, other settings refused",
+    )
     ap.add_argument("--fresh", action="store_true", help="start over in --out (deletes what is there)")
-    ap.add_argument("--split", default=None, choices=["train", "val", "test"], help="only this split (default: every case)")
+    ap.add_argument(
+        "--split", default=None, choices=["train", "val", "test"], help="only this split (default: every case)"
+    )
     ap.add_argument("--preset", default="mini")
-    ap.add_argument("--methods", "--pipelines", dest="methods", nargs="+", default=["full", "focus"],
-                    choices=["full", "focus", "align", "align_box"], help="labkit.refine's methods each model is run with")
-    ap.add_argument("--adapters", nargs="*", default=[], help="adapter folders or committed names, besides the frozen editor")
+    ap.add_argument(
+        "--methods",
+        "--pipelines",
+        dest="methods",
+        nargs="+",
+        default=["full", "focus"],
+        choices=["full", "focus", "align", "align_box"],
+        help="labkit.refine's methods each model is run with",
+    )
+    ap.add_argument(
+        "--adapters", nargs="*", default=[], help="adapter folders or committed names, besides the frozen editor"
+    )
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     from .presets import check_preset
+
     try:
         check_preset(a.preset)
     except ValueError as e:
@@ -389,13 +574,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data import load_cases
     from .util import claim_out_dir, run_cli
+
     a = parse_args(argv)
 
     def body():
         from accelerate.utils import broadcast_object_list
+
         state = processes()  # N processes under accelerate launch: rank 0 checks the folder, all evaluate a shard
-        settings = dict(data=str(Path(a.data).resolve()), split=a.split, preset=a.preset, methods=a.methods,
-                        adapters=a.adapters, steps=a.steps, seed=a.seed)
+        settings = dict(
+            data=str(Path(a.data).resolve()),
+            split=a.split,
+            preset=a.preset,
+            methods=a.methods,
+            adapters=a.adapters,
+            steps=a.steps,
+            seed=a.seed,
+        )
         resumed = [claim_out_dir(a.out, settings, a.fresh) if state.is_main_process else None]
         resumed = broadcast_object_list(resumed)[0] if state.num_processes > 1 else resumed[0]
         if resumed and (Path(a.out) / "results.json").exists():
@@ -403,16 +597,31 @@ def main(argv: list[str] | None = None) -> int:
             res = json.loads((Path(a.out) / "results.json").read_text())
         else:
             cases = load_cases(a.data, a.split, preset=a.preset)  # files, sizes and prompts checked before any work
-            res = evaluate_cases(cases, a.out, a.preset, a.methods, {Path(x).name: x for x in a.adapters}, a.steps, a.seed, a.device,
-                                 params=dict(data=str(a.data), split=a.split), run_settings=settings)
+            res = evaluate_cases(
+                cases,
+                a.out,
+                a.preset,
+                a.methods,
+                {Path(x).name: x for x in a.adapters},
+                a.steps,
+                a.seed,
+                a.device,
+                params=dict(data=str(a.data), split=a.split),
+                run_settings=settings,
+            )
         if not state.is_main_process:
             return
         for k, c in res["claims"].items():
-            print(f"{k}: {c['value']:.3f} vs {c['baseline']:.3f} {c['unit']} -> {'holds' if c['holds'] else 'does not hold'}")
+            print(
+                f"{k}: {c['value']:.3f} vs {c['baseline']:.3f} {c['unit']} -> "
+                f"{'holds' if c['holds'] else 'does not hold'}"
+            )
         print(f"wrote {a.out}" + (f" ({state.num_processes} processes)" if state.num_processes > 1 else ""))
+
     return run_cli("labkit evaluate", body, kept=f"nothing was written to {a.out} (it is written at once)")
 
 
 if __name__ == "__main__":
     import sys
+
     sys.exit(main())

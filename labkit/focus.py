@@ -4,6 +4,7 @@ soft mask, paste back. Pixels outside the box are untouched by construction (bit
 Images are (3, H, W) or (B, 3, H, W) tensors in [0, 1]; masks (1, H, W) / (B, 1, H, W) in {0, 1}.
 Boxes are (x0, y0, x1, y1) with x1/y1 exclusive.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ def snap_size(h: int, w: int, area: int, multiple: int = 16) -> tuple[int, int]:
     return max(multiple, round(h * s / multiple) * multiple), max(multiple, round(w * s / multiple) * multiple)
 
 
-def focus_box(mask: torch.Tensor, margin: float = 64, working_area: int = 1024 ** 2, min_side: int = 0) -> Box:
+def focus_box(mask: torch.Tensor, margin: float = 64, working_area: int = 1024**2, min_side: int = 0) -> Box:
     """bbox(mask) grown by margin/s on each side (s = sqrt(working_area / (W·H)), the paper's scaling), clipped.
 
     An empty mask raises (nothing to refine); an all-ones mask gives the whole image (Focus = no crop).
@@ -44,8 +45,9 @@ def crop(img: torch.Tensor, box: Box) -> torch.Tensor:
     return img[..., y0:y1, x0:x1]
 
 
-def focus_crop(img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int = 16, margin: float = 64,
-               min_side: int = 0) -> tuple[torch.Tensor, torch.Tensor, Box]:
+def focus_crop(
+    img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int = 16, margin: float = 64, min_side: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, Box]:
     """Crop image and mask around the mask and upsample to ≈working_area (aspect kept, snapped sides); the
     crop's mask stays {0, 1} (data.resize_mask's 'threshold')."""
     box = focus_box(mask, margin, working_area, min_side)
@@ -61,12 +63,15 @@ def soft_mask(mask: torch.Tensor, dilate: int = 7, blur_radius: float = 5.0) -> 
         x = F.max_pool2d(F.pad(x, [dilate // 2, (dilate - 1) // 2] * 2, mode="replicate"), dilate, stride=1)
     if blur_radius > 0:
         from .frequency import lowpass
+
         x = lowpass(x, sigma=blur_radius / 2)
     x = x.clamp(0, 1)
     return x[0] if mask.ndim == 3 else x
 
 
-def paste_back(original: torch.Tensor, refined_crop: torch.Tensor, box: Box, soft: torch.Tensor | None = None) -> torch.Tensor:
+def paste_back(
+    original: torch.Tensor, refined_crop: torch.Tensor, box: Box, soft: torch.Tensor | None = None
+) -> torch.Tensor:
     """Resize the refined crop back into `box` and blend with the soft mask (box coords); outside the box
     the result is bit-identical to `original`. soft=None pastes the whole box (hard)."""
     x0, y0, x1, y1 = box
@@ -85,6 +90,7 @@ def seam_error(result: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, r
     """Mean squared error in a band of ±radius pixels around the mask edge (B,)."""
     from .losses import boundary_band
     from .metrics import mse
+
     m = mask[None] if mask.ndim == 3 else mask
     return mse(result, target, boundary_band(m.float(), radius))
 
@@ -115,6 +121,7 @@ def crop_vs_full(bb, images: torch.Tensor, labels: list[str], fracs, upsamples, 
     """Region PSNR/SSIM/HF ratio of full-image encoding vs crop+upsample encoding, for every image,
     region fraction and upsampling factor; one row per (image, frac, upsample)."""
     from .metrics import hf_energy_ratio, psnr, spectrum_distance, ssim
+
     rng = np.random.default_rng(seed)
     rows = []
     for i, (img, label) in enumerate(zip(images, labels)):
@@ -122,15 +129,31 @@ def crop_vs_full(bb, images: torch.Tensor, labels: list[str], fracs, upsamples, 
         for frac in fracs:
             box = random_box(rng, img.shape[-1], frac)
             target, full_c = crop(img, box)[None], crop(full, box)[None]
-            base = dict(psnr=psnr(full_c, target).item(), ssim=ssim(full_c, target).item(),
-                        hf=hf_energy_ratio(full_c, target).item(), spec=spectrum_distance(full_c, target).item())
+            base = dict(
+                psnr=psnr(full_c, target).item(),
+                ssim=ssim(full_c, target).item(),
+                hf=hf_energy_ratio(full_c, target).item(),
+                spec=spectrum_distance(full_c, target).item(),
+            )
             for u in upsamples:
                 rec = crop_roundtrip(bb, img, box, u)[None]
-                rows.append(dict(image=i, content=label, frac=frac, upsample=str(u), box=box,
-                                 full_psnr=base["psnr"], crop_psnr=psnr(rec, target).item(),
-                                 full_ssim=base["ssim"], crop_ssim=ssim(rec, target).item(),
-                                 full_hf=base["hf"], crop_hf=hf_energy_ratio(rec, target).item(),
-                                 full_spec=base["spec"], crop_spec=spectrum_distance(rec, target).item()))
+                rows.append(
+                    dict(
+                        image=i,
+                        content=label,
+                        frac=frac,
+                        upsample=str(u),
+                        box=box,
+                        full_psnr=base["psnr"],
+                        crop_psnr=psnr(rec, target).item(),
+                        full_ssim=base["ssim"],
+                        crop_ssim=ssim(rec, target).item(),
+                        full_hf=base["hf"],
+                        crop_hf=hf_energy_ratio(rec, target).item(),
+                        full_spec=base["spec"],
+                        crop_spec=spectrum_distance(rec, target).item(),
+                    )
+                )
     for r in rows:
         r["gain_psnr"] = r["crop_psnr"] - r["full_psnr"]
         r["gain_ssim"] = r["crop_ssim"] - r["full_ssim"]

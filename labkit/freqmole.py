@@ -7,6 +7,7 @@ adapter layers. The plain-LoRA baseline is peft's LoRA on the same targets (`inj
 Gap choices (the paper does not say): α is one scalar per adapted linear (initialised to its block's
 prior; `alpha_by_block` reports block means), both experts share the rank.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ from .util import atomic_dir, write_json
 
 # The linears diffusers' Kontext LoRA script adapts, anchored on the block lists (the model's final
 # proj_out and the embedders are never matched).
-TARGETS = (r"^(transformer_blocks|single_transformer_blocks)\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
-           r"add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)$")
+TARGETS = (
+    r"^(transformer_blocks|single_transformer_blocks)\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+    r"add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)$"
+)
 ADAPTER = "default"
 
 
@@ -47,7 +50,9 @@ class FreqMoLELinear(LoraLinear):
         w = base.weight
         self.lora_A_hf[adapter_name] = a.to(w.device, w.dtype)
         self.lora_B_hf[adapter_name] = b.to(w.device, w.dtype)
-        self.lora_freq_alpha[adapter_name] = nn.Parameter(torch.full((1,), 0.5, device=w.device))  # (1,): FSDP shards no scalars
+        self.lora_freq_alpha[adapter_name] = nn.Parameter(
+            torch.full((1,), 0.5, device=w.device)
+        )  # (1,): FSDP shards no scalars
 
     def get_delta_weight(self, adapter) -> torch.Tensor:
         """α·B_LF A_LF + (1 − α)·B_HF A_HF, times the LoRA scaling (used by merge/unmerge)."""
@@ -79,19 +84,24 @@ class FreqMoLELinear(LoraLinear):
 
 def depth_prior(depth: float, high: float = 0.9, low: float = 0.1, gamma: float = 1.0) -> float:
     """α at a depth fraction in [0, 1]: high in shallow blocks, low in deep ones (gamma shapes the fall)."""
-    return high - (high - low) * depth ** gamma
+    return high - (high - low) * depth**gamma
 
 
 def block_depths(transformer) -> dict[str, float]:
     """Depth fraction of every block, double-stream first: 'transformer_blocks.3' -> 3 / (L - 1)."""
-    names = [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))] + \
-            [f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))]
+    names = [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))] + [
+        f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))
+    ]
     return {n: i / max(1, len(names) - 1) for i, n in enumerate(names)}
 
 
-def config(kind: str = "freqmole", rank: int = 8, alpha: float | None = None, dropout: float = 0.0, targets: str = TARGETS) -> LoraConfig:
+def config(
+    kind: str = "freqmole", rank: int = 8, alpha: float | None = None, dropout: float = 0.0, targets: str = TARGETS
+) -> LoraConfig:
     """LoraConfig for the chosen adapter kind; FreqMoLE registers its custom Linear (re-done on every load)."""
-    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=targets, init_lora_weights=True)
+    cfg = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=targets, init_lora_weights=True
+    )
     if kind == "freqmole":
         cfg._register_custom_module({nn.Linear: FreqMoLELinear})
     elif kind != "lora":
@@ -99,8 +109,14 @@ def config(kind: str = "freqmole", rank: int = 8, alpha: float | None = None, dr
     return cfg
 
 
-def inject(transformer, kind: str = "freqmole", rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
-           prior: dict | None = None) -> dict:
+def inject(
+    transformer,
+    kind: str = "freqmole",
+    rank: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    prior: dict | None = None,
+) -> dict:
     """Add FreqMoLE (or plain LoRA) adapters to every double- and single-stream block; freeze the base.
 
     Returns the adapter spec (saved next to the weights so loading rebuilds the same modules)."""
@@ -121,8 +137,11 @@ def inject(transformer, kind: str = "freqmole", rank: int = 8, alpha: float | No
 def adapter_state(transformer) -> dict[str, torch.Tensor]:
     """All adapter tensors (names containing 'lora_'), whole: FSDP-sharded ones are gathered (a collective call
     then, made on every rank)."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
-            for k, v in transformer.state_dict().items() if "lora_" in k}
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+        for k, v in transformer.state_dict().items()
+        if "lora_" in k
+    }
 
 
 def trainable_count(transformer) -> int:
@@ -135,7 +154,9 @@ def alpha_by_block(transformer) -> dict[str, float]:
     out: dict[str, list[float]] = {}
     for name, mod in transformer.named_modules():
         if isinstance(mod, FreqMoLELinear):
-            out.setdefault(re.match(r"^(\w+\.\d+)\.", name).group(1), []).append(float(mod.lora_freq_alpha[ADAPTER].detach()))
+            out.setdefault(re.match(r"^(\w+\.\d+)\.", name).group(1), []).append(
+                float(mod.lora_freq_alpha[ADAPTER].detach())
+            )
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
@@ -155,8 +176,10 @@ def adapter_folder(folder: str | os.PathLike) -> Path:
     for p in (folder, folder / "adapter"):
         if (p / "adapter.json").exists() and (p / "adapter.safetensors").exists():
             return p
-    raise FileNotFoundError(f"no adapter (adapter.json + adapter.safetensors) in {folder} or {folder / 'adapter'}: "
-                            "save adapters with labkit.freqmole.save, or train one with `labkit train sft --out DIR`")
+    raise FileNotFoundError(
+        f"no adapter (adapter.json + adapter.safetensors) in {folder} or {folder / 'adapter'}: "
+        "save adapters with labkit.freqmole.save, or train one with `labkit train sft --out DIR`"
+    )
 
 
 def load(transformer, folder: str | os.PathLike, identity: dict | None = None) -> dict:
@@ -165,18 +188,30 @@ def load(transformer, folder: str | os.PathLike, identity: dict | None = None) -
     identity (Backbone.identity()): refuse, in one line, an adapter trained on another backbone."""
     folder = adapter_folder(folder)
     spec = json.loads((folder / "adapter.json").read_text())
-    if identity and spec.get("model_hash") and (spec.get("preset"), spec.get("model_hash")) != (identity["preset"], identity["model_hash"]):
-        raise ValueError(f"adapter {folder} was trained on preset {spec.get('preset')!r} (model {spec['model_hash']}), but this backbone "
-                         f"is {identity['preset']!r} (model {identity['model_hash']}): load it on that backbone or retrain it on this one "
-                         f"(labkit train sft --preset {identity['preset']} ...)")
+    if (
+        identity
+        and spec.get("model_hash")
+        and (spec.get("preset"), spec.get("model_hash")) != (identity["preset"], identity["model_hash"])
+    ):
+        raise ValueError(
+            f"adapter {folder} was trained on preset {spec.get('preset')!r} (model {spec['model_hash']}), but "
+            "this backbone "
+            f"is {identity['preset']!r} (model {identity['model_hash']}): load it on that backbone or retrain "
+            "it on this one "
+            f"(labkit train sft --preset {identity['preset']} ...)"
+        )
     inject(transformer, spec["kind"], spec["rank"], spec["alpha"], spec["dropout"], spec.get("prior"))
     sd = load_file(folder / "adapter.safetensors")
     mine = adapter_state(transformer)
-    sd = {k: v.reshape(1) if "lora_freq_alpha" in k and v.ndim == 0 else v for k, v in sd.items()}  # files from before α was (1,)
+    sd = {
+        k: v.reshape(1) if "lora_freq_alpha" in k and v.ndim == 0 else v for k, v in sd.items()
+    }  # files from before α was (1,)
     if set(sd) != set(mine) or any(sd[k].shape != mine[k].shape for k in sd):
-        raise ValueError(f"adapter file and modules disagree ({len(set(sd) ^ set(mine))} tensor names differ, "
-                         f"e.g. {sorted(set(sd) ^ set(mine))[:2]}): {folder} was made for another model "
-                         f"({spec.get('preset', 'preset not recorded')}); load it on the backbone it was trained on")
+        raise ValueError(
+            f"adapter file and modules disagree ({len(set(sd) ^ set(mine))} tensor names differ, "
+            f"e.g. {sorted(set(sd) ^ set(mine))[:2]}): {folder} was made for another model "
+            f"({spec.get('preset', 'preset not recorded')}); load it on the backbone it was trained on"
+        )
     transformer.load_state_dict(sd, strict=False)
     return spec
 

@@ -1,5 +1,6 @@
 """Frequency analysis (RefGC-SR2): Gaussian LF/HF split of latent grids and token sequences, radial
 spectra, band energies, and per-block hidden-state capture with forward hooks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,7 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     """Normalised 1-D Gaussian of radius ceil(3σ)."""
     r = max(1, int(3 * sigma + 0.5))
     x = torch.arange(-r, r + 1, dtype=torch.float32)
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
 
 
@@ -83,6 +84,7 @@ def capture_hidden(transformer, n_target: int, n_text: int | None = None) -> Ite
             else:  # [text | image] concatenated
                 img = output[:, n_text:] if n_text is not None else output
             store.setdefault(name, []).append(img[:, :n_target].detach().float().cpu())
+
         return fn
 
     for name in block_names(transformer):
@@ -96,8 +98,9 @@ def capture_hidden(transformer, n_target: int, n_text: int | None = None) -> Ite
 
 def block_names(transformer) -> list[str]:
     """Names in depth order, matching capture_hidden's keys."""
-    return [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))] + \
-           [f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))]
+    return [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))] + [
+        f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))
+    ]
 
 
 @torch.no_grad()
@@ -109,19 +112,28 @@ def layerwise_similarity(bb, x_t: torch.Tensor, t: float, contexts, prompt: str,
     names = block_names(bb.transformer)
     parts = {n: split_tokens(store[n][-1], h, w, sigma) for n in names}
     lf_last, hf_last = parts[names[-1]]
-    return dict(blocks=names, lf=[cosine(parts[n][0], lf_last).mean().item() for n in names],
-                hf=[cosine(parts[n][1], hf_last).mean().item() for n in names])
+    return dict(
+        blocks=names,
+        lf=[cosine(parts[n][0], lf_last).mean().item() for n in names],
+        hf=[cosine(parts[n][1], hf_last).mean().item() for n in names],
+    )
 
 
 @torch.no_grad()
 def triplet_latents(bb, trips) -> dict[str, torch.Tensor]:
     """Normalised latents (N, 16, h, w) of HRGT, HRRI and the bicubic-upsampled LRGI of each triplet."""
     stack = lambda xs: torch.cat([bb.encode(x[None]).cpu().float() for x in xs])  # noqa: E731
-    return dict(hrgt=stack([t.hrgt for t in trips]), hrri=stack([t.hrri for t in trips]), lrgi=stack([t.draft for t in trips]))
+    return dict(
+        hrgt=stack([t.hrgt for t in trips]), hrri=stack([t.hrri for t in trips]), lrgi=stack([t.draft for t in trips])
+    )
 
 
 def closeness(z: dict[str, torch.Tensor], sigma: float = 1.0) -> dict[str, torch.Tensor]:
     """Per-triplet cosine similarity to HRGT of LRGI and HRRI latents, on full latents and on LF only (Fig. 5b, c)."""
     lf = {k: lowpass(v, sigma) for k, v in z.items()}
-    return dict(lrgi=cosine(z["lrgi"], z["hrgt"]), hrri=cosine(z["hrri"], z["hrgt"]),
-                lrgi_lf=cosine(lf["lrgi"], lf["hrgt"]), hrri_lf=cosine(lf["hrri"], lf["hrgt"]))
+    return dict(
+        lrgi=cosine(z["lrgi"], z["hrgt"]),
+        hrri=cosine(z["hrri"], z["hrgt"]),
+        lrgi_lf=cosine(lf["lrgi"], lf["hrgt"]),
+        hrri_lf=cosine(lf["hrri"], lf["hrgt"]),
+    )

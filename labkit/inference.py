@@ -19,6 +19,7 @@ The region reaches the model as the editor was trained to read it (`region`: non
 focus.region_contexts; default: the backbone's recipe, in its card).
 Images: PIL images, (3, H, W) tensors in [0, 1] or (H, W, 3) arrays; masks likewise (H, W) / (1, H, W).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,7 +40,8 @@ from .sampling import check_steps  # noqa: F401  (re-exported: the one steps che
 from .util import REPO
 
 METHODS = ("input", "paste", "paste_warp", "full", "focus", "align", "align_box")
-# labkit.refine's defaults: the val winner of notebook 05 (its claim defaults_chosen_on_val checks this; the golden test pins it)
+# labkit.refine's defaults: the val winner of notebook 05 (its claim defaults_chosen_on_val checks this;
+# the golden test pins it)
 REFINE_DEFAULTS = dict(method="align", blend=True)
 ADAPTERS = REPO / "figures" / "04_train_freqmole" / "adapters"
 
@@ -59,13 +61,16 @@ def check_size(hw: tuple[int, int], multiple: int, name: str = "image") -> None:
     """Model methods need at least one packing unit per side (VAE x8 and 2x2 packing: `multiple` pixels)."""
     h, w = hw
     if h < multiple or w < multiple:
-        raise ValueError(f"{name} is {h}x{w} pixels; the model methods need at least {multiple}x{multiple} (one VAE x8 "
-                         f"latent 2x2 patch): upsample it first, e.g. PIL .resize(({max(w, multiple)}, {max(h, multiple)}))")
+        raise ValueError(
+            f"{name} is {h}x{w} pixels; the model methods need at least {multiple}x{multiple} (one VAE x8 "
+            f"latent 2x2 patch): upsample it first, e.g. PIL .resize(({max(w, multiple)}, {max(h, multiple)}))"
+        )
 
 
 def to_pil(x: torch.Tensor):
     """(3, H, W) in [0, 1] -> PIL RGB."""
     from PIL import Image
+
     return Image.fromarray((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
 
 
@@ -86,14 +91,18 @@ def resolve_adapter(adapter: str | os.PathLike) -> Path:
     """An adapter folder by path (the folder, or a training run's --out holding adapter/), or by name under
     figures/04_train_freqmole/adapters."""
     from .freqmole import adapter_folder
+
     for p in (Path(adapter), ADAPTERS / str(adapter)):
         try:
             return adapter_folder(p)
         except FileNotFoundError:
             pass
     have = sorted(p.name for p in ADAPTERS.glob("*") if (p / "adapter.json").exists()) if ADAPTERS.exists() else []
-    raise FileNotFoundError(f"no adapter {str(adapter)!r} (looked for adapter.json in {adapter}, {Path(adapter) / 'adapter'} and "
-                            f"{ADAPTERS / str(adapter)}); available: {have or 'none'} - run `make figures NB=04_train_freqmole` to train them")
+    raise FileNotFoundError(
+        f"no adapter {str(adapter)!r} (looked for adapter.json in {adapter}, {Path(adapter) / 'adapter'} and "
+        f"{ADAPTERS / str(adapter)}); available: {have or 'none'} - run `make figures NB=04_train_freqmole` to "
+        "train them"
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -101,6 +110,7 @@ def load_refiner(preset: str = "mini", adapter: str | None = None, device: str =
     """The frozen editor (adapter=None) or the editor with an adapter folder/name loaded (cached)."""
     from . import freqmole as FM
     from .models import load
+
     bb = load(preset, device=device)
     region = editor_region(str(preset))
     if adapter is None:
@@ -109,21 +119,46 @@ def load_refiner(preset: str = "mini", adapter: str | None = None, device: str =
     spec = FM.load(bb.transformer, folder, identity=bb.identity())
     bb.eval().requires_grad_(False)
     import hashlib
+
     sha = hashlib.sha256((folder / "adapter.safetensors").read_bytes()).hexdigest()
-    return Refiner(bb, spec.get("sft", {}).get("prompt", "refine"), str(folder),
-                   dict(folder=str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder), sha256=sha,
-                        kind=spec["kind"], rank=spec["rank"], sft=spec.get("sft"), training=spec.get("training")),
-                   spec.get("sft", {}).get("region", region))
+    return Refiner(
+        bb,
+        spec.get("sft", {}).get("prompt", "refine"),
+        str(folder),
+        dict(
+            folder=str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder),
+            sha256=sha,
+            kind=spec["kind"],
+            rank=spec["rank"],
+            sft=spec.get("sft"),
+            training=spec.get("training"),
+        ),
+        spec.get("sft", {}).get("region", region),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # the pieces
 @torch.no_grad()
-def edit(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int, budget: int | None = None,
-         prompt: str | None = None, guidance: float | None = None, latents: torch.Tensor | None = None,
-         size: tuple[int, int] | None = None, negative_prompt: str | None = None, true_cfg: float = 1.0, strength: float = 1.0,
-         mask: torch.Tensor | None = None, blend: bool = False, region: str | None = None,
-         callback=None) -> torch.Tensor:
+def edit(
+    r: Refiner,
+    draft: torch.Tensor,
+    references: Sequence[torch.Tensor],
+    steps: int,
+    seed: int,
+    budget: int | None = None,
+    prompt: str | None = None,
+    guidance: float | None = None,
+    latents: torch.Tensor | None = None,
+    size: tuple[int, int] | None = None,
+    negative_prompt: str | None = None,
+    true_cfg: float = 1.0,
+    strength: float = 1.0,
+    mask: torch.Tensor | None = None,
+    blend: bool = False,
+    region: str | None = None,
+    callback=None,
+) -> torch.Tensor:
     """Kontext-style sampling of a target (size: draft's by default) from contexts [draft (id 1), references
     (ids 2..) packed under a pixel budget (SELF)]: (3, H, W) in [0, 1]. latents: the initial noise, packed
     (1, seq, 64) as the pipeline takes it or (1, 16, h, w); else drawn from `seed` exactly as the pipeline draws it.
@@ -133,15 +168,21 @@ def edit(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], st
     after every step, with the step's x0 prediction (latents; sampling.sample), e.g. for a filmstrip or to cancel."""
     from .models import pack_references
     from .sampling import sample
+
     bb = r.bb
     h, w = size or draft.shape[-2:]
     for name, (a, b) in (("image", draft.shape[-2:]), ("target", (h, w))):
         if a % bb.multiple or b % bb.multiple:
-            raise ValueError(f"{name} sides must be multiples of {bb.multiple} for the model path; got {a}x{b}: resize to "
-                             f"{a // bb.multiple * bb.multiple}x{b // bb.multiple * bb.multiple} or use method='focus'")
+            raise ValueError(
+                f"{name} sides must be multiples of {bb.multiple} for the model path; got {a}x{b}: resize to "
+                f"{a // bb.multiple * bb.multiple}x{b // bb.multiple * bb.multiple} or use method='focus'"
+            )
     refs = pack_references(list(references), budget or h * w, bb.multiple) if references else []
     if mask is not None and tuple(mask.shape[-2:]) != tuple(draft.shape[-2:]):
-        raise ValueError(f"mask is {tuple(mask.shape[-2:])} but the image is {tuple(draft.shape[-2:])}: give the mask at the image's size")
+        raise ValueError(
+            f"mask is {tuple(mask.shape[-2:])} but the image is {tuple(draft.shape[-2:])}: give the mask at "
+            "the image's size"
+        )
     if blend and mask is None:
         raise ValueError("blend=True keeps the draft outside the region: it needs the region's mask")
     images = F_.region_contexts(draft, mask, refs, region or r.region) if mask is not None else [draft, *refs]
@@ -154,15 +195,31 @@ def edit(r: Refiner, draft: torch.Tensor, references: Sequence[torch.Tensor], st
     if strength < 1 or blend:
         if (h, w) != tuple(draft.shape[-2:]):
             raise ValueError("strength < 1 and mask blending need the target at the draft's size")
-        init = keep = bb.encode(draft[None].to(bb.device))  # the draft itself (context 1 may carry the region drawn on it)
+        init = keep = bb.encode(
+            draft[None].to(bb.device)
+        )  # the draft itself (context 1 may carry the region drawn on it)
         if blend:  # latent cells the mask touches (dilated by one cell) are generated; the rest kept
             m = resize_mask(mask[None], shape[-2:], "touched")
             keep_mask = 1 - torch.nn.functional.max_pool2d(m, 3, 1, 1).to(bb.device)
         else:
             keep = None
-    z = sample(bb, ctx, prompt or r.prompt, shape=shape, steps=steps, generator=torch.Generator().manual_seed(seed), latents=latents,
-               guidance=guidance, negative_embeds=neg, true_cfg=true_cfg, init=init, strength=strength, keep=keep, keep_mask=keep_mask,
-               callback=callback)
+    z = sample(
+        bb,
+        ctx,
+        prompt or r.prompt,
+        shape=shape,
+        steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        latents=latents,
+        guidance=guidance,
+        negative_embeds=neg,
+        true_cfg=true_cfg,
+        init=init,
+        strength=strength,
+        keep=keep,
+        keep_mask=keep_mask,
+        callback=callback,
+    )
     return bb.decode(z)[0].float().cpu()
 
 
@@ -172,7 +229,10 @@ _REGISTRATIONS: dict = {}
 def registration(img: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> Registration:
     """labkit.align.register, memoised on the pixels (several methods of one evaluation register the same case)."""
     import hashlib
-    key = hashlib.sha1(b"".join(t.contiguous().numpy().tobytes() for t in (img, mask, reference)) + bytes([seed % 256])).hexdigest()
+
+    key = hashlib.sha1(
+        b"".join(t.contiguous().numpy().tobytes() for t in (img, mask, reference)) + bytes([seed % 256])
+    ).hexdigest()
     if key not in _REGISTRATIONS:
         if len(_REGISTRATIONS) > 256:
             _REGISTRATIONS.clear()
@@ -185,15 +245,32 @@ def kontext_size(h: int, w: int, preset) -> tuple[int, int]:
     (the pipeline's auto-resize, max_area = resolution²), else the image's own sides floored to the multiple."""
     if preset.kontext_resolutions:
         from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
         _, pw, ph = min((abs(w / h - a / b), a, b) for a, b in PREFERRED_KONTEXT_RESOLUTIONS)
         return ph // preset.multiple * preset.multiple, pw // preset.multiple * preset.multiple
-    return max(preset.multiple, h // preset.multiple * preset.multiple), max(preset.multiple, w // preset.multiple * preset.multiple)
+    return max(preset.multiple, h // preset.multiple * preset.multiple), max(
+        preset.multiple, w // preset.multiple * preset.multiple
+    )
 
 
-def generate(image, prompt: str, references=None, *, preset: str = "mini", steps: int | None = None, guidance: float | None = None,
-             seed: int | None = 0, latents: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
-             negative_prompt: str | None = None, true_cfg: float = 1.0, adapter: str | None = None, device: str = "cpu",
-             auto_resize: bool | None = None):
+def generate(
+    image,
+    prompt: str,
+    references=None,
+    *,
+    preset: str = "mini",
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = 0,
+    latents: torch.Tensor | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    true_cfg: float = 1.0,
+    adapter: str | None = None,
+    device: str = "cpu",
+    auto_resize: bool | None = None,
+):
     """Kontext-style whole-image editing: the image (and optional references) + a prompt -> a PIL image.
 
     preset: a preset name or a diffusers FluxKontextPipeline folder; steps/guidance default to the preset's
@@ -211,28 +288,49 @@ def generate(image, prompt: str, references=None, *, preset: str = "mini", steps
     hw = kontext_size(*img.shape[-2:], replace(cfg, kontext_resolutions=auto))
     if tuple(hw) != tuple(img.shape[-2:]):  # resized as the pipeline's image processor does (PIL, Lanczos)
         from PIL import Image
+
         img = as_image_tensor(to_pil(img).resize((hw[1], hw[0]), Image.LANCZOS))
     size = (height or hw[0], width or hw[1])
-    out = edit(r, img, as_references(references), steps, seed, prompt=prompt, latents=latents, size=size,
-               guidance=guidance if guidance is not None else cfg.guidance, negative_prompt=negative_prompt, true_cfg=true_cfg)
+    out = edit(
+        r,
+        img,
+        as_references(references),
+        steps,
+        seed,
+        prompt=prompt,
+        latents=latents,
+        size=size,
+        guidance=guidance if guidance is not None else cfg.guidance,
+        negative_prompt=negative_prompt,
+        true_cfg=true_cfg,
+    )
     pil = to_pil(out)
     pil.info.update(labkit_seed=seed, labkit_steps=steps)
     return pil
 
 
 @torch.no_grad()
-def correspondence(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
-                   timesteps: Sequence[float] = (0.75, 0.5, 0.25), seed: int = 0) -> np.ndarray:
+def correspondence(
+    r: Refiner,
+    draft: torch.Tensor,
+    mask: torch.Tensor,
+    reference: torch.Tensor,
+    timesteps: Sequence[float] = (0.75, 0.5, 0.25),
+    seed: int = 0,
+) -> np.ndarray:
     """Refine-by-Align's M*: attention of the draft's in-mask queries to the reference's keys, averaged over
     timesteps and every block: (h, w) on the reference's token grid (h = H_ref // multiple), scaled to [0, 1]."""
     from . import attention as A
+
     bb = r.bb
     p = bb.multiple
     ref = F_.resize(reference, (reference.shape[-2] // p * p or p, reference.shape[-1] // p * p or p))
     z_d, z_r = bb.encode(draft[None]), bb.encode(ref[None])
     n_tok = z_d.shape[-2] * z_d.shape[-1] // 4
     n_ref = z_r.shape[-2] * z_r.shape[-1] // 4
-    spec = A.CaptureSpec(queries={"draft": A.tokens_in_mask(mask, p, offset=n_tok)}, ref=slice(2 * n_tok, 2 * n_tok + n_ref))
+    spec = A.CaptureSpec(
+        queries={"draft": A.tokens_in_mask(mask, p, offset=n_tok)}, ref=slice(2 * n_tok, 2 * n_tok + n_ref)
+    )
     g = torch.Generator().manual_seed(seed)
     with A.capture(bb.transformer, spec, n_image=2 * n_tok + n_ref) as rec:
         for t in timesteps:  # the draft noised to t stands in for the unknown target (SDEdit-style)
@@ -242,11 +340,19 @@ def correspondence(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, referenc
     return A.to_grid(m, (ref.shape[-2] // p, ref.shape[-1] // p))
 
 
-def locate(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
-           timesteps: Sequence[float] = (0.75, 0.5, 0.25), seed: int = 0, thr: float = 0.5) -> tuple[int, int, int, int]:
+def locate(
+    r: Refiner,
+    draft: torch.Tensor,
+    mask: torch.Tensor,
+    reference: torch.Tensor,
+    timesteps: Sequence[float] = (0.75, 0.5, 0.25),
+    seed: int = 0,
+    thr: float = 0.5,
+) -> tuple[int, int, int, int]:
     """Refine-by-Align: the box of M*'s largest component in the reference's pixels (correspondence; the
     average over timesteps and blocks beat any single (t, l) on mini, 01_attention_correspondence)."""
     from . import attention as A
+
     p = r.bb.multiple
     _, box = A.map_to_box(correspondence(r, draft, mask, reference, timesteps, seed), thr, p)
     sy = reference.shape[-2] / (reference.shape[-2] // p * p or p)
@@ -254,35 +360,77 @@ def locate(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, reference: torch
     return int(box[0] * sx), int(box[1] * sy), int(round(box[2] * sx)), int(round(box[3] * sy))
 
 
-def naive_paste(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, reference_box, soft: bool = True) -> torch.Tensor:
+def naive_paste(
+    draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, reference_box, soft: bool = True
+) -> torch.Tensor:
     """The reference's box resized into the mask's bounding box, blended by the (soft) mask: no model."""
     from .data import bbox_of
+
     box = bbox_of(mask)
     src = F_.crop(reference, reference_box)
     s = F_.soft_mask(F_.crop(mask, box)) * F_.crop(mask, box).clamp(0, 1) if soft else F_.crop(mask, box)
     return F_.paste_back(draft, src, box, s if soft else F_.crop(mask, box))
 
 
-def focus_refine(r: Refiner, draft: torch.Tensor, mask: torch.Tensor, references: Sequence[torch.Tensor], steps: int, seed: int,
-                 margin: float = 16, working_area: int | None = None, prompt: str | None = None, strength: float = 1.0,
-                 blend: bool = False, aligned: Sequence[torch.Tensor] = (), region: str | None = None,
-                 callback=None) -> tuple[torch.Tensor, tuple]:
+def focus_refine(
+    r: Refiner,
+    draft: torch.Tensor,
+    mask: torch.Tensor,
+    references: Sequence[torch.Tensor],
+    steps: int,
+    seed: int,
+    margin: float = 16,
+    working_area: int | None = None,
+    prompt: str | None = None,
+    strength: float = 1.0,
+    blend: bool = False,
+    aligned: Sequence[torch.Tensor] = (),
+    region: str | None = None,
+    callback=None,
+) -> tuple[torch.Tensor, tuple]:
     """Focus-and-Refine: crop + upsample to the working area, refine the crop, soft-paste back into the box.
     aligned: references already in the draft's frame (a registered warp): cropped by the same box, placed first."""
-    area = working_area or r.bb.preset.resolution ** 2  # the preset's working area (mini 128², flux-kontext 1024²)
+    area = working_area or r.bb.preset.resolution**2  # the preset's working area (mini 128², flux-kontext 1024²)
     c_img, c_mask, box = F_.focus_crop(draft, mask, area, r.bb.multiple, margin)
     refs = [F_.resize(F_.crop(a, box), c_img.shape[-2:]) for a in aligned] + list(references)
-    out = edit(r, c_img, refs, steps, seed, budget=area, prompt=prompt, strength=strength, mask=c_mask,
-               blend=blend, region=region, callback=callback)
+    out = edit(
+        r,
+        c_img,
+        refs,
+        steps,
+        seed,
+        budget=area,
+        prompt=prompt,
+        strength=strength,
+        mask=c_mask,
+        blend=blend,
+        region=region,
+        callback=callback,
+    )
     soft = F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
     return F_.paste_back(draft, out, box, soft), box
 
 
 # ------------------------------------------------------------------------------------------------
-def refine_tensor(image, mask, reference=None, method: str | None = None, adapter: str | None = None, steps: int | None = None,
-                  seed: int | None = 0, preset: str = "mini", device: str = "cpu", reference_box=None, margin: float = 16,
-                  working_area: int | None = None, prompt: str | None = None, strength: float = 1.0,
-                  blend: bool | None = None, region: str | None = None, callback=None) -> tuple[torch.Tensor, dict]:
+def refine_tensor(
+    image,
+    mask,
+    reference=None,
+    method: str | None = None,
+    adapter: str | None = None,
+    steps: int | None = None,
+    seed: int | None = 0,
+    preset: str = "mini",
+    device: str = "cpu",
+    reference_box=None,
+    margin: float = 16,
+    working_area: int | None = None,
+    prompt: str | None = None,
+    strength: float = 1.0,
+    blend: bool | None = None,
+    region: str | None = None,
+    callback=None,
+) -> tuple[torch.Tensor, dict]:
     """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter, seed,
     region encoding, registration). callback(i, n, x0) after every sampling step (edit)."""
     method = REFINE_DEFAULTS["method"] if method is None else method
@@ -290,6 +438,7 @@ def refine_tensor(image, mask, reference=None, method: str | None = None, adapte
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     from .presets import get
+
     steps, seed = check_steps(steps if steps is not None else get(preset).steps), resolve_seed(seed)
     img = as_image_tensor(image)
     m = as_mask_tensor(mask, img.shape[-2:])
@@ -303,7 +452,9 @@ def refine_tensor(image, mask, reference=None, method: str | None = None, adapte
     if region is not None and region not in F_.REGION_ENCODINGS:
         raise ValueError(f"unknown region encoding {region!r}; choose from {F_.REGION_ENCODINGS}")
     if method in ("paste", "paste_warp", "align", "align_box") and not refs:
-        raise ValueError(f"method {method!r} needs a reference image; pass reference=... or use 'focus'/'full' (reference-free)")
+        raise ValueError(
+            f"method {method!r} needs a reference image; pass reference=... or use 'focus'/'full' (reference-free)"
+        )
     if method == "paste_warp":
         reg = registration(img, m, refs[0], seed)
         info["registration"] = reg.describe()
@@ -312,13 +463,28 @@ def refine_tensor(image, mask, reference=None, method: str | None = None, adapte
         method = "paste"  # the fit was poor: the naive paste (M* box), and the info says so
     r = load_refiner(preset, adapter, device) if method != "paste" or reference_box is None else None
     if method == "paste":
-        box = reference_box if reference_box is not None else locate(load_refiner(preset, None, device), img, m, refs[0], seed=seed)
+        box = (
+            reference_box
+            if reference_box is not None
+            else locate(load_refiner(preset, None, device), img, m, refs[0], seed=seed)
+        )
         info["reference_box"] = tuple(int(v) for v in box)
         return naive_paste(img, m, refs[0], box), info
     info["prompt"], info["region"] = prompt or r.prompt, region or r.region
     if method == "full":
-        return edit(r, img, refs, steps, seed, prompt=prompt, strength=strength, mask=m, blend=blend, region=region,
-                    callback=callback), info
+        return edit(
+            r,
+            img,
+            refs,
+            steps,
+            seed,
+            prompt=prompt,
+            strength=strength,
+            mask=m,
+            blend=blend,
+            region=region,
+            callback=callback,
+        ), info
     aligned = []
     if method == "align":
         reg = registration(img, m, refs[0], seed)
@@ -327,16 +493,29 @@ def refine_tensor(image, mask, reference=None, method: str | None = None, adapte
             aligned, refs = [warp_reference(refs[0], reg.matrix, tuple(img.shape[-2:]))], refs[1:]
     if method == "align_box" or (method == "align" and not aligned):
         from .attention import crop_reference
+
         rbox = reference_box if reference_box is not None else locate(r, img, m, refs[0], seed=seed)
         info["reference_box"] = tuple(int(v) for v in rbox)
         refs = [crop_reference(refs[0], rbox, out_size=None, multiple=r.bb.multiple)] + refs[1:]
-    out, box = focus_refine(r, img, m, refs, steps, seed, margin, working_area, prompt, strength, blend, aligned, region, callback)
+    out, box = focus_refine(
+        r, img, m, refs, steps, seed, margin, working_area, prompt, strength, blend, aligned, region, callback
+    )
     info["box"] = tuple(int(v) for v in box)
     return out, info
 
 
-def refine(image, mask, reference=None, method: str | None = None, adapter: str | None = None, steps: int | None = None,
-           seed: int | None = 0, preset: str = "mini", prompt: str | None = None, **kw):
+def refine(
+    image,
+    mask,
+    reference=None,
+    method: str | None = None,
+    adapter: str | None = None,
+    steps: int | None = None,
+    seed: int | None = 0,
+    preset: str = "mini",
+    prompt: str | None = None,
+    **kw,
+):
     """Refine the masked region of `image` (optionally from reference image(s)); PIL image of the input's size
     (its .info['labkit_seed'] holds the seed used: seed=None draws a fresh one).
 
@@ -344,7 +523,9 @@ def refine(image, mask, reference=None, method: str | None = None, adapter: str 
     under figures/04_train_freqmole/adapters (lora, freqmole, freqmole+freq, freqmole+boundary) or a folder."""
     out, info = refine_tensor(image, mask, reference, method, adapter, steps, seed, preset, prompt=prompt, **kw)
     pil = to_pil(out)
-    pil.info.update(labkit_seed=info["seed"], labkit_method=info["method"], labkit_info=info)  # seed=None: the seed that was drawn
+    pil.info.update(
+        labkit_seed=info["seed"], labkit_method=info["method"], labkit_info=info
+    )  # seed=None: the seed that was drawn
     return pil
 
 

@@ -19,6 +19,7 @@ with FSDP2, its blocks as units: through accelerate's plugin on GPUs, through to
 processes (accelerate ignores the plugin there); checkpoints hold the gathered trainable weights and each
 rank's optimizer shard.
 """
+
 from __future__ import annotations
 
 import csv
@@ -68,18 +69,25 @@ class LoopConfig:
 
     def check(self) -> LoopConfig:
         """Refuse settings no run can use, before anything is written (a usage error naming the fix)."""
-        bad = [f"{k}={v!r}" for k, v, ok in (
-            ("steps", self.steps, isinstance(self.steps, int) and self.steps >= 1),
-            ("lr", self.lr, math.isfinite(self.lr) and self.lr > 0),
-            ("grad_accum", self.grad_accum, self.grad_accum >= 1),
-            ("ema", self.ema, math.isfinite(self.ema) and 0 <= self.ema < 1),
-            ("clip", self.clip, math.isfinite(self.clip) and self.clip >= 0),
-            ("weight_decay", self.weight_decay, math.isfinite(self.weight_decay) and self.weight_decay >= 0),
-            ("warmup", self.warmup, self.warmup >= 0),
-            ("fsdp with ema", self.ema, not (self.fsdp and self.ema))) if not ok]
+        bad = [
+            f"{k}={v!r}"
+            for k, v, ok in (
+                ("steps", self.steps, isinstance(self.steps, int) and self.steps >= 1),
+                ("lr", self.lr, math.isfinite(self.lr) and self.lr > 0),
+                ("grad_accum", self.grad_accum, self.grad_accum >= 1),
+                ("ema", self.ema, math.isfinite(self.ema) and 0 <= self.ema < 1),
+                ("clip", self.clip, math.isfinite(self.clip) and self.clip >= 0),
+                ("weight_decay", self.weight_decay, math.isfinite(self.weight_decay) and self.weight_decay >= 0),
+                ("warmup", self.warmup, self.warmup >= 0),
+                ("fsdp with ema", self.ema, not (self.fsdp and self.ema)),
+            )
+            if not ok
+        ]
         if bad:
-            raise ValueError(f"bad training settings: {', '.join(bad)} (steps and grad_accum >= 1, lr > 0 and finite, "
-                             "0 <= ema < 1, clip/weight_decay/warmup >= 0, no EMA under fsdp)")
+            raise ValueError(
+                f"bad training settings: {', '.join(bad)} (steps and grad_accum >= 1, lr > 0 and finite, "
+                "0 <= ema < 1, clip/weight_decay/warmup >= 0, no EMA under fsdp)"
+            )
         return self
 
 
@@ -102,7 +110,7 @@ class Step:
         if n % self.world:
             raise ValueError(f"global batch {n} is not divisible by {self.world} processes")
         k = n // self.world
-        return x[self.rank * k:(self.rank + 1) * k]
+        return x[self.rank * k : (self.rank + 1) * k]
 
 
 def resolve_precision(mp: str) -> str:
@@ -124,6 +132,7 @@ def resolve_precision(mp: str) -> str:
 
 def lr_lambda(cfg: LoopConfig, freeze_at: int | None = None) -> Callable[[int], float]:
     """Linear warmup, then cosine decay to min_lr_frac; 0 from step freeze_at on (a frozen group)."""
+
     def f(step: int) -> float:
         if freeze_at is not None and freeze_at >= 0 and step >= freeze_at:
             return 0.0
@@ -131,6 +140,7 @@ def lr_lambda(cfg: LoopConfig, freeze_at: int | None = None) -> Callable[[int], 
             return (step + 1) / cfg.warmup
         p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
         return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p))
+
     return f
 
 
@@ -150,8 +160,10 @@ def _check_run_dir(out: Path, config: dict, fresh: bool, main: bool) -> None:
         new = json.loads(json.dumps(config, default=str))
         if old != new:
             diff = dict_diff(old, new)
-            raise RunConfigMismatch(f"{out} holds a run with another configuration ({diff}); pass --fresh (fresh=True) "
-                                    "to start over there, or choose another output folder")
+            raise RunConfigMismatch(
+                f"{out} holds a run with another configuration ({diff}); pass --fresh (fresh=True) "
+                "to start over there, or choose another output folder"
+            )
 
 
 def _latest_ckpt(out: Path) -> Path | None:
@@ -173,6 +185,7 @@ def shard_with_torch(model: nn.Module, world: int) -> list[nn.Module]:
     trainable weights are sharded alike; only parameters inside those roots may train. Returns the roots."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
     names = block_classes(model)
     roots = [m for m in model.modules() if getattr(m, "_no_split_modules", None)]
     if not roots:
@@ -198,16 +211,31 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """run_loop's phases: set-up (__init__), step, evaluate, save/load, close. See the module docstring."""
 
-    def __init__(self, cfg: LoopConfig, model: nn.Module, loss_fn: Callable, eval_fn: Callable | None,
-                 param_groups: list[dict] | None, run_config: dict | None):
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # an accelerate config with distributed_type: FSDP
+    def __init__(
+        self,
+        cfg: LoopConfig,
+        model: nn.Module,
+        loss_fn: Callable,
+        eval_fn: Callable | None,
+        param_groups: list[dict] | None,
+        run_config: dict | None,
+    ):
+        if (
+            os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        ):  # an accelerate config with distributed_type: FSDP
             cfg = replace(cfg, fsdp=True)
         self.cfg, self.model, self.loss_fn, self.eval_fn = cfg.check(), model, loss_fn, eval_fn
         self.acc = acc = self._accelerator(model)
         self.main, self.out = acc.is_main_process, Path(cfg.out_dir)
         self.sharded = cfg.fsdp and acc.num_processes > 1  # FSDP: the transformer's weights are split across ranks
-        self.by_hand = self.sharded and acc.distributed_type.name != "FSDP"  # CPU processes: accelerate ignored the plugin
-        config = dict(loop={k: v for k, v in asdict(cfg).items() if k not in VOLATILE}, recipe=run_config or {}, world=acc.num_processes)
+        self.by_hand = (
+            self.sharded and acc.distributed_type.name != "FSDP"
+        )  # CPU processes: accelerate ignored the plugin
+        config = dict(
+            loop={k: v for k, v in asdict(cfg).items() if k not in VOLATILE},
+            recipe=run_config or {},
+            world=acc.num_processes,
+        )
         _check_run_dir(self.out, config, cfg.fresh, self.main)
         acc.wait_for_everyone()
         if self.main:
@@ -220,46 +248,81 @@ class Trainer:
         if ckpt is not None:
             self.load(ckpt)
         self.t0, self.start = time.time(), self.state["seconds"]
-        self.bar = tqdm(total=cfg.steps, initial=self.state["step"], disable=not (cfg.progress and self.main), desc=self.out.name, mininterval=5)
+        self.bar = tqdm(
+            total=cfg.steps,
+            initial=self.state["step"],
+            disable=not (cfg.progress and self.main),
+            desc=self.out.name,
+            mininterval=5,
+        )
         self.inner.train()
 
     def _accelerator(self, model: nn.Module):
         """The Accelerator: precision, accumulation, and (fsdp) accelerate's FSDP2 plugin with the blocks as units."""
         from accelerate import Accelerator, FullyShardedDataParallelPlugin
         from accelerate.state import AcceleratorState, GradientState
-        AcceleratorState._reset_state()  # one process may train several models at different precisions (notebooks, tests)
+
+        # one process may train several models at different precisions (notebooks, tests)
+        AcceleratorState._reset_state()
         GradientState._reset_state()
         plugin = None
         if self.cfg.fsdp:
-            plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                                    transformer_cls_names_to_wrap=sorted(block_classes(model)),
-                                                    reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
-        return Accelerator(mixed_precision=resolve_precision(self.cfg.mixed_precision), cpu=not torch.cuda.is_available(),
-                           gradient_accumulation_steps=self.cfg.grad_accum, step_scheduler_with_optimizer=False, fsdp_plugin=plugin)
+            plugin = FullyShardedDataParallelPlugin(
+                fsdp_version=2,
+                auto_wrap_policy="transformer_based_wrap",
+                transformer_cls_names_to_wrap=sorted(block_classes(model)),
+                reshard_after_forward=True,
+                state_dict_type="FULL_STATE_DICT",
+            )
+        return Accelerator(
+            mixed_precision=resolve_precision(self.cfg.mixed_precision),
+            cpu=not torch.cuda.is_available(),
+            gradient_accumulation_steps=self.cfg.grad_accum,
+            step_scheduler_with_optimizer=False,
+            fsdp_plugin=plugin,
+        )
 
     def _build_optimizer(self, model: nn.Module, param_groups: list[dict] | None) -> None:
         """fp32 trainable weights, (FSDP) sharding, AdamW + schedule per group, EMA, checkpointing, prepare."""
         from diffusers.training_utils import cast_training_params
+
         cfg, acc = self.cfg, self.acc
-        cast_training_params(model, torch.float32)  # trainable weights fp32; frozen ones keep their dtype (bf16 is fine)
+        cast_training_params(
+            model, torch.float32
+        )  # trainable weights fp32; frozen ones keep their dtype (bf16 is fine)
         names = {id(p): n for n, p in model.named_parameters()}
-        groups = [dict(g, names=[names[id(p)] for p in g["params"]]) for g in param_groups or
-                  [dict(params=[p for p in model.parameters() if p.requires_grad])]]
+        groups = [
+            dict(g, names=[names[id(p)] for p in g["params"]])
+            for g in param_groups or [dict(params=[p for p in model.parameters() if p.requires_grad])]
+        ]
         if self.by_hand:
-            shard_with_torch(model, acc.num_processes)  # replaces the parameters by DTensor shards: re-found by name below
+            shard_with_torch(
+                model, acc.num_processes
+            )  # replaces the parameters by DTensor shards: re-found by name below
         by_name = dict(model.named_parameters())
         self.named = [(n, p) for n, p in by_name.items() if p.requires_grad]
         if not self.named:
-            raise ValueError("no trainable parameters: set requires_grad on the weights to train (or inject an adapter)")
+            raise ValueError(
+                "no trainable parameters: set requires_grad on the weights to train (or inject an adapter)"
+            )
         self.params = [p for _, p in self.named]
-        opt = torch.optim.AdamW([dict(params=[by_name[n] for n in g["names"]]) for g in groups], lr=cfg.lr, betas=cfg.betas,
-                                weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(
+            [dict(params=[by_name[n] for n in g["names"]]) for g in groups],
+            lr=cfg.lr,
+            betas=cfg.betas,
+            weight_decay=cfg.weight_decay,
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(cfg, g.get("freeze_at")) for g in groups])
         self.ema = None
         if cfg.ema:
             from diffusers.training_utils import EMAModel
+
             self.ema = EMAModel(self.params, decay=cfg.ema, use_ema_warmup=False, foreach=False)
-        self.gc_modules = [m for m in model.modules() if getattr(m, "_supports_gradient_checkpointing", False)] if cfg.gradient_checkpointing else []
+        self.gc_modules = (
+            [m for m in model.modules() if getattr(m, "_supports_gradient_checkpointing", False)]
+            if cfg.gradient_checkpointing
+            else []
+        )
         for m in self.gc_modules:
             m.enable_gradient_checkpointing()
         if self.by_hand:  # no DDP around a sharded model; optimizer and schedule are checkpointed per rank (save)
@@ -280,23 +343,39 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             with acc.accumulate(self.prepared):
                 with acc.autocast():
-                    loss, logs = self.loss_fn(Step(step, self.rng, self.prepared, acc.process_index, acc.num_processes, micro))
+                    loss, logs = self.loss_fn(
+                        Step(step, self.rng, self.prepared, acc.process_index, acc.num_processes, micro)
+                    )
                 acc.backward(loss)
         gn = full_tensor(acc.clip_grad_norm_(self.params, cfg.clip if cfg.clip else float("inf")))
         if not _finite(loss.detach()) or not _finite(gn):
             what = f"loss is {float(loss.detach())}" if not _finite(loss.detach()) else f"gradient norm is {float(gn)}"
-            raise NonFiniteError(f"step {step + 1}: {what} (nothing saved for this step; lower the learning rate "
-                                 f"(now {cfg.lr:g}) or check the data)")
+            raise NonFiniteError(
+                f"step {step + 1}: {what} (nothing saved for this step; lower the learning rate "
+                f"(now {cfg.lr:g}) or check the data)"
+            )
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.params)
-        loss_mean = float(acc.reduce(loss.detach().float(), reduction="mean")) if acc.num_processes > 1 else float(loss.detach())
+        loss_mean = (
+            float(acc.reduce(loss.detach().float(), reduction="mean"))
+            if acc.num_processes > 1
+            else float(loss.detach())
+        )
         state["step"] += 1
         state["seconds"] = self.start + time.time() - self.t0
-        state["history"].append(dict(step=state["step"], loss=loss_mean, grad_norm=float(gn), lr=self.sched.get_last_lr()[0],
-                                     seconds=round(state["seconds"], 2), **{k: float(v) for k, v in logs.items()}))
+        state["history"].append(
+            dict(
+                step=state["step"],
+                loss=loss_mean,
+                grad_norm=float(gn),
+                lr=self.sched.get_last_lr()[0],
+                seconds=round(state["seconds"], 2),
+                **{k: float(v) for k, v in logs.items()},
+            )
+        )
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss_mean:.4f}", refresh=False)
         return state["step"] >= cfg.steps or bool(cfg.max_minutes and state["seconds"] > 60 * cfg.max_minutes)
@@ -306,6 +385,7 @@ class Trainer:
         """eval_fn under no_grad with the EMA weights swapped in; on the main process (on every rank under FSDP,
         whose forward is collective; the main one records). A non-finite number stops the run."""
         from accelerate.utils import broadcast_object_list
+
         msg = None
         if self.main or self.sharded:
             self.inner.eval()
@@ -332,18 +412,21 @@ class Trainer:
 
     def _save_hook(self, models, weights, output_dir):  # only the trainable weights, as safetensors
         from safetensors.torch import save_file
+
         if self.main:
             save_file(self._full, str(Path(output_dir) / "trainable.safetensors"))
         weights.clear()
 
     def _load_hook(self, models, input_dir):
         from safetensors.torch import load_file
+
         sd = load_file(str(Path(input_dir) / "trainable.safetensors"))
         with torch.no_grad():
             for n, p in self.named:
                 src = sd[n].to(p.device, p.dtype)
                 if hasattr(p, "device_mesh"):  # a DTensor shard: this rank's piece of the full tensor
                     from torch.distributed.tensor import distribute_tensor
+
                     src = distribute_tensor(src, p.device_mesh, p.placements)
                 p.copy_(src)
         models.clear()
@@ -351,6 +434,7 @@ class Trainer:
     def save(self) -> None:
         """A checkpoint written to ckpt.tmp and renamed into place (ckpt.old kept until then)."""
         from safetensors.torch import save_file
+
         out, tmp, acc = self.out, self.out / "ckpt.tmp", self.acc
         if self.main and tmp.exists():
             shutil.rmtree(tmp)
@@ -366,7 +450,10 @@ class Trainer:
             write_json(dict(self.state, data_rng=self.rng.bit_generator.state), tmp / "loop_state.json")
             if self.ema is not None:
                 e = self.ema.state_dict()
-                save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(e.pop("shadow_params"))}, str(tmp / "ema.safetensors"))
+                save_file(
+                    {str(i): t.detach().cpu().contiguous() for i, t in enumerate(e.pop("shadow_params"))},
+                    str(tmp / "ema.safetensors"),
+                )
                 write_json(e, tmp / "ema.json")
             cur, old = out / "ckpt", out / "ckpt.old"
             if old.exists():
@@ -383,9 +470,12 @@ class Trainer:
     def load(self, ckpt: Path) -> None:
         """Exact resume: weights, optimizer, schedule, RNGs, EMA, data RNG, history."""
         from safetensors.torch import load_file
+
         self.acc.load_state(str(ckpt))
         if self.by_hand:
-            self.opt.load_state_dict(torch.load(ckpt / f"optimizer_rank{self.acc.process_index}.pt", weights_only=False))
+            self.opt.load_state_dict(
+                torch.load(ckpt / f"optimizer_rank{self.acc.process_index}.pt", weights_only=False)
+            )
             self.sched.load_state_dict(torch.load(ckpt / "scheduler_fsdp.pt", weights_only=False))
         saved = json.loads((ckpt / "loop_state.json").read_text())
         self.rng.bit_generator.state = saved.pop("data_rng")
@@ -405,9 +495,14 @@ class Trainer:
         self.acc.free_memory()
 
 
-def run_loop(cfg: LoopConfig, model: nn.Module, loss_fn: Callable[[Step], tuple[torch.Tensor, dict]],
-             eval_fn: Callable[[int], dict] | None = None, param_groups: list[dict] | None = None,
-             run_config: dict | None = None) -> dict:
+def run_loop(
+    cfg: LoopConfig,
+    model: nn.Module,
+    loss_fn: Callable[[Step], tuple[torch.Tensor, dict]],
+    eval_fn: Callable[[int], dict] | None = None,
+    param_groups: list[dict] | None = None,
+    run_config: dict | None = None,
+) -> dict:
     """Train the trainable parameters of `model`; resumes from out_dir/ckpt when present (same config).
 
     param_groups: [dict(params=[...], freeze_at=N or None), ...] (default: one group of every trainable
@@ -450,4 +545,5 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             wr = csv.DictWriter(f, keys)
             wr.writeheader()
             wr.writerows(rows)
+
     atomic_save(w, path)

@@ -1,5 +1,6 @@
 """Losses: flow matching, masked/weighted flow loss, RefineAnything's boundary consistency loss,
 RefGC-SR2's frequency loss. Latents are (B, C, h, w); masks (B, 1, H, W) at any resolution."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,9 @@ from . import data as D
 from .frequency import split as freq_split
 
 
-def sample_t(rng: np.random.Generator, n: int, mode: str = "logit_normal", mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+def sample_t(
+    rng: np.random.Generator, n: int, mode: str = "logit_normal", mean: float = 0.0, std: float = 1.0
+) -> torch.Tensor:
     """Training times in (0, 1): logit-normal (SD3/FLUX training default) or uniform."""
     if mode == "uniform":
         return torch.from_numpy(rng.uniform(0, 1, n)).float()
@@ -53,8 +56,16 @@ def boundary_weight(mask: torch.Tensor, hw: tuple[int, int], alpha: float = 9.0,
     return 1 + alpha * resize_mask(boundary_band(mask, radius), hw)
 
 
-def frequency_loss(z0_hat: torch.Tensor, z_gt: torch.Tensor, z_ref: torch.Tensor, mask: torch.Tensor,
-                   ref_mask: torch.Tensor | None = None, sigma: float = 1.0, w_lf: float = 1.0, w_hf: float = 1.0) -> tuple[torch.Tensor, dict]:
+def frequency_loss(
+    z0_hat: torch.Tensor,
+    z_gt: torch.Tensor,
+    z_ref: torch.Tensor,
+    mask: torch.Tensor,
+    ref_mask: torch.Tensor | None = None,
+    sigma: float = 1.0,
+    w_lf: float = 1.0,
+    w_hf: float = 1.0,
+) -> tuple[torch.Tensor, dict]:
     """RefGC-SR2: L1 of LF(ẑ0) vs LF(z_HRGT) in the mask + channel-wise masked mean/std of HF(ẑ0) vs HF(z_HRRI)."""
     hw = z0_hat.shape[-2:]
     m = resize_mask(mask, hw)
@@ -77,8 +88,9 @@ def masked_stats(x: torch.Tensor, m: torch.Tensor, eps: float = 1e-6) -> tuple[t
     return mu, (var + eps).sqrt()
 
 
-def flow_matching_loss(bb, x0: torch.Tensor, contexts, prompt, t: torch.Tensor, eps: torch.Tensor,
-                       weight: torch.Tensor | None = None) -> torch.Tensor:
+def flow_matching_loss(
+    bb, x0: torch.Tensor, contexts, prompt, t: torch.Tensor, eps: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """E‖v_θ(x_t, t, contexts) - (ε - x0)‖² (optionally location-weighted) for one batch."""
     x_t = noisy(x0, eps, t)
     v = bb(x_t, t, contexts, prompt=prompt)

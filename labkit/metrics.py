@@ -4,6 +4,7 @@ Images are (B, 3, H, W) or (3, H, W) in [0, 1]; masks (B, 1, H, W) or (1, H, W) 
 Perceptual metrics (LPIPS, DINO, CLIP) run only from user-supplied local weights; otherwise they are
 reported as unavailable (None), never replaced by a stand-in under their names.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, eps
 
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
-    """SSIM map (B, 1, H, W) of Wang et al. 2004 (Gaussian window of σ 1.5: 11 taps, C1/C2 for range 1), channel-averaged."""
+    """SSIM map (B, 1, H, W) of Wang et al. 2004 (Gaussian window of σ 1.5: 11 taps, C1/C2 for range 1),
+    channel-averaged."""
     a, b = _b(a), _b(b)
     c = a.shape[1]
     g = gaussian_kernel(sigma).to(a)  # the one Gaussian (frequency.gaussian_kernel: radius ceil(3σ) -> 11 taps at 1.5)
@@ -40,9 +42,9 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> torch.Tens
     k = (g[:, None] * g[None, :]).expand(c, 1, size, size)
     blur = lambda x: F.conv2d(F.pad(x, [size // 2] * 4, mode="reflect"), k, groups=c)  # noqa: E731
     mu_a, mu_b = blur(a), blur(b)
-    va, vb, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
+    va, vb, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
     return s.mean(1, keepdim=True)
 
 
@@ -55,25 +57,38 @@ def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
     return (s * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-8)
 
 
-def hf_energy_ratio(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, sigma: float = 1.0) -> torch.Tensor:
+def hf_energy_ratio(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, sigma: float = 1.0
+) -> torch.Tensor:
     """Σ m·HF(pred)² / Σ m·HF(target)² per image (B,): 1 = detail kept, < 1 = blurred, > 1 = over-sharpened."""
     from .frequency import split
+
     _, hp = split(_b(pred), sigma)
     _, ht = split(_b(target), sigma)
     m = _b(mask) if mask is not None else torch.ones_like(hp[:, :1])
-    return (hp ** 2 * m).flatten(1).sum(1) / (ht ** 2 * m).flatten(1).sum(1).clamp_min(1e-10)
+    return (hp**2 * m).flatten(1).sum(1) / (ht**2 * m).flatten(1).sum(1).clamp_min(1e-10)
 
 
 def spectrum_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean |log10 radial power(pred) - log10 radial power(target)| over frequency bins, per image (B,)."""
     from .frequency import radial_spectrum
+
     a, b = _b(pred), _b(target)
-    return torch.stack([(torch.log10(radial_spectrum(x[None]) + 1e-10) - torch.log10(radial_spectrum(y[None]) + 1e-10)).abs().mean()
-                        for x, y in zip(a, b)])
+    return torch.stack(
+        [
+            (torch.log10(radial_spectrum(x[None]) + 1e-10) - torch.log10(radial_spectrum(y[None]) + 1e-10)).abs().mean()
+            for x, y in zip(a, b)
+        ]
+    )
 
 
-def case_metrics(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, draft: torch.Tensor | None = None,
-                 box: tuple[int, int, int, int] | None = None) -> dict[str, torch.Tensor]:
+def case_metrics(
+    out: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    draft: torch.Tensor | None = None,
+    box: tuple[int, int, int, int] | None = None,
+) -> dict[str, torch.Tensor]:
     """THE per-case numbers every labkit evaluator reports, per image (B,), one meaning for each name:
 
     region_mse / region_psnr / region_ssim: output vs target inside the mask; region_hf: HF energy ratio
@@ -83,8 +98,15 @@ def case_metrics(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, dr
     outside the box (0 = bit-identical)."""
     y, gt, m = _b(out), _b(target), _b(mask).expand(_b(out).shape[0], -1, -1, -1)
     hf = hf_energy_ratio(y, gt, m)
-    row = dict(region_mse=mse(y, gt, m), region_psnr=psnr(y, gt, m), region_ssim=ssim(y, gt, m), region_hf=hf,
-               region_hf_err=torch.log2(hf.clamp_min(1e-6)).abs(), psnr=psnr(y, gt), ssim=ssim(y, gt))
+    row = dict(
+        region_mse=mse(y, gt, m),
+        region_psnr=psnr(y, gt, m),
+        region_ssim=ssim(y, gt, m),
+        region_hf=hf,
+        region_hf_err=torch.log2(hf.clamp_min(1e-6)).abs(),
+        psnr=psnr(y, gt),
+        ssim=ssim(y, gt),
+    )
     if draft is not None:
         inp = _b(draft).expand_as(y)
         row.update(mse_bg=mse(y, inp, 1 - m), ssim_bg=ssim(y, inp, 1 - m))
@@ -97,16 +119,25 @@ def case_metrics(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, dr
     return row
 
 
-def case_row(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, draft: torch.Tensor | None = None,
-             box: tuple[int, int, int, int] | None = None, prefix: str = "") -> dict[str, float]:
+def case_row(
+    out: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    draft: torch.Tensor | None = None,
+    box: tuple[int, int, int, int] | None = None,
+    prefix: str = "",
+) -> dict[str, float]:
     """case_metrics of one image (3, H, W) as plain floats (a table row), names optionally prefixed."""
     return {prefix + k: float(v[0]) for k, v in case_metrics(out, target, mask, draft, box).items()}
 
 
 def perceptual_unavailable(name: str) -> dict:
     """How a perceptual metric without local weights is reported: unavailable, with what to supply."""
-    return dict(value=None, available=False,
-                note=f"{name} needs local weights (pass a local path); none can be downloaded here, so it is not reported")
+    return dict(
+        value=None,
+        available=False,
+        note=f"{name} needs local weights (pass a local path); none can be downloaded here, so it is not reported",
+    )
 
 
 class FeatureSimilarity:
@@ -119,27 +150,37 @@ class FeatureSimilarity:
         import os
 
         from transformers import AutoConfig
+
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"no local model folder at {path}: download e.g. openai/clip-vit-base-patch32 or "
-                                    "facebook/dinov2-base on a machine with access and pass its folder")
+            raise FileNotFoundError(
+                f"no local model folder at {path}: download e.g. openai/clip-vit-base-patch32 or "
+                "facebook/dinov2-base on a machine with access and pass its folder"
+            )
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
         self.kind = "clip" if cfg.model_type.startswith("clip") else cfg.model_type
         if self.kind == "clip":  # a full CLIP folder or a vision-only one
             from transformers import CLIPVisionModelWithProjection as Model
+
             size = getattr(cfg, "vision_config", cfg).image_size
         else:
             from transformers import AutoModel as Model
+
             size = getattr(cfg, "image_size", 224)
         self.model = Model.from_pretrained(path, local_files_only=True).to(device).eval()
         self.size, self.device = size, device
         # CLIP's and ImageNet's normalisation constants
-        mean, std = ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)) if self.kind == "clip" else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        mean, std = (
+            ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758))
+            if self.kind == "clip"
+            else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        )
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D) unit-norm embeddings."""
         from .data import resize
+
         x = ((resize(_b(images), self.size) - self.mean) / self.std).to(self.device)
         out = self.model(pixel_values=x)
         e = out.image_embeds if self.kind == "clip" else out.last_hidden_state[:, 0]

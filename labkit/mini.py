@@ -1,5 +1,6 @@
 """The mini backbone recipe: train the VAE (here), then the Kontext-style editor (labkit.pretrain), on CPU;
 write safetensors weights + card. Both stages are recipes on labkit.loop."""
+
 from __future__ import annotations
 
 import hashlib
@@ -73,11 +74,16 @@ class VAEStep(nn.Module):
 def vae_eval(bb: M.Backbone, images: torch.Tensor, labels: list[str]) -> dict:
     """Held-out PSNR/SSIM of the VAE round trip vs bicubic x8 on the same images."""
     from .metrics import psnr, ssim
+
     rec = torch.cat([bb.vae.decode(bb.vae.encode(x[None] * 2 - 1).latent_dist.mode()).sample for x in images])
     rec = ((rec + 1) / 2).clamp(0, 1).float()
     bic = D.bicubic_draft(images, bb.preset.vae_factor)
-    out = dict(vae_psnr=psnr(rec, images).mean().item(), bicubic_psnr=psnr(bic, images).mean().item(),
-               vae_ssim=ssim(rec, images).mean().item(), bicubic_ssim=ssim(bic, images).mean().item())
+    out = dict(
+        vae_psnr=psnr(rec, images).mean().item(),
+        bicubic_psnr=psnr(bic, images).mean().item(),
+        vae_ssim=ssim(rec, images).mean().item(),
+        bicubic_ssim=ssim(bic, images).mean().item(),
+    )
     for kind in sorted(set(labels)):
         idx = [i for i, lab in enumerate(labels) if lab == kind]
         out[f"vae_psnr_{kind}"] = psnr(rec[idx], images[idx]).mean().item()
@@ -89,7 +95,11 @@ def train_vae(bb: M.Backbone, loop: LoopConfig, cfg: VAEConfig) -> dict:
     """Train the backbone's AutoencoderKL (L1 + MSE + KL, PCA warm start); set scaling/shift from latents."""
     vae = bb.vae.requires_grad_(True)
     f = bb.preset.vae_factor
-    mu, basis = patch_pca(D.crop_batch(np.random.default_rng(loop.seed + 7), "train", 256, 32, cfg.text_frac), f, bb.preset.latent_channels)
+    mu, basis = patch_pca(
+        D.crop_batch(np.random.default_rng(loop.seed + 7), "train", 256, 32, cfg.text_frac),
+        f,
+        bb.preset.latent_channels,
+    )
     scale = 1.0 / pca_code(D.crop_batch(np.random.default_rng(1), "train", 32, 32), mu, basis, f).std()
     ev_img, ev_lab = D.heldout_crops("val", cfg.eval_n, cfg.eval_size)
 
@@ -139,17 +149,37 @@ def train_mini(args) -> Path:
         shutil.rmtree(run)  # every stage starts over (the loop's own `fresh` covers one run folder)
     preset = P.get(args.preset, weights=None)
     bb = M.build(preset)
-    card = dict(preset=preset.name, transformer_config=preset.transformer, vae_config=preset.vae, seed=args.seed,
-                git=git_commit(), versions=versions(), stages={})
+    card = dict(
+        preset=preset.name,
+        transformer_config=preset.transformer,
+        vae_config=preset.vae,
+        seed=args.seed,
+        git=git_commit(),
+        versions=versions(),
+        stages={},
+    )
     t0 = time.time()
-    vae_loop = LoopConfig(steps=args.vae_steps, lr=3e-3, warmup=100, clip=1.0, ckpt_every=250, eval_every=500,
-                          max_minutes=args.vae_minutes, seed=args.seed, out_dir=str(run / "vae"))
+    vae_loop = LoopConfig(
+        steps=args.vae_steps,
+        lr=3e-3,
+        warmup=100,
+        clip=1.0,
+        ckpt_every=250,
+        eval_every=500,
+        max_minutes=args.vae_minutes,
+        seed=args.seed,
+        out_dir=str(run / "vae"),
+    )
     if args.stage in ("all", "vae"):
         st = train_vae(bb, vae_loop, VAEConfig())
-        card["stages"]["vae"] = dict(loop=asdict(vae_loop), recipe=asdict(VAEConfig()), steps=st["step"],
-                                     seconds=st["seconds"], evals=st["evals"],
-                                     latent_stats=dict(scaling_factor=bb.vae.config.scaling_factor,
-                                                       shift_factor=bb.vae.config.shift_factor))
+        card["stages"]["vae"] = dict(
+            loop=asdict(vae_loop),
+            recipe=asdict(VAEConfig()),
+            steps=st["step"],
+            seconds=st["seconds"],
+            evals=st["evals"],
+            latent_stats=dict(scaling_factor=bb.vae.config.scaling_factor, shift_factor=bb.vae.config.shift_factor),
+        )
         M.save_weights(bb, args.out, card)
     elif args.init:
         M.load_weights(bb, args.init)  # continue from trained weights (the VAE stays frozen)
@@ -157,19 +187,42 @@ def train_mini(args) -> Path:
         M.load_weights(bb, args.out, parts=("vae",))
     if args.stage in ("all", "editor"):
         from .pretrain import EditorConfig, train_editor
-        ed_loop = LoopConfig(steps=args.editor_steps, lr=args.editor_lr, warmup=100, clip=1.0, ckpt_every=250,
-                             eval_every=args.eval_every, max_minutes=args.editor_minutes, seed=args.seed, out_dir=str(run / "editor"),
-                             mixed_precision="no")  # fp32 on every CPU: the weights do not depend on the machine
-        over = dict(task_probs=args.task_probs, upscale=args.upscale,  # CLI overrides of the recipe (probes)
-                    refine_kind_probs=getattr(args, "refine_kind_probs", None))
-        ecfg = EditorConfig(**{k: tuple(v) for k, v in over.items() if v}, **({"region": args.region} if args.region else {}))
+
+        ed_loop = LoopConfig(
+            steps=args.editor_steps,
+            lr=args.editor_lr,
+            warmup=100,
+            clip=1.0,
+            ckpt_every=250,
+            eval_every=args.eval_every,
+            max_minutes=args.editor_minutes,
+            seed=args.seed,
+            out_dir=str(run / "editor"),
+            mixed_precision="no",
+        )  # fp32 on every CPU: the weights do not depend on the machine
+        over = dict(
+            task_probs=args.task_probs,
+            upscale=args.upscale,  # CLI overrides of the recipe (probes)
+            refine_kind_probs=getattr(args, "refine_kind_probs", None),
+        )
+        ecfg = EditorConfig(
+            **{k: tuple(v) for k, v in over.items() if v}, **({"region": args.region} if args.region else {})
+        )
         st = train_editor(bb, ed_loop, ecfg, bank_size=args.bank_size, refine_bank=args.refine_bank)
         prev = _read_card(args.out)
         card["stages"] = {**prev.get("stages", {}), **card["stages"]}
-        card["stages"]["editor"] = dict(loop=asdict(ed_loop), recipe=asdict(ecfg), bank_size=args.bank_size, steps=st["step"],
-                                        seconds=st["seconds"], evals=st["evals"], heldout=editor_heldout(bb),
-                                        init=args.init, warm_restart=bool(args.init),  # --init: weights kept, optimizer new
-                                        refine_bank=args.refine_bank)
+        card["stages"]["editor"] = dict(
+            loop=asdict(ed_loop),
+            recipe=asdict(ecfg),
+            bank_size=args.bank_size,
+            steps=st["step"],
+            seconds=st["seconds"],
+            evals=st["evals"],
+            heldout=editor_heldout(bb),
+            init=args.init,
+            warm_restart=bool(args.init),  # --init: weights kept, optimizer new
+            refine_bank=args.refine_bank,
+        )
     card["wall_seconds_this_run"] = time.time() - t0
     M.save_weights(bb, args.out, card)
     card["sha256"] = weights_hash(args.out)
@@ -181,11 +234,26 @@ def train_mini(args) -> Path:
 def editor_heldout(bb, n: int = 16, steps: int = 8) -> dict:
     """The editor on held-out (val) examples of each pretraining task vs its no-model baselines (PSNR, dB)."""
     from .pretrain import evaluate
-    keep = ("editor_psnr", "input_psnr", "vae_ceiling_psnr", "vae_input_psnr", "editor_region_psnr", "input_region_psnr",
-            "vae_input_region_psnr", "oracle_region_psnr", "editor_wrong_ref_region_psnr", "ref_gain_region_db",
-            "editor_region_psnr_strong", "input_region_psnr_strong", "editor_wrong_ref_region_psnr_strong")
-    return {task: {k: round(v, 3) for k, v in r.items() if k in keep}
-            for task, r in evaluate(bb, n=n, steps=steps, split="val")["metrics"].items()}
+
+    keep = (
+        "editor_psnr",
+        "input_psnr",
+        "vae_ceiling_psnr",
+        "vae_input_psnr",
+        "editor_region_psnr",
+        "input_region_psnr",
+        "vae_input_region_psnr",
+        "oracle_region_psnr",
+        "editor_wrong_ref_region_psnr",
+        "ref_gain_region_db",
+        "editor_region_psnr_strong",
+        "input_region_psnr_strong",
+        "editor_wrong_ref_region_psnr_strong",
+    )
+    return {
+        task: {k: round(v, 3) for k, v in r.items() if k in keep}
+        for task, r in evaluate(bb, n=n, steps=steps, split="val")["metrics"].items()
+    }
 
 
 def _read_card(folder) -> dict:
@@ -195,17 +263,32 @@ def _read_card(folder) -> dict:
 
 def write_card_md(card: dict, path: Path) -> None:
     """A human-readable model card next to the JSON one."""
-    lines = [f"# labkit `{card['preset']}` backbone", "",
-             "Trained by `make mini` (python -m labkit.train mini) on CPU from the images in labkit.data "
-             "(train split; see the README's data card). Numbers below are held-out (val split).", ""]
+    lines = [
+        f"# labkit `{card['preset']}` backbone",
+        "",
+        "Trained by `make mini` (python -m labkit.train mini) on CPU from the images in labkit.data "
+        "(train split; see the README's data card). Numbers below are held-out (val split).",
+        "",
+    ]
     for name, st in card["stages"].items():
         ev = st["evals"][-1] if st.get("evals") else {}
-        lines += [f"## {name}", f"- steps: {st['steps']}, wall time: {st['seconds'] / 60:.1f} min",
-                  *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in ev.items()], ""]
+        lines += [
+            f"## {name}",
+            f"- steps: {st['steps']}, wall time: {st['seconds'] / 60:.1f} min",
+            *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in ev.items()],
+            "",
+        ]
         if st.get("heldout"):  # editor vs no-model baselines, held-out PSNR (dB)
             cols = list(dict.fromkeys(k for r in st["heldout"].values() for k in r))
-            lines += ["| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
-                      *[f"| {t} | " + " | ".join(f"{r[c]:.2f}" if c in r else "" for c in cols) + " |" for t, r in st["heldout"].items()], ""]
+            lines += [
+                "| task | " + " | ".join(cols) + " |",
+                "|---" * (len(cols) + 1) + "|",
+                *[
+                    f"| {t} | " + " | ".join(f"{r[c]:.2f}" if c in r else "" for c in cols) + " |"
+                    for t, r in st["heldout"].items()
+                ],
+                "",
+            ]
     lines += ["## sha256", *[f"- {k}: `{v}`" for k, v in card.get("sha256", {}).items()], ""]
     path.write_text("\n".join(lines))
 
@@ -213,6 +296,7 @@ def write_card_md(card: dict, path: Path) -> None:
 def load_checkpoint_weights(bb: M.Backbone, ckpt: str | Path) -> M.Backbone:
     """The trained weights of a loop checkpoint (ckpt/trainable.safetensors: transformer + text) into bb."""
     from safetensors.torch import load_file
+
     named = dict(bb.named_parameters())
     sd = load_file(str(Path(ckpt) / "trainable.safetensors"))
     missing = [k for k in sd if k not in named]
@@ -224,23 +308,32 @@ def load_checkpoint_weights(bb: M.Backbone, ckpt: str | Path) -> M.Backbone:
     return bb
 
 
-def compare_region_encodings(checkpoints: dict[str, str], preset: str = "mini", n: int = 48, steps: int = 8, seed: int = 0,
-                             split: str = "val") -> dict:
+def compare_region_encodings(
+    checkpoints: dict[str, str], preset: str = "mini", n: int = 48, steps: int = 8, seed: int = 0, split: str = "val"
+) -> dict:
     """Region encodings after the same training budget: each checkpoint (name = its encoding) scored by
     pretrain.evaluate_refine on `split` with the target and with an aligned reference; per kind and overall."""
     from .pretrain import EditorConfig, evaluate_refine
+
     out = {}
     for region, ckpt in checkpoints.items():
         bb = load_checkpoint_weights(M.load(preset), ckpt)
         step = json.loads((Path(ckpt) / "loop_state.json").read_text())["step"]
         out[region] = dict(step=step, checkpoint=str(ckpt))
         for ref in ("target", "aligned"):
-            r = evaluate_refine(bb, n=n, steps=steps, seed=seed, split=split, reference=ref, cfg=EditorConfig(region=region))
-            out[region][ref] = dict(summary=r["summary"], by_kind={k: {c: round(v, 3) for c, v in d.items()} for k, d in r["by_kind"].items()})
+            r = evaluate_refine(
+                bb, n=n, steps=steps, seed=seed, split=split, reference=ref, cfg=EditorConfig(region=region)
+            )
+            out[region][ref] = dict(
+                summary=r["summary"],
+                by_kind={k: {c: round(v, 3) for c, v in d.items()} for k, d in r["by_kind"].items()},
+            )
     return out
 
 
-def install_editor(run_weights: str | Path, into: str | Path = P.MINI_WEIGHTS, stage: str = "editor_refine", **extra) -> Path:
+def install_editor(
+    run_weights: str | Path, into: str | Path = P.MINI_WEIGHTS, stage: str = "editor_refine", **extra
+) -> Path:
     """Commit a continued editor (a `labkit train editor --init` run) into a weights folder: its safetensors, and
     its card stage appended as `stage` to the folder's card (the earlier stages - VAE, editor pretraining - kept,
     so the card records the whole budget the weights got); extra: more numbers for that stage."""

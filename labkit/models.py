@@ -4,6 +4,7 @@
 VAE encode/decode (with scaling/shift), 2x2 pack/unpack, the Kontext sequence (target id 0, context
 k id k) and a forward that returns the velocity for the target tokens only.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ class InstructionEmbedding(nn.Module):
         """Position of an instruction name (or a known alias such as RefGC-SR2's prompt)."""
         key = P.PROMPT_ALIASES.get(prompt.strip().lower(), prompt.strip().lower())
         if key not in self.instructions:
-            raise ValueError(f"unknown instruction {prompt!r} for a learned-embedding backbone; "
-                             f"use one of {self.instructions} (free text needs the flux-kontext preset)")
+            raise ValueError(
+                f"unknown instruction {prompt!r} for a learned-embedding backbone; "
+                f"use one of {self.instructions} (free text needs the flux-kontext preset)"
+            )
         return self.instructions.index(key)
 
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +48,9 @@ class InstructionEmbedding(nn.Module):
 class Backbone(nn.Module):
     """VAE + FluxTransformer2DModel + prompt encoder, with Kontext-style sequence handling."""
 
-    def __init__(self, preset: P.Preset, transformer: nn.Module, vae: nn.Module, text: nn.Module | None = None, pipe=None):
+    def __init__(
+        self, preset: P.Preset, transformer: nn.Module, vae: nn.Module, text: nn.Module | None = None, pipe=None
+    ):
         super().__init__()
         self.preset, self.transformer, self.vae, self.text = preset, transformer, vae, text
         self.pipe = pipe  # the FluxKontextPipeline for flux-kontext (T5 + CLIP live there)
@@ -57,6 +62,7 @@ class Backbone(nn.Module):
         """Which backbone this is: preset name and a short hash of the base transformer (config + a bf16-rounded
         sample of every weight, adapters excluded), recorded with adapters so they load only where they were trained."""
         import hashlib
+
         h = hashlib.sha256(json.dumps(dict(self.transformer.config), sort_keys=True, default=str).encode())
         for name, t in self.transformer.state_dict().items():
             if "lora_" in name:
@@ -80,15 +86,21 @@ class Backbone(nn.Module):
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W) RGB in [0, 1]; got shape {tuple(images.shape)} "
-                             "(convert grey/RGBA images to RGB first)")
+            raise ValueError(
+                f"images must be (B, 3, H, W) RGB in [0, 1]; got shape {tuple(images.shape)} "
+                "(convert grey/RGBA images to RGB first)"
+            )
         h, w = images.shape[-2:]
         if h % self.multiple or w % self.multiple:
-            raise ValueError(f"image sides must be multiples of {self.multiple} (VAE x{self.factor} and 2x2 packing); "
-                             f"got {h}x{w}: resize with labkit.focus.snap_size or crop")
+            raise ValueError(
+                f"image sides must be multiples of {self.multiple} (VAE x{self.factor} and 2x2 packing); "
+                f"got {h}x{w}: resize with labkit.focus.snap_size or crop"
+            )
         return images
 
-    def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> normalised latents (B, 16, H/8, W/8) = (z - shift) * scale."""
         images = self.check_images(images).to(self.device, self.vae.dtype)
         dist = self.vae.encode(images * 2 - 1).latent_dist
@@ -126,7 +138,9 @@ class Backbone(nn.Module):
         ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
         return ids.reshape(-1, 3)
 
-    def sequence(self, target: torch.Tensor, contexts: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def sequence(
+        self, target: torch.Tensor, contexts: Sequence[torch.Tensor] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Kontext/SELF sequence: [target (id 0) | context 1 (id 1) | ...] -> (tokens, ids, lengths)."""
         grids = [target, *contexts]
         tokens = torch.cat([self.pack(g) for g in grids], dim=1)
@@ -134,7 +148,9 @@ class Backbone(nn.Module):
         return tokens, ids, [g.shape[-2] * g.shape[-1] // 4 for g in grids]
 
     # -- text -----------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | Sequence[str], batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode_prompt(
+        self, prompt: str | Sequence[str], batch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt(s) -> (embeds (B, T, D), pooled (B, P), text ids (T, 3)); one interface at all scales."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if batch and len(prompts) == 1:
@@ -147,20 +163,42 @@ class Backbone(nn.Module):
         return embeds.to(self.dtype), pooled.to(self.dtype), txt_ids
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, contexts: Sequence[torch.Tensor] = (),
-                prompt: str | Sequence[str] = "reconstruct", prompt_embeds: tuple | None = None,
-                guidance: float = 2.5, joint_attention_kwargs: dict | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | float,
+        contexts: Sequence[torch.Tensor] = (),
+        prompt: str | Sequence[str] = "reconstruct",
+        prompt_embeds: tuple | None = None,
+        guidance: float = 2.5,
+        joint_attention_kwargs: dict | None = None,
+    ) -> torch.Tensor:
         """Velocity v = eps - x0 for the target latents x_t (B, 16, h, w) at time t in [0, 1] (1 = noise)."""
         b, _, h, w = x_t.shape
         tokens, img_ids, lengths = self.sequence(x_t, contexts)
         embeds, pooled, txt_ids = prompt_embeds or self.encode_prompt(prompt, batch=b)
-        t = torch.as_tensor(t, device=x_t.device, dtype=tokens.dtype).expand(b) if not torch.is_tensor(t) or t.ndim == 0 \
+        t = (
+            torch.as_tensor(t, device=x_t.device, dtype=tokens.dtype).expand(b)
+            if not torch.is_tensor(t) or t.ndim == 0
             else t.to(x_t.device, tokens.dtype)
-        g = torch.full((b,), guidance, device=x_t.device, dtype=tokens.dtype) if self.transformer.config.guidance_embeds else None
-        out = self.transformer(hidden_states=tokens.to(self.dtype), encoder_hidden_states=embeds, pooled_projections=pooled,
-                               timestep=t, img_ids=img_ids, txt_ids=txt_ids, guidance=g,
-                               joint_attention_kwargs=joint_attention_kwargs, return_dict=False)[0]
-        return self.unpack(out[:, :lengths[0]].to(x_t.dtype), h, w)  # target tokens only
+        )
+        g = (
+            torch.full((b,), guidance, device=x_t.device, dtype=tokens.dtype)
+            if self.transformer.config.guidance_embeds
+            else None
+        )
+        out = self.transformer(
+            hidden_states=tokens.to(self.dtype),
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=t,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=g,
+            joint_attention_kwargs=joint_attention_kwargs,
+            return_dict=False,
+        )[0]
+        return self.unpack(out[:, : lengths[0]].to(x_t.dtype), h, w)  # target tokens only
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,21 +209,26 @@ def reference_sizes(sizes: Sequence[tuple[int, int]], pixel_budget: int, multipl
         return []
     floor = len(sizes) * multiple * multiple
     if pixel_budget < floor:
-        raise ValueError(f"pixel budget {pixel_budget} is below {floor}, the least {len(sizes)} references of "
-                         f"{multiple}x{multiple} need: raise the budget or pass fewer references")
+        raise ValueError(
+            f"pixel budget {pixel_budget} is below {floor}, the least {len(sizes)} references of "
+            f"{multiple}x{multiple} need: raise the budget or pass fewer references"
+        )
     s = (pixel_budget / sum(h * w for h, w in sizes)) ** 0.5
     snap = lambda v: max(multiple, int(v * s // multiple) * multiple)  # noqa: E731
     out = [(snap(h), snap(w)) for h, w in sizes]
     while sum(h * w for h, w in out) > pixel_budget:  # clamping tiny sides up can overshoot: shrink the largest
         i = max(range(len(out)), key=lambda k: out[k][0] * out[k][1])
         h, w = out[i]
-        out[i] = (h - multiple, w) if h >= w and h > multiple else (h, w - multiple) if w > multiple else (h - multiple, w)
+        out[i] = (
+            (h - multiple, w) if h >= w and h > multiple else (h, w - multiple) if w > multiple else (h - multiple, w)
+        )
     return out
 
 
 def pack_references(images: Sequence[torch.Tensor], pixel_budget: int, multiple: int = 16) -> list[torch.Tensor]:
     """Resize K reference images (3, H_k, W_k) with one shared scale under a total pixel budget (SELF)."""
     from .data import resize
+
     for im in images:
         if im.ndim != 3 or im.shape[0] != 3:
             raise ValueError(f"each reference must be (3, H, W); got {tuple(im.shape)}")
@@ -196,6 +239,7 @@ def pack_references(images: Sequence[torch.Tensor], pixel_budget: int, multiple:
 def build(preset: P.Preset) -> Backbone:
     """A random-init backbone from a preset's configs (tiny, or mini before loading weights)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
+
     transformer = FluxTransformer2DModel(**preset.transformer)
     vae = AutoencoderKL(**preset.vae)
     cfg = preset.transformer
@@ -203,7 +247,9 @@ def build(preset: P.Preset) -> Backbone:
     return Backbone(preset, transformer, vae, text)
 
 
-def load(preset: str | os.PathLike = "mini", device: str | torch.device = "cpu", seed: int = 0, **overrides) -> Backbone:
+def load(
+    preset: str | os.PathLike = "mini", device: str | torch.device = "cpu", seed: int = 0, **overrides
+) -> Backbone:
     """Load a backbone by preset name (tiny | mini | flux-kontext), or from a diffusers FluxKontextPipeline
     folder (the save_pretrained layout) given as a path; overrides replace preset fields (e.g. weights='/path')."""
     cfg = P.get(preset, **overrides)  # a name, or a pipeline folder (flux-kontext with those weights)
@@ -225,7 +271,9 @@ def save_weights(bb: Backbone, folder: str | os.PathLike, card: dict | None = No
     for name in WEIGHT_FILES:
         sd = {k: v.detach().cpu().contiguous() for k, v in getattr(bb, name).state_dict().items()}
         atomic_save(lambda p, sd=sd: save_file(sd, p), folder / f"{name}.safetensors")
-    stats = dict(scaling_factor=float(bb.vae.config.scaling_factor), shift_factor=float(bb.vae.config.shift_factor or 0.0))
+    stats = dict(
+        scaling_factor=float(bb.vae.config.scaling_factor), shift_factor=float(bb.vae.config.shift_factor or 0.0)
+    )
     write_json(stats, folder / "latent_stats.json")
     if card is not None:
         write_json(card, folder / "card.json")
@@ -237,8 +285,11 @@ def load_weights(bb: Backbone, folder: str | os.PathLike, parts: Sequence[str] =
     folder = Path(folder)
     missing = [n for n in parts if not (folder / f"{n}.safetensors").exists()]
     if missing:
-        hint = ("run `make mini` (python -m labkit.train mini) to train them on CPU, or use preset='tiny'"
-                if bb.preset.name == "mini" else "save them with labkit.models.save_weights")
+        hint = (
+            "run `make mini` (python -m labkit.train mini) to train them on CPU, or use preset='tiny'"
+            if bb.preset.name == "mini"
+            else "save them with labkit.models.save_weights"
+        )
         raise FileNotFoundError(f"{bb.preset.name} weights not found in {folder} (missing {missing}): {hint}")
     for name in parts:
         getattr(bb, name).load_state_dict(load_file(folder / f"{name}.safetensors"), strict=True)
@@ -250,9 +301,11 @@ def load_weights(bb: Backbone, folder: str | os.PathLike, parts: Sequence[str] =
 
 def resolve_flux_path(cfg: P.Preset) -> Path:
     """The local diffusers folder of FLUX.1-Kontext-dev: explicit path, $LABKIT_FLUX_KONTEXT, or HF cache."""
-    how = (f"download it on a machine with access (accept the licence of {cfg.hub_id} first): "
-           f"`hf download {cfg.hub_id} --local-dir /path/to/FLUX.1-Kontext-dev`, then "
-           "labkit.load('flux-kontext', weights='/path/to/FLUX.1-Kontext-dev') or export LABKIT_FLUX_KONTEXT=that path")
+    how = (
+        f"download it on a machine with access (accept the licence of {cfg.hub_id} first): "
+        f"`hf download {cfg.hub_id} --local-dir /path/to/FLUX.1-Kontext-dev`, then "
+        "labkit.load('flux-kontext', weights='/path/to/FLUX.1-Kontext-dev') or export LABKIT_FLUX_KONTEXT=that path"
+    )
     if cfg.weights:
         path = Path(cfg.weights).expanduser()
         if not (path / "model_index.json").exists():
@@ -261,9 +314,12 @@ def resolve_flux_path(cfg: P.Preset) -> Path:
         return path
     try:
         from huggingface_hub import snapshot_download
+
         return Path(snapshot_download(cfg.hub_id, local_files_only=True))  # cache only: never a network call
     except Exception as e:
-        raise FileNotFoundError(f"FLUX.1-Kontext-dev is not in the local HF cache ({type(e).__name__}); {how}") from None
+        raise FileNotFoundError(
+            f"FLUX.1-Kontext-dev is not in the local HF cache ({type(e).__name__}); {how}"
+        ) from None
 
 
 PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -278,7 +334,9 @@ def check_pipeline_folder(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{index} is not valid JSON ({e.msg} at line {e.lineno}): {fix}") from None
     if not isinstance(spec, dict) or "_class_name" not in spec:
-        raise ValueError(f"{index} has no '_class_name' (expected 'FluxKontextPipeline'): not a diffusers pipeline folder; {fix}")
+        raise ValueError(
+            f"{index} has no '_class_name' (expected 'FluxKontextPipeline'): not a diffusers pipeline folder; {fix}"
+        )
     missing = [p for p in PIPELINE_PARTS if not isinstance(spec.get(p), list) or spec[p][0] is None]
     if missing:
         raise ValueError(f"{index} lists no {missing} (a FluxKontextPipeline needs {list(PIPELINE_PARTS)}); {fix}")
@@ -291,13 +349,16 @@ def check_pipeline_folder(path: Path) -> dict:
         elif not need.exists():
             raise FileNotFoundError(f"{need} is missing (model_index.json lists a {part}); {fix}")
         elif part in ("transformer", "vae", "text_encoder", "text_encoder_2") and not any(sub.glob("*.safetensors")):
-            raise FileNotFoundError(f"no *.safetensors weights in {sub}: labkit loads weights only from safetensors; {fix}")
+            raise FileNotFoundError(
+                f"no *.safetensors weights in {sub}: labkit loads weights only from safetensors; {fix}"
+            )
     return spec
 
 
 def _load_pipeline(cfg: P.Preset, device) -> Backbone:
     """FLUX.1-Kontext components through FluxKontextPipeline (bf16 on CUDA, fp32 on CPU)."""
     from diffusers import FluxKontextPipeline
+
     path = resolve_flux_path(cfg)
     dtype = getattr(torch, cfg.dtype) if torch.device(device).type == "cuda" else torch.float32
     pipe = FluxKontextPipeline.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)

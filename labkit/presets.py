@@ -3,6 +3,7 @@
 Everything that depends on the preset name lives here and in `models.load`; the rest of labkit only
 sees a `Backbone` with the same module tree at every scale.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,9 @@ class Preset:
     scheduler: dict = field(default_factory=lambda: dict(shift=1.0, use_dynamic_shifting=False))
     steps: int = 8  # default sampler steps (refine, generate)
     guidance: float | None = None  # default embedded guidance (guidance-distilled models only)
-    kontext_resolutions: bool = False  # resize inputs to FLUX.1-Kontext's preferred resolutions (its pipeline's auto-resize)
+    kontext_resolutions: bool = (
+        False  # resize inputs to FLUX.1-Kontext's preferred resolutions (its pipeline's auto-resize)
+    )
 
     @property
     def latent_channels(self) -> int:
@@ -61,12 +64,21 @@ def _vae(blocks: tuple[int, ...], groups: int, layers: int = 1, attn: bool = Fal
     """AutoencoderKL config with FLUX's latent layout (16 channels, 8x down) at a chosen width."""
     n = len(blocks)
     return dict(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=blocks, layers_per_block=layers, norm_num_groups=groups,
-        mid_block_add_attention=attn, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=1.0, shift_factor=0.0,  # replaced by the statistics of the trained latents
-        sample_size=128, force_upcast=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=blocks,
+        layers_per_block=layers,
+        norm_num_groups=groups,
+        mid_block_add_attention=attn,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.0,
+        shift_factor=0.0,  # replaced by the statistics of the trained latents
+        sample_size=128,
+        force_upcast=False,
     )
 
 
@@ -74,16 +86,34 @@ def _dit(double: int, single: int, heads: int, head_dim: int, rope: tuple[int, i
     """FluxTransformer2DModel config; packed 2x2 latents of 16 channels -> 64 input features."""
     assert sum(rope) == head_dim, "axes_dims_rope must sum to attention_head_dim"
     return dict(
-        patch_size=1, in_channels=64, out_channels=None, num_layers=double, num_single_layers=single,
-        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
-        pooled_projection_dim=text_dim, guidance_embeds=False, axes_dims_rope=rope,
+        patch_size=1,
+        in_channels=64,
+        out_channels=None,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=text_dim,
+        guidance_embeds=False,
+        axes_dims_rope=rope,
     )
 
 
 # FLUX.1-Kontext-dev's transformer (its transformer/config.json): what the benchmarks build on the meta device
-FLUX_KONTEXT_TRANSFORMER = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
-                                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_KONTEXT_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    out_channels=None,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
 
 PRESETS: dict[str, Preset] = {
     # smallest configs that keep the real module tree (double + single blocks, 8x VAE, 16 channels)
@@ -103,7 +133,13 @@ PRESETS: dict[str, Preset] = {
     ),
     # FLUX.1-Kontext-dev from a local diffusers folder or the HF cache (bf16 on CUDA)
     "flux-kontext": Preset(
-        name="flux-kontext", resolution=1024, text="t5clip", dtype="bfloat16", steps=28, guidance=2.5, kontext_resolutions=True,
+        name="flux-kontext",
+        resolution=1024,
+        text="t5clip",
+        dtype="bfloat16",
+        steps=28,
+        guidance=2.5,
+        kontext_resolutions=True,
         vae=dict(block_out_channels=(128, 256, 512, 512), latent_channels=16),
         hub_id="black-forest-labs/FLUX.1-Kontext-dev",
     ),
@@ -120,7 +156,9 @@ def check_preset(name: str) -> str:
     """A preset argument as the command lines take it: a known name or an existing pipeline folder."""
     if name in PRESETS or Path(name).expanduser().is_dir():
         return name
-    raise UnknownPreset(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}, or give an existing FluxKontextPipeline folder")
+    raise UnknownPreset(
+        f"unknown preset {name!r}: choose one of {sorted(PRESETS)}, or give an existing FluxKontextPipeline folder"
+    )
 
 
 def prompt_checker(preset: str):
@@ -135,6 +173,7 @@ def prompt_checker(preset: str):
 def editor_region(preset: str) -> str:
     """The region encoding a preset's editor was trained with (its card's editor recipe), else 'none'."""
     import json
+
     cfg = PRESETS.get(preset)
     card = Path(cfg.weights) / "card.json" if cfg is not None and cfg.weights else None
     if card is None or not card.exists():
@@ -151,7 +190,9 @@ def get(name: str | os.PathLike, **overrides) -> Preset:
         overrides["weights"] = str(Path(name).expanduser())
         name = "flux-kontext"
     if name not in PRESETS:
-        raise UnknownPreset(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}, or give a FluxKontextPipeline folder")
+        raise UnknownPreset(
+            f"unknown preset {name!r}: choose one of {sorted(PRESETS)}, or give a FluxKontextPipeline folder"
+        )
     preset = PRESETS[name]
     if name == "flux-kontext" and "weights" not in overrides:
         overrides["weights"] = os.environ.get("LABKIT_FLUX_KONTEXT")

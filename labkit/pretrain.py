@@ -9,6 +9,7 @@ draft's Focus-and-Refine crop with one generative failure in the region, and the
 draft's frame (small residual misalignment, a photometric change) cropped by the same box. Examples of the
 refine task are bucketed by the focus crop's snapped shape (one shape per batch).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,9 +49,15 @@ class EditorConfig:
     # refine: full-image sides drawn per example, region area, residual misalignment of the aligned reference
     refine_sides: tuple[int, ...] = (128, 192, 256)
     refine_area: tuple[float, float] = (0.02, 0.2)
-    misalign: float = 0.04  # max view strength of the residual warp (0.04: <1 deg, <1% shift: what a registration leaves); 30% exact
-    refine_kind_probs: tuple[float, ...] | None = None  # per kind of REFINE_DAMAGE (None: uniform); hard kinds up-weighted
-    region: str = "none"  # region encoding: none | context (the mask as an image context) | draw (outlined on the draft)
+    misalign: float = (
+        0.04  # max view strength of the residual warp (0.04: <1 deg, <1% shift: what a registration leaves); 30% exact
+    )
+    refine_kind_probs: tuple[float, ...] | None = (
+        None  # per kind of REFINE_DAMAGE (None: uniform); hard kinds up-weighted
+    )
+    region: str = (
+        "none"  # region encoding: none | context (the mask as an image context) | draw (outlined on the draft)
+    )
     text_frac: float = 0.5  # refine targets: rendered text and logos this often, photos otherwise
 
 
@@ -63,8 +70,16 @@ def aligned_reference(rng: np.random.Generator, img: np.ndarray, misalign: float
     return D.relight(rng, ref).astype(np.float32)
 
 
-def refine_example(rng: np.random.Generator, split: str, cfg: EditorConfig, kind: str | None = None, work: int = 128,
-                   multiple: int = 16, margin: float = 16, content: str | None = None) -> dict:
+def refine_example(
+    rng: np.random.Generator,
+    split: str,
+    cfg: EditorConfig,
+    kind: str | None = None,
+    work: int = 128,
+    multiple: int = 16,
+    margin: float = 16,
+    content: str | None = None,
+) -> dict:
     """One refine example built as `labkit.refine(method='focus')` builds its inputs: the draft's focus crop
     (3, h, w), its mask (1, h, w), the target crop, and the aligned reference cropped by the same box (also
     the target crop itself, `target_ref`: the perfectly aligned reference). h x w ~ work², snapped sides."""
@@ -82,8 +97,17 @@ def refine_example(rng: np.random.Generator, split: str, cfg: EditorConfig, kind
     c_draft, c_mask, box = F_.focus_crop(t(draft), t(mask[..., None]), work * work, multiple, margin)
     hw = c_draft.shape[-2:]
     crop = lambda x: D.resize(F_.crop(t(x), box), hw)  # noqa: E731
-    return dict(draft=c_draft, mask=c_mask, target=crop(img), reference=crop(ref), kind=kind, content=c,
-                source=name, box=box, size=size)
+    return dict(
+        draft=c_draft,
+        mask=c_mask,
+        target=crop(img),
+        reference=crop(ref),
+        kind=kind,
+        content=c,
+        source=name,
+        box=box,
+        size=size,
+    )
 
 
 @torch.no_grad()
@@ -95,13 +119,28 @@ def build_refine_bank(bb, n: int, split: str, cfg: EditorConfig, seed: int = 0) 
         e = refine_example(rng, split, cfg, multiple=bb.multiple)
         ctx = F_.region_contexts(e["draft"], e["mask"], [e["reference"]], cfg.region)
         h, w = e["target"].shape[-2:]
-        buckets.setdefault(f"refine@{h}x{w}", []).append((bb.encode(e["target"][None]).cpu(), [bb.encode(x[None]).cpu() for x in ctx]))
-    return {k: dict(target=torch.cat([a for a, _ in v]), contexts=[torch.cat(z) for z in zip(*[c for _, c in v])],
-                    strength=torch.zeros(len(v))) for k, v in buckets.items()}
+        buckets.setdefault(f"refine@{h}x{w}", []).append(
+            (bb.encode(e["target"][None]).cpu(), [bb.encode(x[None]).cpu() for x in ctx])
+        )
+    return {
+        k: dict(
+            target=torch.cat([a for a, _ in v]),
+            contexts=[torch.cat(z) for z in zip(*[c for _, c in v])],
+            strength=torch.zeros(len(v)),
+        )
+        for k, v in buckets.items()
+    }
 
 
-def task_batch(task: str, rng: np.random.Generator, split: str, cfg: EditorConfig, progress: float = 1.0,
-               factor: int | None = None, degradations: list[str] | None = None) -> dict:
+def task_batch(
+    task: str,
+    rng: np.random.Generator,
+    split: str,
+    cfg: EditorConfig,
+    progress: float = 1.0,
+    factor: int | None = None,
+    degradations: list[str] | None = None,
+) -> dict:
     """Pixels for one task: target (B,3,S,S), contexts [list of (B,3,S,S)], mask (B,1,S,S) or None.
 
     factor fixes the upscale factor (default: one of cfg.upscale per example); degradations fixes each
@@ -109,8 +148,18 @@ def task_batch(task: str, rng: np.random.Generator, split: str, cfg: EditorConfi
     b, s = cfg.batch, cfg.size
     if task == "restore":
         kinds = degradations or [str(rng.choice(cfg.restore_degradations, p=cfg.restore_probs)) for _ in range(b)]
-        trips = [D.make_triplet(int(rng.integers(2**31)), split, s, factor=1, view_strength=min(1.0, progress / cfg.curriculum_frac),
-                                degradation=kinds[i], area=(0.05, 0.25)) for i in range(b)]
+        trips = [
+            D.make_triplet(
+                int(rng.integers(2**31)),
+                split,
+                s,
+                factor=1,
+                view_strength=min(1.0, progress / cfg.curriculum_frac),
+                degradation=kinds[i],
+                area=(0.05, 0.25),
+            )
+            for i in range(b)
+        ]
         stack = lambda k: torch.stack([getattr(t, k) for t in trips])  # noqa: E731
         return dict(target=stack("hrgt"), contexts=[stack("lrgi"), stack("hrri")], mask=stack("mask"), trips=trips)
     x = D.crop_batch(rng, split, b, s)
@@ -118,12 +167,14 @@ def task_batch(task: str, rng: np.random.Generator, split: str, cfg: EditorConfi
         ctx = x
     elif task == "upscale":  # aligned draft: a half-size context with integer ids would sit on the wrong grid
         fs = [factor] * b if factor else rng.choice(cfg.upscale, b).tolist()
-        ctx = torch.cat([D.bicubic_draft(x[i:i + 1], int(f)) for i, f in enumerate(fs)])
+        ctx = torch.cat([D.bicubic_draft(x[i : i + 1], int(f)) for i, f in enumerate(fs)])
     elif task == "denoise":
         sig = torch.from_numpy(rng.uniform(*cfg.noise, (b, 1, 1, 1))).float()
         ctx = (x + sig * torch.from_numpy(rng.standard_normal(x.shape)).float()).clamp(0, 1)
     else:
-        raise ValueError(f"unknown task {task!r} for task_batch; choose from {TASKS[:4]} (refine examples: refine_example)")
+        raise ValueError(
+            f"unknown task {task!r} for task_batch; choose from {TASKS[:4]} (refine examples: refine_example)"
+        )
     return dict(target=x, contexts=[ctx], mask=None)
 
 
@@ -145,7 +196,9 @@ def build_bank(bb, task: str, n: int, split: str, cfg: EditorConfig, seed: int =
     return dict(target=torch.cat(tgt), contexts=[torch.cat(k) for k in zip(*ctxs)], strength=torch.tensor(strength))
 
 
-def bank_batch(bank: dict, rng: np.random.Generator, batch: int, max_strength: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def bank_batch(
+    bank: dict, rng: np.random.Generator, batch: int, max_strength: float = 1.0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A random batch from a bank, only examples whose view strength ≤ max_strength (curriculum)."""
     ok = torch.nonzero(bank["strength"] <= max_strength + 1e-6).flatten().numpy()
     idx = torch.from_numpy(rng.choice(ok, batch, replace=len(ok) < batch))
@@ -157,6 +210,7 @@ def save_banks(banks: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     from .util import atomic_save
+
     flat = {}
     for task, b in banks.items():
         flat |= {f"{task}.target": b["target"], f"{task}.strength": b["strength"]}
@@ -167,11 +221,15 @@ def save_banks(banks: dict, path: Path) -> None:
 def load_banks(path: Path) -> dict:
     """The inverse of save_banks."""
     from safetensors.torch import load_file
+
     flat, banks = load_file(str(path)), {}
     for task in dict.fromkeys(k.split(".")[0] for k in flat):
         n = sum(k.startswith(f"{task}.context.") for k in flat)
-        banks[task] = dict(target=flat[f"{task}.target"], strength=flat[f"{task}.strength"],
-                           contexts=[flat[f"{task}.context.{i}"] for i in range(n)])
+        banks[task] = dict(
+            target=flat[f"{task}.target"],
+            strength=flat[f"{task}.strength"],
+            contexts=[flat[f"{task}.context.{i}"] for i in range(n)],
+        )
     return banks
 
 
@@ -185,12 +243,18 @@ def _refine_buckets(banks: dict) -> tuple[list[str], np.ndarray]:
 def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024, refine_bank: int = 2048) -> dict:
     """Flow-matching pretraining of bb.transformer (+ instruction embedding); the VAE stays frozen."""
     bb.vae.requires_grad_(False)
-    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]  # a changed recipe rebuilds the bank
+    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[
+        :10
+    ]  # a changed recipe rebuilds the bank
     path = Path(loop.out_dir) / f"bank_{bank_size}_{refine_bank}_{cfg.size}_{key}.safetensors"
     active = [t for t, p in zip(TASKS, cfg.task_probs) if p > 0]  # tasks the mix draws (a probe may train one)
 
     def banks_for(n_per_task: int, n_refine: int, split: str, seed: int) -> dict:
-        out = {t: build_bank(bb, t, n_per_task * (2 if t == "restore" else 1), split, cfg, seed) for t in active if t != "refine"}
+        out = {
+            t: build_bank(bb, t, n_per_task * (2 if t == "restore" else 1), split, cfg, seed)
+            for t in active
+            if t != "refine"
+        }
         return out | (build_refine_bank(bb, n_refine, split, cfg, seed) if "refine" in active else {})
 
     if path.exists():
@@ -207,7 +271,9 @@ def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024,
     def loss_fn(s: Step):
         task = TASKS[s.rng.choice(len(TASKS), p=cfg.task_probs)]  # one task per global batch (sequence lengths match)
         bank = banks[buckets[s.rng.choice(len(buckets), p=bucket_p)]] if task == "refine" else banks[task]
-        x0, ctx = bank_batch(bank, s.rng, cfg.batch * s.world, max_strength=min(1.0, s.step / (cfg.curriculum_frac * loop.steps)))
+        x0, ctx = bank_batch(
+            bank, s.rng, cfg.batch * s.world, max_strength=min(1.0, s.step / (cfg.curriculum_frac * loop.steps))
+        )
         t = sample_t(s.rng, x0.shape[0])
         eps = torch.from_numpy(s.rng.standard_normal(x0.shape)).float()
         loss = flow_matching_loss(s.model, s.shard(x0), [s.shard(c) for c in ctx], task, s.shard(t), s.shard(eps))
@@ -220,7 +286,9 @@ def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024,
             x0, ctx = bank["target"], bank["contexts"]
             ts = torch.full((x0.shape[0],), 0.5)
             task = name.split("@")[0]
-            loss = float(flow_matching_loss(bb, x0, ctx, task, ts, torch.from_numpy(g.standard_normal(x0.shape)).float()))
+            loss = float(
+                flow_matching_loss(bb, x0, ctx, task, ts, torch.from_numpy(g.standard_normal(x0.shape)).float())
+            )
             if task == "refine":
                 refine.append((loss, len(x0)))
             else:
@@ -231,15 +299,27 @@ def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024,
             out |= {f"val_refine_{k}": v for k, v in r.items()}
         return out
 
-    state = run_loop(loop, bb, loss_fn, eval_fn, run_config=dict(editor=asdict(cfg), bank_size=bank_size, refine_bank=refine_bank))
+    state = run_loop(
+        loop, bb, loss_fn, eval_fn, run_config=dict(editor=asdict(cfg), bank_size=bank_size, refine_bank=refine_bank)
+    )
     bb.requires_grad_(False)
     return state
 
 
 @torch.no_grad()
-def evaluate_refine(bb, n: int = 24, steps: int = 8, seed: int = 0, split: str = "val", cfg: EditorConfig | None = None,
-                    reference: str = "target", kinds: tuple[str, ...] = REFINE_DAMAGE, content: str | None = None,
-                    room: float = 1.0, max_tries: int = 12) -> dict:
+def evaluate_refine(
+    bb,
+    n: int = 24,
+    steps: int = 8,
+    seed: int = 0,
+    split: str = "val",
+    cfg: EditorConfig | None = None,
+    reference: str = "target",
+    kinds: tuple[str, ...] = REFINE_DAMAGE,
+    content: str | None = None,
+    room: float = 1.0,
+    max_tries: int = 12,
+) -> dict:
     """The copy skill at the focus scale: region PSNR of the editor's focus-crop output (instruction "refine")
     against the draft and the VAE-through-focus ceiling (the target crop's VAE round trip), per kind of damage.
 
@@ -248,16 +328,26 @@ def evaluate_refine(bb, n: int = 24, steps: int = 8, seed: int = 0, split: str =
     target crop itself (perfect alignment, same light: the easiest case); "aligned" the registered reference
     (residual misalignment + photometric change, as in training)."""
     from .sampling import sample
+
     cfg = cfg or EditorConfig(region=P.editor_region(bb.preset.name))  # the contexts this editor was trained on
     rows, skipped = [], dict.fromkeys(kinds, 0)
     for i in range(n):
         kind = kinds[i % len(kinds)]
         for j in range(max_tries):
-            e = refine_example(np.random.default_rng([seed, 4242, i, j]), split, cfg, kind=kind, multiple=bb.multiple,
-                               content=content or ("text" if i % 3 == 0 else None))
+            e = refine_example(
+                np.random.default_rng([seed, 4242, i, j]),
+                split,
+                cfg,
+                kind=kind,
+                multiple=bb.multiple,
+                content=content or ("text" if i % 3 == 0 else None),
+            )
             m, x = e["mask"][None], e["target"][None]
             ceil = bb.roundtrip(x).cpu()
-            base = {k: float(case_metrics(v, x, m)["region_psnr"][0]) for k, v in dict(draft=e["draft"][None], ceiling=ceil).items()}
+            base = {
+                k: float(case_metrics(v, x, m)["region_psnr"][0])
+                for k, v in dict(draft=e["draft"][None], ceiling=ceil).items()
+            }
             if base["draft"] < base["ceiling"] - room:
                 break
             skipped[kind] += 1
@@ -266,10 +356,21 @@ def evaluate_refine(bb, n: int = 24, steps: int = 8, seed: int = 0, split: str =
         ref = e["target"] if reference == "target" else e["reference"]
         ctx = [bb.encode(x_[None]) for x_ in F_.region_contexts(e["draft"], e["mask"], [ref], cfg.region)]
         z = sample(bb, ctx, "refine", ctx[0].shape, steps=steps, generator=torch.Generator().manual_seed(seed + i))
-        rows.append(dict(kind=kind, content=e["content"], source=e["source"], editor=float(case_metrics(bb.decode(z).cpu(), x, m)["region_psnr"][0]),
-                         **base))
-    by_kind = {k: {c: float(np.mean([r[c] for r in rows if r["kind"] == k])) for c in ("editor", "draft", "ceiling")}
-               | {"n": sum(r["kind"] == k for r in rows), "skipped_no_room": skipped[k]} for k in kinds if any(r["kind"] == k for r in rows)}
+        rows.append(
+            dict(
+                kind=kind,
+                content=e["content"],
+                source=e["source"],
+                editor=float(case_metrics(bb.decode(z).cpu(), x, m)["region_psnr"][0]),
+                **base,
+            )
+        )
+    by_kind = {
+        k: {c: float(np.mean([r[c] for r in rows if r["kind"] == k])) for c in ("editor", "draft", "ceiling")}
+        | {"n": sum(r["kind"] == k for r in rows), "skipped_no_room": skipped[k]}
+        for k in kinds
+        if any(r["kind"] == k for r in rows)
+    }
     summary = {c: float(np.mean([r[c] for r in rows])) for c in ("editor", "draft", "ceiling")}
     summary["kinds_above_draft"] = float(np.mean([v["editor"] > v["draft"] for v in by_kind.values()]))
     return dict(rows=rows, by_kind=by_kind, summary=summary, no_room=[k for k in kinds if k not in by_kind])
@@ -282,7 +383,9 @@ def oracle_paste(trip) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(bb, n: int = 16, steps: int = 8, seed: int = 0, split: str = "val", cfg: EditorConfig | None = None) -> dict:
+def evaluate(
+    bb, n: int = 16, steps: int = 8, seed: int = 0, split: str = "val", cfg: EditorConfig | None = None
+) -> dict:
     """Held-out samples per task (Euler from noise) against the no-model baselines, in PSNR/SSIM.
 
     editor_mean_psnr is the one-step prediction from pure noise, the flow's estimate of the posterior mean
@@ -295,41 +398,67 @@ def evaluate(bb, n: int = 16, steps: int = 8, seed: int = 0, split: str = "val",
     (EDIT_DEGRADATIONS) and per degradation; every artifact in cfg.restore_degradations equally often."""
     from .evaluate import bootstrap_ci
     from .sampling import sample
+
     cfg = cfg or EditorConfig(batch=n)
     out, samples = {}, {}
     for i, name in enumerate(EVAL_TASKS):
         task, _, f = name.partition("_x")
-        kinds = [cfg.restore_degradations[j % len(cfg.restore_degradations)] for j in range(n)]  # each artifact equally often
-        b = task_batch(task, np.random.default_rng([seed, 900 + i]), split, EditorConfig(**{**cfg.__dict__, "batch": n}),
-                       factor=int(f) if f else None, degradations=kinds)
+        kinds = [
+            cfg.restore_degradations[j % len(cfg.restore_degradations)] for j in range(n)
+        ]  # each artifact equally often
+        b = task_batch(
+            task,
+            np.random.default_rng([seed, 900 + i]),
+            split,
+            EditorConfig(**{**cfg.__dict__, "batch": n}),
+            factor=int(f) if f else None,
+            degradations=kinds,
+        )
         x, inp = b["target"], b["contexts"][0]
         ctx = [bb.encode(c) for c in b["contexts"]]
         shape = (n, 16, x.shape[-2] // bb.factor, x.shape[-1] // bb.factor)
+
         def run(c, k=steps, task=task, shape=shape):
             return bb.decode(sample(bb, c, task, shape, steps=k, generator=torch.Generator().manual_seed(seed))).cpu()
+
         y, y1 = run(ctx), run(ctx, 1)  # y1: one step from pure noise = E[x0 | context]
         ceil, vin = bb.roundtrip(x).cpu(), bb.decode(ctx[0]).cpu()
-        m = b["mask"] if task == "restore" else torch.ones_like(x[:, :1])  # the region: the degraded part, or the whole image
-        met = {k: case_metrics(v, x, m) for k, v in dict(editor=y, editor_mean=y1, input=inp, vae_ceiling=ceil, vae_input=vin).items()}
-        r = dict(editor_psnr=met["editor"]["psnr"].mean().item(), editor_ssim=met["editor"]["ssim"].mean().item(),
-                 editor_mean_psnr=met["editor_mean"]["psnr"].mean().item(), input_psnr=met["input"]["psnr"].mean().item(),
-                 input_ssim=met["input"]["ssim"].mean().item(), vae_ceiling_psnr=met["vae_ceiling"]["psnr"].mean().item(),
-                 vae_input_psnr=met["vae_input"]["psnr"].mean().item())
+        m = (
+            b["mask"] if task == "restore" else torch.ones_like(x[:, :1])
+        )  # the region: the degraded part, or the whole image
+        met = {
+            k: case_metrics(v, x, m)
+            for k, v in dict(editor=y, editor_mean=y1, input=inp, vae_ceiling=ceil, vae_input=vin).items()
+        }
+        r = dict(
+            editor_psnr=met["editor"]["psnr"].mean().item(),
+            editor_ssim=met["editor"]["ssim"].mean().item(),
+            editor_mean_psnr=met["editor_mean"]["psnr"].mean().item(),
+            input_psnr=met["input"]["psnr"].mean().item(),
+            input_ssim=met["input"]["ssim"].mean().item(),
+            vae_ceiling_psnr=met["vae_ceiling"]["psnr"].mean().item(),
+            vae_input_psnr=met["vae_input"]["psnr"].mean().item(),
+        )
         if task == "restore":
             oracle = torch.stack([oracle_paste(t) for t in b["trips"]])
             wrong = [ctx[0], ctx[1].roll(1, 0)]  # each example given another example's reference, same noise
             met["editor_wrong_ref"] = case_metrics(run(wrong), x, m)
             met["oracle"] = case_metrics(oracle, x, m)
             per = {k: v["region_psnr"] for k, v in met.items()}
-            r.update({f"{k}_region_psnr": v.mean().item() for k, v in per.items()},
-                     editor_bg_psnr=case_metrics(y, x, 1 - m)["region_psnr"].mean().item())
+            r.update(
+                {f"{k}_region_psnr": v.mean().item() for k, v in per.items()},
+                editor_bg_psnr=case_metrics(y, x, 1 - m)["region_psnr"].mean().item(),
+            )
             gain = (per["editor"] - per["editor_wrong_ref"]).numpy()  # dB the true reference buys, per example
             r.update(ref_gain_region_db=float(gain.mean()), ref_gain_region_ci=list(bootstrap_ci(gain, seed=seed)))
             strong = torch.tensor([k in D.EDIT_DEGRADATIONS for k in kinds])
             if strong.any():  # the artifacts the VAE keeps: where the reference is needed
                 r.update({f"{k}_region_psnr_strong": v[strong].mean().item() for k, v in per.items()})
-            r["by_degradation"] = {d: {k: v[[j for j, kd in enumerate(kinds) if kd == d]].mean().item() for k, v in per.items()}
-                                   | {"n": kinds.count(d)} for d in sorted(set(kinds))}
+            r["by_degradation"] = {
+                d: {k: v[[j for j, kd in enumerate(kinds) if kd == d]].mean().item() for k, v in per.items()}
+                | {"n": kinds.count(d)}
+                for d in sorted(set(kinds))
+            }
         out[name] = r
         samples[name] = dict(inputs=[c[:4] for c in b["contexts"]], output=y[:4], target=x[:4])
     return dict(metrics=out, samples=samples)
@@ -340,28 +469,49 @@ def copy_claim(ev: dict, near: float = 1.5, room: float = 1.0, editor: str = "ed
     whose ceiling leaves room (VAE-through-focus ceiling > draft + `room` dB), the editor's region PSNR is above
     the draft's and within `near` dB of the ceiling; kinds without room are listed, not judged."""
     from .results import claim
+
     bk = {k: {c: x for c, x in v.items() if c != "skipped_no_room"} for k, v in ev["by_kind"].items()}
     judged = {k: v for k, v in bk.items() if v["ceiling"] > v["draft"] + room}
     ok = {k: v[editor] > v["draft"] and v[editor] >= v["ceiling"] - near for k, v in judged.items()}
     worst = min(judged, key=lambda k: judged[k][editor] - judged[k]["draft"]) if judged else None
-    per = "; ".join(f"{k} {v[editor]:.1f} vs draft {v['draft']:.1f} / ceiling {v['ceiling']:.1f}" for k, v in bk.items())
-    return claim(sum(ok.values()), len(judged), bool(judged) and all(ok.values()),
-                 f"kinds of damage (of {len(bk)}; those with > {room} dB room) where the editor given the target crop as the aligned "
-                 f"reference beats the draft and lands within {near} dB of the VAE-through-focus ceiling (region PSNR)",
-                 "Kontext/Refine-by-Align: an editor copies from an aligned reference",
-                 (f"worst: {worst}; " if worst else "") + f"no room: {sorted(set(bk) - set(judged)) + ev.get('no_room', []) or 'none'}; "
-                 + per,
-                 by_kind={k: {c: round(float(x), 3) for c, x in v.items()} for k, v in bk.items()})
+    per = "; ".join(
+        f"{k} {v[editor]:.1f} vs draft {v['draft']:.1f} / ceiling {v['ceiling']:.1f}" for k, v in bk.items()
+    )
+    return claim(
+        sum(ok.values()),
+        len(judged),
+        bool(judged) and all(ok.values()),
+        f"kinds of damage (of {len(bk)}; those with > {room} dB room) where the editor given the target crop "
+        "as the aligned "
+        f"reference beats the draft and lands within {near} dB of the VAE-through-focus ceiling (region PSNR)",
+        "Kontext/Refine-by-Align: an editor copies from an aligned reference",
+        (f"worst: {worst}; " if worst else "")
+        + f"no room: {sorted(set(bk) - set(judged)) + ev.get('no_room', []) or 'none'}; "
+        + per,
+        by_kind={k: {c: round(float(x), 3) for c, x in v.items()} for k, v in bk.items()},
+    )
 
 
-def baseline_claim(r: dict, unit: str, value: str = "editor_psnr", base: str = "input_psnr", ceiling: str = "vae_ceiling_psnr",
-                   paper: str = "Kontext-style editing (pretraining sanity)", note: str = "", mean: str = "editor_mean_psnr") -> dict:
+def baseline_claim(
+    r: dict,
+    unit: str,
+    value: str = "editor_psnr",
+    base: str = "input_psnr",
+    ceiling: str = "vae_ceiling_psnr",
+    paper: str = "Kontext-style editing (pretraining sanity)",
+    note: str = "",
+    mean: str = "editor_mean_psnr",
+) -> dict:
     """Claim 'the editor beats this no-model baseline' from one task's evaluate() row, with `reachable`:
     whether the VAE round trip of the target (any latent editor's ceiling) lies above the baseline at all."""
     from .results import claim
+
     room = r[ceiling] > r[base]
-    why = (f"VAE ceiling {r[ceiling]:.2f} dB {'>' if room else '<='} baseline: "
-           + ("reachable" if room else "no latent editor can beat this baseline with this VAE"))
+    why = f"VAE ceiling {r[ceiling]:.2f} dB {'>' if room else '<='} baseline: " + (
+        "reachable" if room else "no latent editor can beat this baseline with this VAE"
+    )
     if mean in r:
         why += f"; posterior-mean (1-step) output {r[mean]:.2f} dB"
-    return claim(r[value], r[base], r[value] > r[base], unit, paper, "; ".join(x for x in (note, why) if x), reachable=bool(room))
+    return claim(
+        r[value], r[base], r[value] > r[base], unit, paper, "; ".join(x for x in (note, why) if x), reachable=bool(room)
+    )

@@ -9,6 +9,7 @@ budget (SELF), with the budget growing in stages over training. Built on labkit.
 accelerate, AdamW, clipping, atomic checkpoints, exact resume, metrics CSV. Log-probabilities, ratios
 and the KL are computed in fp32 whatever the autocast (labkit.sampling.sde_mean), as Flow-GRPO does.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,12 +60,14 @@ class GRPOConfig:
 def make_reward(w_detail: float = 1.0, w_consistency: float = 1.0) -> Callable:
     """reward(outputs (G,3,H,W), case, draft) -> dict(total, detail, consistency), each (G,):
     detail = region PSNR vs HRGT / 10 (inside the mask); consistency = whole-image SSIM vs HRGT."""
+
     def reward(outputs: torch.Tensor, case, draft: torch.Tensor) -> dict[str, torch.Tensor]:
         gt = case.hrgt[None].expand_as(outputs)
         m = case.mask[None].expand(outputs.shape[0], -1, -1, -1)
         detail = Mt.psnr(outputs, gt, m) / 10
         consistency = Mt.ssim(outputs, gt)
         return dict(total=w_detail * detail + w_consistency * consistency, detail=detail, consistency=consistency)
+
     return reward
 
 
@@ -74,7 +77,9 @@ def group_advantages(rewards: torch.Tensor, clamp: float = 5.0, eps: float = 1e-
     return ((rewards - mu) / (sd + eps)).clamp(-clamp, clamp)
 
 
-def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict]:
+def clipped_objective(
+    logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict]:
     """PPO loss mean(max(-A·r, -A·clip(r, 1±ε))) with r = exp(logp - logp_old); also ratio and clip fraction."""
     logp, logp_old, adv = logp.float(), logp_old.float(), adv.float()
     ratio = torch.exp(logp - logp_old)
@@ -87,6 +92,7 @@ def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Ten
 def swapped_adapter(transformer, state: dict[str, torch.Tensor]):
     """Temporarily load another adapter state (e.g. the reference policy) into the injected modules."""
     from .freqmole import adapter_state
+
     current = {k: v.detach().clone() for k, v in adapter_state(transformer).items()}
     transformer.load_state_dict(state, strict=False)
     try:
@@ -101,7 +107,9 @@ def references(case, k: int, budget: int, multiple: int = 16) -> list[torch.Tens
     """The case's first k reference views, resized with one shared scale under `budget` total pixels."""
     views = [case.hrri, *case.extra_refs][:k]
     if len(views) < k:
-        raise ValueError(f"case has {len(views)} reference views, {k} asked: build it with make_triplet(..., extra_refs={k - 1})")
+        raise ValueError(
+            f"case has {len(views)} reference views, {k} asked: build it with make_triplet(..., extra_refs={k - 1})"
+        )
     return pack_references(views, budget, multiple)
 
 
@@ -120,15 +128,23 @@ def rollout(bb, case, ctx: list[torch.Tensor], cfg: GRPOConfig, reward: Callable
     g = cfg.group
     ctx_g = [c.expand(g, -1, -1, -1) for c in ctx]
     h, w = case.hrgt.shape[-2:]
-    traj = sde_sample(bb, ctx_g, cfg.prompt, (g, ctx[0].shape[1], h // bb.factor, w // bb.factor), cfg.sample_steps,
-                      cfg.noise_level, generator)
+    traj = sde_sample(
+        bb,
+        ctx_g,
+        cfg.prompt,
+        (g, ctx[0].shape[1], h // bb.factor, w // bb.factor),
+        cfg.sample_steps,
+        cfg.noise_level,
+        generator,
+    )
     out = bb.decode(traj["latents"][-1]).cpu()
     r = reward(out, case, case.draft)
     return dict(traj=traj, ctx=ctx_g, outputs=out, reward=r)
 
 
-def grpo_loss(bb, rolls: list[dict], cfg: GRPOConfig, rng: np.random.Generator, ref_state: dict | None = None,
-              model=None) -> tuple[torch.Tensor, dict]:
+def grpo_loss(
+    bb, rolls: list[dict], cfg: GRPOConfig, rng: np.random.Generator, ref_state: dict | None = None, model=None
+) -> tuple[torch.Tensor, dict]:
     """The clipped surrogate (+ β·KL) over the stochastic steps of every rollout (a random train_frac of them);
     model: what the gradient flows through (the loop's prepared module; default bb)."""
     model = model or bb
@@ -157,7 +173,7 @@ def grpo_loss(bb, rolls: list[dict], cfg: GRPOConfig, rng: np.random.Generator, 
             _, lp, mean, std = sde_step(v, x_t, t0, t1, cfg.noise_level, x_next=x_next)
             loss, part = clipped_objective(lp, tr["log_probs"][j], adv[p], cfg.clip_range)
             if (p, j) in ref_means:
-                kl = ((mean - ref_means[p, j]) ** 2).flatten(1).mean(1) / (2 * std ** 2)
+                kl = ((mean - ref_means[p, j]) ** 2).flatten(1).mean(1) / (2 * std**2)
                 loss = loss + cfg.beta * kl.mean()
                 logs["kl"] += float(kl.detach().mean()) / n
             total = total + loss / n
@@ -174,12 +190,22 @@ def budget_at(cfg: GRPOConfig, step: int, total_steps: int) -> int:
 
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_policy(bb, cases: Sequence, reward: Callable, steps: int = 8, seed: int = 0, k: int = 1,
-                    budget: int | None = None, prompt: str = "refine", progress: bool = True) -> list[dict]:
+def evaluate_policy(
+    bb,
+    cases: Sequence,
+    reward: Callable,
+    steps: int = 8,
+    seed: int = 0,
+    k: int = 1,
+    budget: int | None = None,
+    prompt: str = "refine",
+    progress: bool = True,
+) -> list[dict]:
     """Deterministic Euler samples (the 05_evaluate 'full' path) on held-out cases: reward and region metrics."""
     from tqdm.auto import tqdm
 
     from .inference import Refiner, edit
+
     r = Refiner(bb, prompt)
     rows = []
     for i, c in enumerate(tqdm(cases, desc="evaluate policy", leave=False, disable=not progress, mininterval=2)):
@@ -187,29 +213,49 @@ def evaluate_policy(bb, cases: Sequence, reward: Callable, steps: int = 8, seed:
         views = [c.hrri, *c.extra_refs][:k]
         out = edit(r, c.draft, views, steps, seed + i, budget=budget or s * s)
         rw = reward(out[None], c, c.draft)
-        rows.append(dict(case=i, scene=c.meta.get("seed", i), k=k, budget=budget or s * s, reward=float(rw["total"][0]),
-                         detail=float(rw["detail"][0]), consistency=float(rw["consistency"][0]),
-                         **Mt.case_row(out, c.hrgt, c.mask, c.draft)))
+        rows.append(
+            dict(
+                case=i,
+                scene=c.meta.get("seed", i),
+                k=k,
+                budget=budget or s * s,
+                reward=float(rw["total"][0]),
+                detail=float(rw["detail"][0]),
+                consistency=float(rw["consistency"][0]),
+                **Mt.case_row(out, c.hrgt, c.mask, c.draft),
+            )
+        )
     return rows
 
 
-def train_grpo(bb, loop: LoopConfig, cfg: GRPOConfig, spec: dict, reward: Callable | None = None,
-               val_cases: Sequence | None = None) -> dict:
+def train_grpo(
+    bb, loop: LoopConfig, cfg: GRPOConfig, spec: dict, reward: Callable | None = None, val_cases: Sequence | None = None
+) -> dict:
     """GRPO on train-split triplets with the adapter already injected/loaded in bb (spec: what inject/load
     returned; only adapter weights train).
 
     Logs per step: reward mean/std, detail/consistency, ratio, clip fraction, KL, budget, and the seconds
     spent sampling vs updating; evals: held-out reward and KL to the starting policy. Saves the adapter."""
     from . import freqmole as FM
+
     reward = reward or make_reward(cfg.w_detail, cfg.w_consistency)
     bb.requires_grad_(False)
     for n, p_ in bb.transformer.named_parameters():
         p_.requires_grad_("lora_" in n)
     if not any(p_.requires_grad for p_ in bb.transformer.parameters()):
-        raise ValueError("no adapter in the transformer: inject or load one (labkit.freqmole.inject / load) before GRPO")
+        raise ValueError(
+            "no adapter in the transformer: inject or load one (labkit.freqmole.inject / load) before GRPO"
+        )
     ref_state = {k: v.detach().clone() for k, v in FM.adapter_state(bb.transformer).items()}
-    bank = [D.make_triplet(case_seed(loop.seed, i), "train", cfg.size, cfg.factor, extra_refs=cfg.max_refs - 1) for i in range(cfg.bank)]
-    val = list(val_cases) if val_cases is not None else [D.make_triplet(case_seed(7, i), "val", cfg.size, cfg.factor) for i in range(cfg.n_val)]
+    bank = [
+        D.make_triplet(case_seed(loop.seed, i), "train", cfg.size, cfg.factor, extra_refs=cfg.max_refs - 1)
+        for i in range(cfg.bank)
+    ]
+    val = (
+        list(val_cases)
+        if val_cases is not None
+        else [D.make_triplet(case_seed(7, i), "val", cfg.size, cfg.factor) for i in range(cfg.n_val)]
+    )
 
     def loss_fn(s: Step):
         t0 = time.time()
@@ -224,23 +270,44 @@ def train_grpo(bb, loop: LoopConfig, cfg: GRPOConfig, spec: dict, reward: Callab
         t1 = time.time()
         loss, logs = grpo_loss(bb, rolls, cfg, rng, ref_state, model=s.model)
         rew = torch.stack([r["reward"]["total"] for r in rolls])
-        logs.update(reward=float(rew.mean()), reward_std=float(rew.std(1).mean()), budget=budget,
-                    detail=float(torch.stack([r["reward"]["detail"] for r in rolls]).mean()),
-                    consistency=float(torch.stack([r["reward"]["consistency"] for r in rolls]).mean()),
-                    sample_s=t1 - t0, update_fwd_s=time.time() - t1)
+        logs.update(
+            reward=float(rew.mean()),
+            reward_std=float(rew.std(1).mean()),
+            budget=budget,
+            detail=float(torch.stack([r["reward"]["detail"] for r in rolls]).mean()),
+            consistency=float(torch.stack([r["reward"]["consistency"] for r in rolls]).mean()),
+            sample_s=t1 - t0,
+            update_fwd_s=time.time() - t1,
+        )
         return loss, logs
 
     def eval_fn(step):
         rows = evaluate_policy(bb, val, reward, cfg.eval_steps, seed=0, prompt=cfg.prompt, progress=False)
-        return dict(val_reward=float(np.mean([r["reward"] for r in rows])), val_region_psnr=float(np.mean([r["region_psnr"] for r in rows])),
-                    kl_to_start=policy_kl(bb, val[:2], ref_state, cfg))
+        return dict(
+            val_reward=float(np.mean([r["reward"] for r in rows])),
+            val_region_psnr=float(np.mean([r["region_psnr"] for r in rows])),
+            kl_to_start=policy_kl(bb, val[:2], ref_state, cfg),
+        )
 
     state = run_loop(loop, bb, loss_fn, eval_fn, run_config=dict(grpo=asdict(cfg), spec=spec))
     if state["main"]:
         from .results import git_commit
-        FM.save(bb.transformer, dict(spec, grpo=asdict(cfg), grpo_training=dict(steps=state["step"], seed=loop.seed, lr=loop.lr,
-                                                                                 mixed_precision=loop.mixed_precision, git=git_commit())),
-                Path(loop.out_dir) / "adapter")
+
+        FM.save(
+            bb.transformer,
+            dict(
+                spec,
+                grpo=asdict(cfg),
+                grpo_training=dict(
+                    steps=state["step"],
+                    seed=loop.seed,
+                    lr=loop.lr,
+                    mixed_precision=loop.mixed_precision,
+                    git=git_commit(),
+                ),
+            ),
+            Path(loop.out_dir) / "adapter",
+        )
         write_json(dict(history=state["history"], evals=state["evals"]), Path(loop.out_dir) / "train_state.json")
     return state
 
@@ -252,14 +319,25 @@ def policy_kl(bb, cases: Sequence, ref_state: dict, cfg: GRPOConfig, seed: int =
     for i, c in enumerate(cases):
         ctx = contexts(bb, c, 1, cfg.size * cfg.size)
         s = c.hrgt.shape[-1]
-        tr = sde_sample(bb, ctx, cfg.prompt, (1, ctx[0].shape[1], s // bb.factor, s // bb.factor), cfg.sample_steps,
-                        cfg.noise_level, torch.Generator().manual_seed(seed + i))
+        tr = sde_sample(
+            bb,
+            ctx,
+            cfg.prompt,
+            (1, ctx[0].shape[1], s // bb.factor, s // bb.factor),
+            cfg.sample_steps,
+            cfg.noise_level,
+            torch.Generator().manual_seed(seed + i),
+        )
         emb = bb.encode_prompt(cfg.prompt, batch=1)
         for j in range(tr["log_probs"].shape[0]):
             t0, t1 = float(tr["times"][j]), float(tr["times"][j + 1])
             x = tr["latents"][j]
-            _, _, mu, std = sde_step(bb(x, t0, ctx, prompt_embeds=emb), x, t0, t1, cfg.noise_level, x_next=tr["latents"][j + 1])
+            _, _, mu, std = sde_step(
+                bb(x, t0, ctx, prompt_embeds=emb), x, t0, t1, cfg.noise_level, x_next=tr["latents"][j + 1]
+            )
             with swapped_adapter(bb.transformer, ref_state):
-                mu_ref = sde_step(bb(x, t0, ctx, prompt_embeds=emb), x, t0, t1, cfg.noise_level, x_next=tr["latents"][j + 1])[2]
-            vals.append(float(((mu - mu_ref) ** 2).mean() / (2 * std ** 2)))
+                mu_ref = sde_step(
+                    bb(x, t0, ctx, prompt_embeds=emb), x, t0, t1, cfg.noise_level, x_next=tr["latents"][j + 1]
+                )[2]
+            vals.append(float(((mu - mu_ref) ** 2).mean() / (2 * std**2)))
     return float(np.mean(vals)) if vals else 0.0

@@ -1,5 +1,6 @@
 """THE sampler (the backbone's FlowMatchEulerDiscreteScheduler, as diffusers' Flux pipelines use it) and the
 Flow-GRPO SDE step with its log-probability (t: 1 = noise -> 0 = clean, as diffusers)."""
+
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ import torch
 def scheduler(bb):
     """A fresh FlowMatchEulerDiscreteScheduler from the backbone's scheduler config (the one it shipped with)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
+
     return FlowMatchEulerDiscreteScheduler.from_config(bb.scheduler_config)
 
 
@@ -51,11 +53,25 @@ def times(bb, steps: int, n_tokens: int, strength: float = 1.0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(bb, contexts: Sequence[torch.Tensor], prompt: str | None, shape: tuple[int, ...], steps: int = 8,
-           generator: torch.Generator | None = None, latents: torch.Tensor | None = None, init: torch.Tensor | None = None,
-           strength: float = 1.0, keep: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
-           prompt_embeds: tuple | None = None, guidance: float | None = None, negative_embeds: tuple | None = None,
-           true_cfg: float = 1.0, return_path: bool = False, callback: Callable | None = None):
+def sample(
+    bb,
+    contexts: Sequence[torch.Tensor],
+    prompt: str | None,
+    shape: tuple[int, ...],
+    steps: int = 8,
+    generator: torch.Generator | None = None,
+    latents: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
+    keep: torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
+    prompt_embeds: tuple | None = None,
+    guidance: float | None = None,
+    negative_embeds: tuple | None = None,
+    true_cfg: float = 1.0,
+    return_path: bool = False,
+    callback: Callable | None = None,
+):
     """THE sampler: the backbone's scheduler (Euler steps in fp32, as diffusers), from noise or from `init`
     latents noised to `strength` (img2img); with keep/keep_mask (latent grid, 1 = keep) the kept latents,
     noised to the current level, are blended back after every step (FluxKontextInpaintPipeline's way).
@@ -78,10 +94,12 @@ def sample(bb, contexts: Sequence[torch.Tensor], prompt: str | None, shape: tupl
         if negative_embeds is not None and true_cfg > 1:
             v_neg = bb(x, float(t) / 1000, contexts, prompt_embeds=negative_embeds, **kw)
             v = v_neg + true_cfg * (v - v_neg)
-        x0 = x - float(t) / 1000 * v.float() if callback is not None else None  # flow: x_t = (1-s)·x0 + s·eps, v = eps - x0
+        x0 = (
+            x - float(t) / 1000 * v.float() if callback is not None else None
+        )  # flow: x_t = (1-s)·x0 + s·eps, v = eps - x0
         x = sch.step(v.float(), t, x, return_dict=False)[0].float()
         if keep is not None:
-            nxt = ts[i + 1:i + 2]
+            nxt = ts[i + 1 : i + 2]
             k = sch.scale_noise(keep.float(), nxt, noise) if len(nxt) else keep.float()
             x = keep_mask * k + (1 - keep_mask) * x
         path.append(x)
@@ -98,23 +116,32 @@ def sde_std(t: float, t_next: float, noise_level: float = 0.7) -> float:
     return noise_level * (t / (1 - (t_next if t >= 1 else t))) ** 0.5
 
 
-def sde_mean(x_t: torch.Tensor, v: torch.Tensor, t: float, t_next: float, noise_level: float = 0.7) -> tuple[torch.Tensor, float]:
+def sde_mean(
+    x_t: torch.Tensor, v: torch.Tensor, t: float, t_next: float, noise_level: float = 0.7
+) -> tuple[torch.Tensor, float]:
     """Mean and std of x_{t_next} | x_t: mean = x(1 + σ²dt/(2t)) + v(1 + σ²(1-t)/(2t))dt, std = σ·sqrt(-dt)."""
     dt = t_next - t  # < 0: time runs from noise (1) to data (0)
     s = sde_std(t, t_next, noise_level)
     x_t, v = x_t.float(), v.float()  # log-probs, ratios and KL in fp32 whatever the autocast (as Flow-GRPO)
-    mean = x_t * (1 + s ** 2 * dt / (2 * t)) + v * (1 + s ** 2 * (1 - t) / (2 * t)) * dt
+    mean = x_t * (1 + s**2 * dt / (2 * t)) + v * (1 + s**2 * (1 - t) / (2 * t)) * dt
     return mean, s * (-dt) ** 0.5
 
 
 def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
     """log N(x; mean, std²·I) averaged over every non-batch dimension (Flow-GRPO's convention): (B,)."""
-    lp = -((x.float() - mean.float()) ** 2) / (2 * std ** 2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    lp = -((x.float() - mean.float()) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
     return lp.flatten(1).mean(1)
 
 
-def sde_step(v: torch.Tensor, x_t: torch.Tensor, t: float, t_next: float, noise_level: float = 0.7,
-             generator: torch.Generator | None = None, x_next: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def sde_step(
+    v: torch.Tensor,
+    x_t: torch.Tensor,
+    t: float,
+    t_next: float,
+    noise_level: float = 0.7,
+    generator: torch.Generator | None = None,
+    x_next: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """One stochastic step; returns (x_next, log p(x_next | x_t), mean, std). Pass x_next to score a stored step."""
     mean, std = sde_mean(x_t, v, t, t_next, noise_level)
     if x_next is None:
@@ -123,8 +150,16 @@ def sde_step(v: torch.Tensor, x_t: torch.Tensor, t: float, t_next: float, noise_
 
 
 @torch.no_grad()
-def sde_sample(bb, contexts: Sequence[torch.Tensor], prompt: str, shape: tuple[int, ...], steps: int = 6,
-               noise_level: float = 0.7, generator: torch.Generator | None = None, model=None) -> dict:
+def sde_sample(
+    bb,
+    contexts: Sequence[torch.Tensor],
+    prompt: str,
+    shape: tuple[int, ...],
+    steps: int = 6,
+    noise_level: float = 0.7,
+    generator: torch.Generator | None = None,
+    model=None,
+) -> dict:
     """Sample with SDE steps on the sampler's noise levels (the last step to t = 0 is deterministic Euler,
     as Flow-GRPO's final step); returns the trajectory: latents (steps+1, B, ...), log_probs (steps-1, B),
     times (steps+1,). model: what to call (default bb; the prepared module while training)."""

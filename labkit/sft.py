@@ -5,6 +5,7 @@ boundary / mask weighted) plus RefGC-SR2's frequency loss on the one-step estima
     python -m labkit.train sft --preset mini --adapter freqmole --w-freq 0.5 --out runs/sft/x
     accelerate launch -m labkit.train sft ...   (the same, N processes: --batch is per process)
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -39,9 +40,13 @@ class SFTConfig:
     batch: int = 8  # per process
     bank: int = 256  # pre-encoded training triplets
     prompt: str = "refine"
-    region: str = "auto"  # how the region reaches the editor (focus.region_contexts): none | context | draw | auto (the editor's)
+    region: str = (
+        "auto"  # how the region reaches the editor (focus.region_contexts): none | context | draw | auto (the editor's)
+    )
     frozen_dtype: str = "float32"  # the frozen editor's weights: float32 | bfloat16 (adapters always train in fp32)
-    data_dir: str = ""  # a case folder (metadata.jsonl): train on its train split, validate on its val split, per-case prompts
+    data_dir: str = (
+        ""  # a case folder (metadata.jsonl): train on its train split, validate on its val split, per-case prompts
+    )
     val_images: int = 4  # val triplets sampled at a fixed seed and saved as out/val/step_*.png at each eval
     val_steps: int = 4
 
@@ -58,26 +63,35 @@ def bank_of(bb: M.Backbone, cases: list, prompts: list[str], default_prompt: str
             prompts.append(p)
     ctx = [F_.region_contexts(c.draft, c.mask, [c.hrri], region) for c in cases]  # [draft, (region image), reference]
     extra = dict(region=enc([x[1] for x in ctx])) if region == "context" else {}
-    return extra | dict(target=enc([c.hrgt for c in cases]), draft=enc([x[0] for x in ctx]), reference=enc([c.hrri for c in cases]),
-                mask=torch.stack([c.mask for c in cases]), ref_mask=torch.stack([c.ref_mask for c in cases]),
-                prompt=torch.tensor([prompts.index(getattr(c, "prompt", None) or default_prompt) for c in cases]))
+    return extra | dict(
+        target=enc([c.hrgt for c in cases]),
+        draft=enc([x[0] for x in ctx]),
+        reference=enc([c.hrri for c in cases]),
+        mask=torch.stack([c.mask for c in cases]),
+        ref_mask=torch.stack([c.ref_mask for c in cases]),
+        prompt=torch.tensor([prompts.index(getattr(c, "prompt", None) or default_prompt) for c in cases]),
+    )
 
 
 def sft_data(cfg: SFTConfig, seed: int) -> tuple[list, list]:
     """Train cases and val cases: the built-in triplets, or a case folder's train and val splits at size x size."""
     if not cfg.data_dir:
-        return ([D.make_triplet(case_seed(seed, i), "train", cfg.size, cfg.factor) for i in range(cfg.bank)],
-                [D.make_triplet(case_seed(7, i), "val", cfg.size, cfg.factor) for i in range(16)])
+        return (
+            [D.make_triplet(case_seed(seed, i), "train", cfg.size, cfg.factor) for i in range(cfg.bank)],
+            [D.make_triplet(case_seed(7, i), "val", cfg.size, cfg.factor) for i in range(16)],
+        )
     train = [c.resized(cfg.size) for c in D.load_cases(cfg.data_dir, "train")]
     val = [c.resized(cfg.size) for c in D.load_cases(cfg.data_dir, "val")]
     if not train:
-        raise ValueError(f"{cfg.data_dir} has no train cases: mark lines \"split\": \"train\" (or leave split out)")
+        raise ValueError(f'{cfg.data_dir} has no train cases: mark lines "split": "train" (or leave split out)')
     for c in train + val:
         c.hrgt  # noqa: B018 - SFT needs a target in every case: fail before any work
     return train, val or train[:4]
 
 
-def sft_loss(model, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Tensor, embeds: tuple | None = None) -> tuple[torch.Tensor, dict]:
+def sft_loss(
+    model, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Tensor, embeds: tuple | None = None
+) -> tuple[torch.Tensor, dict]:
     """Flow loss (optionally boundary/mask weighted) + optional frequency loss on the one-step estimate ẑ0.
 
     model: the Backbone, or the loop's prepared module around it; embeds: the prompt encoded once (1, ...)
@@ -99,8 +113,16 @@ def sft_loss(model, batch: dict, cfg: SFTConfig, t: torch.Tensor, eps: torch.Ten
     loss = L.weighted_mse(v, eps - x0, w) / x0.shape[1]
     logs = dict(flow=loss.detach())
     if cfg.w_freq:
-        fl, parts = L.frequency_loss(L.x0_estimate(x_t, v.float(), t), x0, batch["reference"], batch["mask"], batch["ref_mask"],
-                                     cfg.sigma, cfg.w_freq, cfg.w_freq)
+        fl, parts = L.frequency_loss(
+            L.x0_estimate(x_t, v.float(), t),
+            x0,
+            batch["reference"],
+            batch["mask"],
+            batch["ref_mask"],
+            cfg.sigma,
+            cfg.w_freq,
+            cfg.w_freq,
+        )
         loss = loss + fl
         logs.update(parts)
     return loss, logs
@@ -110,22 +132,30 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
     """Inject adapters into the frozen editor, fine-tune on train triplets; the adapter (safetensors + json with
     provenance and the backbone's identity) goes to <out_dir>/adapter/, written as one folder."""
     from . import freqmole as FM
+
     if cfg.region == "auto":  # train the adapter on the contexts its editor reads (recorded in adapter.json)
         cfg = replace(cfg, region=P.editor_region(bb.preset.name))
     bb.requires_grad_(False)
     identity = bb.identity()  # recorded with the adapter: it loads only on this backbone
     if cfg.frozen_dtype != "float32":
-        bb.transformer.to(getattr(torch, cfg.frozen_dtype))  # the frozen base; the adapters are cast to fp32 by the loop
+        bb.transformer.to(
+            getattr(torch, cfg.frozen_dtype)
+        )  # the frozen base; the adapters are cast to fp32 by the loop
     spec = FM.inject(bb.transformer, cfg.adapter, rank=cfg.rank)
     train_cases, val_cases = sft_data(cfg, loop.seed)
     prompts: list[str] = []
-    bank, val = bank_of(bb, train_cases, prompts, cfg.prompt, cfg.region), bank_of(bb, val_cases, prompts, cfg.prompt, cfg.region)
-    val_trips = val_cases[:cfg.val_images]
+    bank, val = (
+        bank_of(bb, train_cases, prompts, cfg.prompt, cfg.region),
+        bank_of(bb, val_cases, prompts, cfg.prompt, cfg.region),
+    )
+    val_trips = val_cases[: cfg.val_images]
     n_bank = len(train_cases)
     alpha = [p for n, p in bb.transformer.named_parameters() if p.requires_grad and "lora_freq_alpha" in n]
     rest = [p for n, p in bb.transformer.named_parameters() if p.requires_grad and "lora_freq_alpha" not in n]
     groups = [dict(params=rest)] + ([dict(params=alpha, freeze_at=cfg.alpha_freeze_step)] if alpha else [])
-    with torch.no_grad():  # every prompt encoded once (the text side is frozen); an unknown one fails here, before training
+    with (
+        torch.no_grad()
+    ):  # every prompt encoded once (the text side is frozen); an unknown one fails here, before training
         enc = [bb.encode_prompt(p, batch=1) for p in prompts]
         embeds = (torch.cat([e[0] for e in enc]), torch.cat([e[1] for e in enc]), enc[0][2])
 
@@ -143,21 +173,48 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
         eps = torch.from_numpy(g.standard_normal(val["target"].shape)).float()
         out = dict(val_loss=float(sft_loss(bb, val, cfg, t, eps, embeds)[0]))
         if val_trips:
-            rows, imgs = evaluate_refiner(bb, val_trips, cfg.val_steps, seed=0, prompt=cfg.prompt, return_images=True, progress=False,
-                                          region=cfg.region)
+            rows, imgs = evaluate_refiner(
+                bb,
+                val_trips,
+                cfg.val_steps,
+                seed=0,
+                prompt=cfg.prompt,
+                return_images=True,
+                progress=False,
+                region=cfg.region,
+            )
             out["val_region_psnr"] = float(np.mean([r["region_psnr"] for r in rows]))
             if main_process():  # under FSDP every rank evaluates (collective forward); one writes
-                save_val_grid(val_trips, imgs, Path(loop.out_dir) / "val" / f"step_{step:06d}.png",
-                              f"step {step}: val region PSNR {out['val_region_psnr']:.2f} dB")
+                save_val_grid(
+                    val_trips,
+                    imgs,
+                    Path(loop.out_dir) / "val" / f"step_{step:06d}.png",
+                    f"step {step}: val region PSNR {out['val_region_psnr']:.2f} dB",
+                )
         return out
 
-    state = run_loop(loop, bb, loss_fn, eval_fn, param_groups=groups, run_config=dict(sft=asdict(cfg), preset=bb.preset.name))
+    state = run_loop(
+        loop, bb, loss_fn, eval_fn, param_groups=groups, run_config=dict(sft=asdict(cfg), preset=bb.preset.name)
+    )
     adapter = FM.adapter_state(bb.transformer)  # whole on every rank (gathered from the shards under FSDP)
     if state["main"]:
         from .results import git_commit
-        provenance = dict(steps=state["step"], seed=loop.seed, lr=loop.lr, ema=loop.ema, git=git_commit(),
-                          mixed_precision=loop.mixed_precision, val=state["evals"][-1] if state["evals"] else None)
-        FM.save(bb.transformer, dict(spec, **identity, sft=asdict(cfg), training=provenance), Path(loop.out_dir) / "adapter", adapter)
+
+        provenance = dict(
+            steps=state["step"],
+            seed=loop.seed,
+            lr=loop.lr,
+            ema=loop.ema,
+            git=git_commit(),
+            mixed_precision=loop.mixed_precision,
+            val=state["evals"][-1] if state["evals"] else None,
+        )
+        FM.save(
+            bb.transformer,
+            dict(spec, **identity, sft=asdict(cfg), training=provenance),
+            Path(loop.out_dir) / "adapter",
+            adapter,
+        )
         write_json(dict(history=state["history"], evals=state["evals"]), Path(loop.out_dir) / "train_state.json")
     return state
 
@@ -167,6 +224,7 @@ def save_val_grid(trips: list, outputs: list[torch.Tensor], path: Path, title: s
     import matplotlib.pyplot as plt
 
     from . import viz
+
     rows = [[t.draft, t.hrri, y, t.hrgt] for t, y in zip(trips, outputs)]
     fig = viz.grid(rows, ["LRGI (bicubic up)", "HRRI", "output", "HRGT"], size=1.4)
     fig.suptitle(title, fontsize=8, y=1.0)
@@ -176,22 +234,43 @@ def save_val_grid(trips: list, outputs: list[torch.Tensor], path: Path, title: s
 
 
 @torch.no_grad()
-def evaluate_refiner(bb: M.Backbone, trips: list, steps: int = 8, seed: int = 0, prompt: str = "refine",
-                     return_images: bool = False, progress: bool = True, region: str = "none"):
+def evaluate_refiner(
+    bb: M.Backbone,
+    trips: list,
+    steps: int = 8,
+    seed: int = 0,
+    prompt: str = "refine",
+    return_images: bool = False,
+    progress: bool = True,
+    region: str = "none",
+):
     """Sample HRGT from [draft, HRRI] with the sampler; per case labkit.metrics.case_row of the output and,
     prefixed 'draft_', of the draft itself (the no-model baseline); the output images when return_images."""
     from tqdm.auto import tqdm
 
     from .metrics import case_row
     from .sampling import sample
+
     rows, images = [], []
     for i, t in enumerate(tqdm(trips, desc="evaluate", leave=False, disable=not progress, mininterval=2)):
         s = t.hrgt.shape[-1]
         ctx = [bb.encode(x[None]) for x in F_.region_contexts(t.draft, t.mask, [t.hrri], region)]
-        z = sample(bb, ctx, getattr(t, "prompt", None) or prompt, shape=(1, 16, s // bb.factor, s // bb.factor), steps=steps,
-                   generator=torch.Generator().manual_seed(seed + i))
+        z = sample(
+            bb,
+            ctx,
+            getattr(t, "prompt", None) or prompt,
+            shape=(1, 16, s // bb.factor, s // bb.factor),
+            steps=steps,
+            generator=torch.Generator().manual_seed(seed + i),
+        )
         y = bb.decode(z)[0].float().cpu()
-        rows.append(dict(case=i, content=t.meta.get("content", "user"), **case_row(y, t.hrgt, t.mask, t.draft),
-                         **case_row(t.draft, t.hrgt, t.mask, prefix="draft_")))
+        rows.append(
+            dict(
+                case=i,
+                content=t.meta.get("content", "user"),
+                **case_row(y, t.hrgt, t.mask, t.draft),
+                **case_row(t.draft, t.hrgt, t.mask, prefix="draft_"),
+            )
+        )
         images.append(y)
     return (rows, images) if return_images else rows

@@ -7,6 +7,7 @@ in the kernel: no local paths in the browser, uploads go through FileUpload, not
     s = Studio(preset="mini")          # a bundled example is loaded; draw, press Run, press Save
     r = run(draft, mask, [reference])  # the same without widgets: a StudioResult
 """
+
 from __future__ import annotations
 
 import io
@@ -67,7 +68,12 @@ class StudioResult:
     def zoom(self, margin: int = 8) -> dict[str, torch.Tensor]:
         """before / after / reference crops of the region's box (the reference as the editor saw it aligned)."""
         x0, y0, x1, y1 = D.bbox_of(self.mask)
-        b = (max(0, x0 - margin), max(0, y0 - margin), min(self.draft.shape[-1], x1 + margin), min(self.draft.shape[-2], y1 + margin))
+        b = (
+            max(0, x0 - margin),
+            max(0, y0 - margin),
+            min(self.draft.shape[-1], x1 + margin),
+            min(self.draft.shape[-2], y1 + margin),
+        )
         out = dict(before=F_.crop(self.draft, b), after=F_.crop(self.output, b))
         ref = aligned_reference(self.info, self.draft, self.mask, self.references)
         if ref is not None:
@@ -77,10 +83,13 @@ class StudioResult:
     def metrics(self) -> dict[str, float]:
         """Region PSNR of the draft and the output against the target (when the image has one), and the time."""
         from .metrics import case_metrics
+
         out = dict(seconds=self.seconds, changed_outside_box=changed_outside(self))
         if self.target is not None:
             for k, v in dict(draft=self.draft, output=self.output).items():
-                out[f"{k}_region_psnr"] = float(case_metrics(v[None], self.target[None], self.mask[None])["region_psnr"][0])
+                out[f"{k}_region_psnr"] = float(
+                    case_metrics(v[None], self.target[None], self.mask[None])["region_psnr"][0]
+                )
         return out
 
 
@@ -92,13 +101,15 @@ def examples(size: int = 128, seed: int = 0) -> dict[str, D.Case]:
     out = {}
     for i, kind in enumerate(EXAMPLE_KINDS):
         t = D.make_triplet(seed * 1000 + 17 + i, "test", size, 1, failure=kind, view_strength=0.4)
-        out[kind] = D.Case(f"example_{kind}", t.draft, [t.hrri], t.mask, t.hrgt, "refine", "test",
-                           dict(kind=kind, ref_mask=t.ref_mask))  # ref_mask: where the region lies in the reference
+        out[kind] = D.Case(
+            f"example_{kind}", t.draft, [t.hrri], t.mask, t.hrgt, "refine", "test", dict(kind=kind, ref_mask=t.ref_mask)
+        )  # ref_mask: where the region lies in the reference
     return out
 
 
-def check_inputs(draft: torch.Tensor | None, mask: torch.Tensor | None, references: list, method: str | None,
-                 preset: str) -> None:
+def check_inputs(
+    draft: torch.Tensor | None, mask: torch.Tensor | None, references: list, method: str | None, preset: str
+) -> None:
     """Raise StudioError naming the fix: no image, no region drawn, no reference for a copying method, too small."""
     if draft is None:
         raise StudioError("no image: pick a bundled example, load a case folder, or upload an image")
@@ -108,13 +119,17 @@ def check_inputs(draft: torch.Tensor | None, mask: torch.Tensor | None, referenc
     if method not in I.METHODS:
         raise StudioError(f"unknown method {method!r}: choose one of {I.METHODS}")
     if method in REFERENCE_METHODS and not references:
-        raise StudioError(f"method {method!r} copies from a reference: add one (upload or case folder), or pick 'focus'/'full'")
+        raise StudioError(
+            f"method {method!r} copies from a reference: add one (upload or case folder), or pick 'focus'/'full'"
+        )
     cfg = preset_config(preset)
     small = 2 * cfg.multiple
     for name, x in [("image", draft)] + [(f"reference {i}", r) for i, r in enumerate(references)]:
         if min(x.shape[-2:]) < small:
-            raise StudioError(f"the {name} is {x.shape[-2]}x{x.shape[-1]}: the {cfg.name} preset needs at least {small} px a side; "
-                              "use a larger image")
+            raise StudioError(
+                f"the {name} is {x.shape[-2]}x{x.shape[-1]}: the {cfg.name} preset needs at least {small} px a side; "
+                "use a larger image"
+            )
 
 
 def preset_config(preset: str) -> P.Preset:
@@ -131,8 +146,10 @@ def load(preset: str, adapter: str | None = None) -> I.Refiner:
     try:
         return I.load_refiner(str(preset), adapter)
     except Exception as e:  # noqa: BLE001 - any loader failure is shown to the user as a message
-        raise StudioError(f"preset {preset!r} does not load ({type(e).__name__}: {e}); give tiny, mini or a "
-                          "FluxKontextPipeline folder (save_pretrained layout)") from None
+        raise StudioError(
+            f"preset {preset!r} does not load ({type(e).__name__}: {e}); give tiny, mini or a "
+            "FluxKontextPipeline folder (save_pretrained layout)"
+        ) from None
 
 
 def change_map(output: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
@@ -176,6 +193,7 @@ def aligned_reference(info: dict, draft: torch.Tensor, mask: torch.Tensor, refer
 def overlay(reference: torch.Tensor, attention: np.ndarray) -> np.ndarray:
     """The reference with M* (where the draft's region attends in it) as a heat overlay: (H, W, 3) in [0, 1]."""
     from matplotlib import colormaps  # heavy optional dependency
+
     heat = upsample_map(attention, reference.shape[-2:]).numpy()
     rgb = colormaps["inferno"](heat)[..., :3]
     return (0.45 * reference.permute(1, 2, 0).numpy() + 0.55 * rgb).clip(0, 1)
@@ -195,10 +213,25 @@ def attention_in_region(attention: np.ndarray, ref_mask: torch.Tensor) -> float:
     return float(a[m].mean() / (a.mean() + 1e-8))
 
 
-def run(draft, mask, references=(), *, preset: str = "mini", method: str | None = None, adapter: str | None = None,
-        steps: int | None = None, strength: float = 1.0, blend: bool | None = None, seed: int = 0, prompt: str | None = None,
-        target=None, on_step=None, cancel: threading.Event | None = None, filmstrip: bool = True,
-        show_overlay: bool = True) -> StudioResult:
+def run(
+    draft,
+    mask,
+    references=(),
+    *,
+    preset: str = "mini",
+    method: str | None = None,
+    adapter: str | None = None,
+    steps: int | None = None,
+    strength: float = 1.0,
+    blend: bool | None = None,
+    seed: int = 0,
+    prompt: str | None = None,
+    target=None,
+    on_step=None,
+    cancel: threading.Event | None = None,
+    filmstrip: bool = True,
+    show_overlay: bool = True,
+) -> StudioResult:
     """One refine as the studio runs it: labkit.refine_tensor plus the panels (filmstrip of x0 predictions,
     M* overlay). on_step(i, n) after every step; cancel.set() stops between steps (raises Cancelled)."""
     img = D.as_image_tensor(draft)
@@ -218,13 +251,36 @@ def run(draft, mask, references=(), *, preset: str = "mini", method: str | None 
             on_step(i + 1, n)
 
     t0 = time.perf_counter()
-    out, info = I.refine_tensor(img, m, refs or None, method, adapter, steps, seed, str(preset), prompt=prompt, strength=strength,
-                                blend=blend, callback=callback)
+    out, info = I.refine_tensor(
+        img,
+        m,
+        refs or None,
+        method,
+        adapter,
+        steps,
+        seed,
+        str(preset),
+        prompt=prompt,
+        strength=strength,
+        blend=blend,
+        callback=callback,
+    )
     seconds = time.perf_counter() - t0
     att = I.correspondence(r, img, m, refs[0], seed=seed) if show_overlay and refs else None
     tgt = D.as_image_tensor(target) if target is not None else None
-    return StudioResult(img, m, refs, out.clamp(0, 1), info, seconds, info.get("prompt", prompt), tgt, frames,
-                        None if att is None else overlay(refs[0], att), att)
+    return StudioResult(
+        img,
+        m,
+        refs,
+        out.clamp(0, 1),
+        info,
+        seconds,
+        info.get("prompt", prompt),
+        tgt,
+        frames,
+        None if att is None else overlay(refs[0], att),
+        att,
+    )
 
 
 def save(result: StudioResult, folder: str | Path) -> Path:
@@ -233,17 +289,26 @@ def save(result: StudioResult, folder: str | Path) -> Path:
     case = D.Case("studio", result.draft, result.references, result.mask, result.target, result.prompt, "test")
     if not result.references:
         raise StudioError("nothing to save as a case: a case needs a reference (add one and run again)")
-    how = dict(method=result.info.get("method"), box=list(result.box), seconds=round(result.seconds, 3),
-               registration=(result.info.get("registration") or {}).get("used"))
+    how = dict(
+        method=result.info.get("method"),
+        box=list(result.box),
+        seconds=round(result.seconds, 3),
+        registration=(result.info.get("registration") or {}).get("used"),
+    )
     return D.write_cases(folder, [case], outputs=[result.output], extras=[dict(studio=how)], append=True)
 
 
 def figure(result: StudioResult):
     """The studio's panels as one matplotlib figure: draft + region, output, change map, zoom, M*, filmstrip."""
     import matplotlib.pyplot as plt  # heavy optional dependency
+
     zoom = result.zoom()
-    top = [("draft + region", outline(result.draft, result.mask)), ("output", result.output),
-           ("|output - draft|", result.change), *[(f"zoom: {k}", v) for k, v in zoom.items()]]
+    top = [
+        ("draft + region", outline(result.draft, result.mask)),
+        ("output", result.output),
+        ("|output - draft|", result.change),
+        *[(f"zoom: {k}", v) for k, v in zoom.items()],
+    ]
     if result.overlay is not None:
         top.append(("M* on the reference", result.overlay))
     film = result.filmstrip
@@ -281,6 +346,7 @@ def png(x, size: int | None = None) -> bytes:
     a = as_display(x)
     if a.ndim == 2:
         from matplotlib import colormaps  # heavy optional dependency
+
         a = colormaps["magma"](a / (a.max() + 1e-8))[..., :3]
     im = Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
     if size and im.width != size:
@@ -298,7 +364,9 @@ def read_upload(value) -> list[torch.Tensor]:
         try:
             out.append(D.as_image_tensor(Image.open(io.BytesIO(bytes(f["content"])))))
         except Exception as e:  # noqa: BLE001
-            raise StudioError(f"{f.get('name', 'the upload')} is not an image PIL can read ({e}): upload a PNG or JPEG") from None
+            raise StudioError(
+                f"{f.get('name', 'the upload')} is not an image PIL can read ({e}): upload a PNG or JPEG"
+            ) from None
     return out
 
 
@@ -308,10 +376,20 @@ class Studio:
     """The refine studio: Inputs (image, region brush/box, references), Settings, Run/Cancel with progress,
     the panels, Save to a case folder. Every error is shown in the status line, never as a traceback."""
 
-    def __init__(self, preset: str = "mini", example: str | None = "wrong", cases_dir: str = "studio_cases", scale: int = 3,
-                 method: str | None = None, steps: int | None = None, seed: int = 0, prompt: str = "refine"):
+    def __init__(
+        self,
+        preset: str = "mini",
+        example: str | None = "wrong",
+        cases_dir: str = "studio_cases",
+        scale: int = 3,
+        method: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        prompt: str = "refine",
+    ):
         import ipywidgets as W  # heavy optional dependency
         from ipycanvas import Canvas  # the drawing surface (optional dependency)
+
         self.W = W
         self.draft: torch.Tensor | None = None
         self.target: torch.Tensor | None = None
@@ -322,8 +400,11 @@ class Studio:
         self._cancel, self._thread, self._drag = threading.Event(), None, None
         lay = W.Layout
         # inputs
-        self.source = W.Dropdown(options=["(none)", *[f"example: {k}" for k in self.examples]], description="image",
-                                 value=f"example: {example}" if example in self.examples else "(none)")
+        self.source = W.Dropdown(
+            options=["(none)", *[f"example: {k}" for k in self.examples]],
+            description="image",
+            value=f"example: {example}" if example in self.examples else "(none)",
+        )
         self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload image")
         self.case_dir = W.Text(value="", placeholder="a case folder (metadata.jsonl)", description="cases")
         self.case_line = W.BoundedIntText(value=0, min=0, max=10**6, description="case #", layout=lay(width="150px"))
@@ -337,12 +418,22 @@ class Studio:
         self.clear = W.Button(description="clear region", icon="eraser")
         self.mask_preview = W.Image(format="png", layout=lay(width="160px"))
         # settings
-        self.preset = W.Combobox(value=str(preset), options=["tiny", "mini"], description="preset",
-                                 placeholder="tiny, mini or a FluxKontextPipeline folder")
-        self.method = W.Dropdown(options=list(I.METHODS), value=method or I.REFINE_DEFAULTS["method"], description="method")
+        self.preset = W.Combobox(
+            value=str(preset),
+            options=["tiny", "mini"],
+            description="preset",
+            placeholder="tiny, mini or a FluxKontextPipeline folder",
+        )
+        self.method = W.Dropdown(
+            options=list(I.METHODS), value=method or I.REFINE_DEFAULTS["method"], description="method"
+        )
         self.adapter = W.Dropdown(options=["(frozen editor)", *I.describe_adapters()], description="adapter")
-        self.steps = W.IntSlider(value=steps or P.get(str(preset)).steps if str(preset) in P.PRESETS else 8, min=1, max=50,
-                                 description="steps")
+        self.steps = W.IntSlider(
+            value=steps or P.get(str(preset)).steps if str(preset) in P.PRESETS else 8,
+            min=1,
+            max=50,
+            description="steps",
+        )
         self.strength = W.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="strength")
         self.blend = W.Checkbox(value=bool(I.REFINE_DEFAULTS["blend"]), description="blend (keep outside the region)")
         self.seed = W.IntText(value=seed, description="seed")
@@ -353,7 +444,10 @@ class Studio:
         self.progress = W.IntProgress(value=0, min=0, max=1, description="steps")
         self.status = W.HTML()
         self.time_label = W.HTML()
-        self.panels = {k: W.Image(format="png", layout=lay(width="200px")) for k in ("output", "change", "before", "after", "reference", "overlay")}
+        self.panels = {
+            k: W.Image(format="png", layout=lay(width="200px"))
+            for k in ("output", "change", "before", "after", "reference", "overlay")
+        }
         self.filmstrip = W.HBox(layout=lay(flex_flow="row wrap"))
         self.cases_dir = W.Text(value=cases_dir, description="save to")
         self.save_button = W.Button(description="Save case", icon="save", disabled=True)
@@ -371,8 +465,14 @@ class Studio:
         self.canvas.on_mouse_down(self._guard(self._down))
         self.canvas.on_mouse_move(self._guard(self._move))
         self.canvas.on_mouse_up(self._guard(self._up))
-        for name, w in dict(canvas=self.canvas, run=self.run_button, cancel=self.cancel_button, save=self.save_button,
-                            clear=self.clear, **{f"panel-{k}": v for k, v in self.panels.items()}).items():
+        for name, w in dict(
+            canvas=self.canvas,
+            run=self.run_button,
+            cancel=self.cancel_button,
+            save=self.save_button,
+            clear=self.clear,
+            **{f"panel-{k}": v for k, v in self.panels.items()},
+        ).items():
             w.add_class(f"studio-{name}")  # stable handles for the browser test and custom CSS
         self.widget = self._layout()
         self._guard(lambda _: self._load_source())(None)
@@ -383,20 +483,66 @@ class Studio:
         label = lambda t: W.HTML(f"<b>{t}</b>")  # noqa: E731
         p = self.panels
         box = lambda name, w: W.VBox([W.HTML(name), w])  # noqa: E731
-        inputs = W.VBox([label("Inputs"), self.source, W.HBox([self.upload]), W.HBox([self.case_dir, self.case_line, self.load_case]),
-                         W.HBox([self.ref_upload, self.clear_refs]), self.refs_label, self.tool, self.brush, self.clear,
-                         W.HTML("region"), self.mask_preview])
-        settings = W.VBox([label("Settings"), self.preset, self.method, self.adapter, self.steps, self.strength, self.blend,
-                           self.seed, self.prompt, W.HBox([self.run_button, self.cancel_button]), self.progress, self.status,
-                           self.time_label, W.HBox([self.cases_dir, self.save_button]), self.saved])
-        shows = W.VBox([label("Output"), W.HBox([box("output", p["output"]), box("|output - draft|", p["change"]),
-                                                 box("M* on the reference", p["overlay"])]),
-                        W.HBox([box("zoom: before", p["before"]), box("zoom: after", p["after"]), box("zoom: aligned reference", p["reference"])]),
-                        W.HTML("denoising: the x0 prediction at each step"), self.filmstrip])
+        inputs = W.VBox(
+            [
+                label("Inputs"),
+                self.source,
+                W.HBox([self.upload]),
+                W.HBox([self.case_dir, self.case_line, self.load_case]),
+                W.HBox([self.ref_upload, self.clear_refs]),
+                self.refs_label,
+                self.tool,
+                self.brush,
+                self.clear,
+                W.HTML("region"),
+                self.mask_preview,
+            ]
+        )
+        settings = W.VBox(
+            [
+                label("Settings"),
+                self.preset,
+                self.method,
+                self.adapter,
+                self.steps,
+                self.strength,
+                self.blend,
+                self.seed,
+                self.prompt,
+                W.HBox([self.run_button, self.cancel_button]),
+                self.progress,
+                self.status,
+                self.time_label,
+                W.HBox([self.cases_dir, self.save_button]),
+                self.saved,
+            ]
+        )
+        shows = W.VBox(
+            [
+                label("Output"),
+                W.HBox(
+                    [
+                        box("output", p["output"]),
+                        box("|output - draft|", p["change"]),
+                        box("M* on the reference", p["overlay"]),
+                    ]
+                ),
+                W.HBox(
+                    [
+                        box("zoom: before", p["before"]),
+                        box("zoom: after", p["after"]),
+                        box("zoom: aligned reference", p["reference"]),
+                    ]
+                ),
+                W.HTML("denoising: the x0 prediction at each step"),
+                self.filmstrip,
+            ]
+        )
         return W.VBox([W.HBox([self.canvas, inputs, settings]), shows], layout=W.Layout(width="100%"))
 
     def _guard(self, fn):
         """Run a callback; an error becomes the status line (a StudioError as is, anything else with its type)."""
+
         def wrapped(*a):
             try:
                 return fn(*a)
@@ -404,16 +550,19 @@ class Studio:
                 self.error(str(e))
             except Exception as e:  # noqa: BLE001 - the widget shows every failure as a message
                 self.error(f"{type(e).__name__}: {e}")
+
         return wrapped
 
     def error(self, msg: str) -> None:
         """Show an error in the status line."""
         import html
+
         self.status.value = f"<span style='color:#b00020' class='studio-error'>{html.escape(msg)}</span>"
 
     def say(self, msg: str) -> None:
         """Show a message in the status line."""
         import html
+
         self.status.value = f"<span class='studio-status'>{html.escape(msg)}</span>"
 
     # ---------------------------------------------------------------- inputs
@@ -472,7 +621,7 @@ class Studio:
             raise StudioError("load an image before drawing")
         cx, cy = self._xy(x, y)
         r = self.brush.value
-        yy, xx = np.ogrid[:self.mask.shape[0], :self.mask.shape[1]]
+        yy, xx = np.ogrid[: self.mask.shape[0], : self.mask.shape[1]]
         self.mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
         self.canvas.fill_style = "rgba(255, 40, 40, 0.45)"
         self.canvas.fill_circle(x, y, r * self.scale)
@@ -482,7 +631,7 @@ class Studio:
         if self.mask is None:
             raise StudioError("load an image before drawing")
         (a, b), (c, d) = self._xy(min(x0, x1), min(y0, y1)), self._xy(max(x0, x1), max(y0, y1))
-        self.mask[b:d + 1, a:c + 1] = 1
+        self.mask[b : d + 1, a : c + 1] = 1
         self._redraw()
 
     def clear_region(self) -> None:
@@ -509,6 +658,7 @@ class Studio:
     def _redraw(self) -> None:
         """The image, the region in red on top, and the mask preview."""
         from ipycanvas import hold_canvas
+
         if self.draft is None:
             return
         img = outline(self.draft, torch.from_numpy(self.mask)[None])
@@ -526,9 +676,16 @@ class Studio:
     def settings(self) -> dict:
         """The run's keyword arguments from the widgets."""
         ad = self.adapter.value
-        return dict(preset=self.preset.value.strip(), method=self.method.value, adapter=None if ad == "(frozen editor)" else ad,
-                    steps=self.steps.value, strength=self.strength.value, blend=self.blend.value, seed=self.seed.value,
-                    prompt=self.prompt.value or None)
+        return dict(
+            preset=self.preset.value.strip(),
+            method=self.method.value,
+            adapter=None if ad == "(frozen editor)" else ad,
+            steps=self.steps.value,
+            strength=self.strength.value,
+            blend=self.blend.value,
+            seed=self.seed.value,
+            prompt=self.prompt.value or None,
+        )
 
     def run(self, wait: bool = False) -> StudioResult | None:
         """Refine with the current inputs and settings: in a thread (the Cancel button stays live), or inline when
@@ -538,7 +695,9 @@ class Studio:
         kw = self.settings()
         mask = None if self.mask is None else torch.from_numpy(self.mask.copy())[None]
         check_inputs(self.draft, mask, self.references, kw["method"], kw["preset"])
-        load(kw["preset"], kw["adapter"])  # a preset or adapter that does not load is said now, not from the thread (cached)
+        load(
+            kw["preset"], kw["adapter"]
+        )  # a preset or adapter that does not load is said now, not from the thread (cached)
         self._cancel.clear()
         self.progress.value, self.progress.max = 0, kw["steps"]
         self.run_button.disabled, self.cancel_button.disabled, self.save_button.disabled = True, False, True
@@ -553,6 +712,7 @@ class Studio:
     def _run_body(self, mask: torch.Tensor, kw: dict) -> StudioResult | None:
         def step(i: int, n: int) -> None:
             self.progress.max, self.progress.value = n, i
+
         try:
             res = run(self.draft, mask, self.references, target=self.target, on_step=step, cancel=self._cancel, **kw)
         except Cancelled as e:
@@ -578,14 +738,21 @@ class Studio:
         for k in ("before", "after", "reference"):
             self.panels[k].value = png(zoom[k], 200) if k in zoom else b""
         self.panels["overlay"].value = png(res.overlay, 200) if res.overlay is not None else b""
-        self.filmstrip.children = [self.W.Image(value=png(f, 96), format="png", layout=self.W.Layout(width="96px"))
-                                   for f in res.filmstrip]
+        self.filmstrip.children = [
+            self.W.Image(value=png(f, 96), format="png", layout=self.W.Layout(width="96px")) for f in res.filmstrip
+        ]
         m = res.metrics()
-        psnr = f" · region PSNR {m['draft_region_psnr']:.2f} → {m['output_region_psnr']:.2f} dB" if "output_region_psnr" in m else ""
+        psnr = (
+            f" · region PSNR {m['draft_region_psnr']:.2f} → {m['output_region_psnr']:.2f} dB"
+            if "output_region_psnr" in m
+            else ""
+        )
         self.time_label.value = f"<span class='studio-time'>{res.seconds:.2f} s{psnr}</span>"
         self.save_button.disabled = False
-        self.say(f"done: {res.info.get('method')}" + (f", registration {res.info['registration'].get('used')}"
-                                                      if res.info.get("registration") else ""))
+        self.say(
+            f"done: {res.info.get('method')}"
+            + (f", registration {res.info['registration'].get('used')}" if res.info.get("registration") else "")
+        )
 
     def cancel(self) -> None:
         """Stop the running refine after its current step."""
@@ -598,5 +765,7 @@ class Studio:
             raise StudioError("nothing to save yet: press Run first")
         folder = save(self.result, self.cases_dir.value.strip() or "studio_cases")
         n = sum(1 for x in (folder / "metadata.jsonl").read_text().splitlines() if x.strip())
-        self.saved.value = f"<span class='studio-saved'>saved: {folder} ({n} cases) - `labkit evaluate --data {folder}`</span>"
+        self.saved.value = (
+            f"<span class='studio-saved'>saved: {folder} ({n} cases) - `labkit evaluate --data {folder}`</span>"
+        )
         return folder

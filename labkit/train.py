@@ -11,6 +11,7 @@ A finished --out with the same settings resumes (and ends at once); other settin
 --fresh. Exit status: 2 for a usage error or bad input (nothing is written), 1 for a failed run (a
 non-finite loss or gradient, naming the step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,21 @@ from .util import run_cli
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The training command line; every argument is validated here, before anything is written (exit 2)."""
-    ap = argparse.ArgumentParser(prog="labkit train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="labkit train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("mini", help="train the mini backbone (VAE, then editor) on CPU",
-                       description="example: labkit train mini --fresh   (about 80 min on 2 CPU cores)")
-    e = sub.add_parser("editor", help="train (or continue) only the mini editor stage",
-                       description="example: labkit train editor --init labkit/weights/mini --editor-lr 1e-4 --editor-steps 2000 "
-                                   "--out runs/editor/weights --run-dir runs/editor")
+    m = sub.add_parser(
+        "mini",
+        help="train the mini backbone (VAE, then editor) on CPU",
+        description="example: labkit train mini --fresh   (about 80 min on 2 CPU cores)",
+    )
+    e = sub.add_parser(
+        "editor",
+        help="train (or continue) only the mini editor stage",
+        description="example: labkit train editor --init labkit/weights/mini --editor-lr 1e-4 --editor-steps 2000 "
+        "--out runs/editor/weights --run-dir runs/editor",
+    )
     for q in (m, e):
         q.add_argument("--preset", default="mini", help="config to train (tiny for a quick check)")
         q.add_argument("--out", default=str(P.MINI_WEIGHTS), help="where the safetensors weights and card go")
@@ -44,45 +53,97 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         q.add_argument("--bank-size", type=int, default=2048, help="pre-encoded examples per editor task (restore: 2x)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--fresh", action="store_true", help="delete earlier checkpoints of this run first")
-        q.add_argument("--init", default=None, help="editor stage: start from these trained weights (VAE + editor) instead of "
-                                                    "random init + the VAE in --out (a warm restart: the optimizer starts anew)")
-        q.add_argument("--task-probs", type=float, nargs=5, default=None,
-                       help="editor task mix: reconstruct upscale denoise restore refine")
+        q.add_argument(
+            "--init",
+            default=None,
+            help="editor stage: start from these trained weights (VAE + editor) instead of "
+            "random init + the VAE in --out (a warm restart: the optimizer starts anew)",
+        )
+        q.add_argument(
+            "--task-probs",
+            type=float,
+            nargs=5,
+            default=None,
+            help="editor task mix: reconstruct upscale denoise restore refine",
+        )
         q.add_argument("--upscale", type=int, nargs="+", default=None, help="editor upscale factors drawn per example")
         q.add_argument("--editor-lr", type=float, default=1e-3, help="editor peak LR (a fine-tune from --init: 1e-4)")
         q.add_argument("--refine-bank", type=int, default=2048, help="pre-encoded refine-task examples (focus crops)")
-        q.add_argument("--refine-kind-probs", type=float, nargs=len(FAILURES), default=None,
-                       help=f"refine task: weight of each kind of damage, in the order {' '.join(FAILURES)} (default uniform)")
-        q.add_argument("--region", choices=["none", "context", "draw"], default=None, help="refine task: how the region reaches the editor")
-        q.add_argument("--eval-every", type=int, default=500, help="editor: steps between validation evals (and the copy-skill curve)")
+        q.add_argument(
+            "--refine-kind-probs",
+            type=float,
+            nargs=len(FAILURES),
+            default=None,
+            help=f"refine task: weight of each kind of damage, in the order {' '.join(FAILURES)} (default uniform)",
+        )
+        q.add_argument(
+            "--region",
+            choices=["none", "context", "draw"],
+            default=None,
+            help="refine task: how the region reaches the editor",
+        )
+        q.add_argument(
+            "--eval-every",
+            type=int,
+            default=500,
+            help="editor: steps between validation evals (and the copy-skill curve)",
+        )
     m.add_argument("--stage", choices=["all", "vae", "editor"], default="all")
-    s = sub.add_parser("sft", help="fine-tune adapters (FreqMoLE / LoRA) on draft + reference -> target",
-                       description="example: labkit train sft --adapter freqmole --w-freq 0.5 --out runs/sft/x   "
-                                   "(a case folder: --data DIR; N processes: accelerate launch -m labkit train sft ...)")
+    s = sub.add_parser(
+        "sft",
+        help="fine-tune adapters (FreqMoLE / LoRA) on draft + reference -> target",
+        description="example: labkit train sft --adapter freqmole --w-freq 0.5 --out runs/sft/x   "
+        "(a case folder: --data DIR; N processes: accelerate launch -m labkit train sft ...)",
+    )
     s.add_argument("--preset", default="mini")
     s.add_argument("--out", default=str(RUNS / "sft"), help="checkpoints, metrics.csv and the adapter")
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--ema", type=float, default=0.0, help="EMA decay of the adapter weights (0 = off)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                   help="autocast of the forward (auto: bf16 on CUDA or a CPU with native bf16)")
+    s.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=["auto", "no", "bf16", "fp16"],
+        help="autocast of the forward (auto: bf16 on CUDA or a CPU with native bf16)",
+    )
     s.add_argument("--gradient-checkpointing", action="store_true")
-    s.add_argument("--fsdp", action="store_true", help="under accelerate launch: shard the frozen transformer (FSDP2, its blocks "
-                                                       "as units) across the processes; the adapter trains, rank 0 saves it whole")
+    s.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under accelerate launch: shard the frozen transformer (FSDP2, its blocks "
+        "as units) across the processes; the adapter trains, rank 0 saves it whole",
+    )
     s.add_argument("--fresh", action="store_true", help="start over in --out instead of resuming the run there")
     for f_ in fields(SFTConfig):
         names = [f"--{f_.name.replace('_', '-')}"] + (["--data"] if f_.name == "data_dir" else [])
-        s.add_argument(*names, dest=f_.name, type=type(f_.default), default=f_.default,
-                       help="a case folder (metadata.jsonl): its train split, validated on its val split" if f_.name == "data_dir" else None)
+        s.add_argument(
+            *names,
+            dest=f_.name,
+            type=type(f_.default),
+            default=f_.default,
+            help="a case folder (metadata.jsonl): its train split, validated on its val split"
+            if f_.name == "data_dir"
+            else None,
+        )
     args = ap.parse_args(argv)
     try:
         P.check_preset(args.preset)
         if args.cmd == "sft":
-            args.loop = LoopConfig(steps=args.steps, lr=args.lr, warmup=min(50, max(0, args.steps) // 10 + 1), ckpt_every=100,
-                                   eval_every=max(1, args.steps // 4), seed=args.seed, out_dir=args.out, ema=args.ema,
-                                   mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                                   fresh=args.fresh, fsdp=args.fsdp).check()
+            args.loop = LoopConfig(
+                steps=args.steps,
+                lr=args.lr,
+                warmup=min(50, max(0, args.steps) // 10 + 1),
+                ckpt_every=100,
+                eval_every=max(1, args.steps // 4),
+                seed=args.seed,
+                out_dir=args.out,
+                ema=args.ema,
+                mixed_precision=args.mixed_precision,
+                gradient_checkpointing=args.gradient_checkpointing,
+                fresh=args.fresh,
+                fsdp=args.fsdp,
+            ).check()
         else:
             for k in ("vae_steps", "editor_steps", "bank_size", "refine_bank", "eval_every"):
                 if getattr(args, k) < 1:
@@ -106,13 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         if args.cmd in ("mini", "editor"):
             from .mini import train_mini
+
             train_mini(args)
         else:
             from .models import load
+
             cfg = SFTConfig(**{f_.name: getattr(args, f_.name) for f_ in fields(SFTConfig)})
             train_sft(load(args.preset), args.loop, cfg)
+
     where = args.out if args.cmd == "sft" else args.run_dir
-    return run_cli("labkit train", body, kept=f"the last checkpoint in {where} is kept; the same command resumes from it")
+    return run_cli(
+        "labkit train", body, kept=f"the last checkpoint in {where} is kept; the same command resumes from it"
+    )
 
 
 if __name__ == "__main__":

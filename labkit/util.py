@@ -1,4 +1,5 @@
 """Small shared helpers: seeding, the per-case seed, atomic writes and JSON, the command-line rules."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def case_seed(seed: int, i: int) -> int:
-    """THE per-case seed recipe: case i of a set drawn with `seed` (sets drawn with different seeds never share a case)."""
+    """THE per-case seed recipe: case i of a set drawn with `seed` (sets drawn with different seeds never
+    share a case)."""
     return seed * 100_003 + i
 
 
@@ -89,6 +91,7 @@ class NonFiniteError(RuntimeError):
 def run_cli(prog: str, body: Callable[[], int | None], kept: str = "") -> int:
     """Run a command's body under the one exit-code rule; Ctrl-C prints one line saying what was kept."""
     import sys
+
     try:
         return body() or 0
     except KeyboardInterrupt:
@@ -128,17 +131,22 @@ def claim_out_dir(out: str | os.PathLike, settings: dict, fresh: bool = False) -
     if rj.exists():
         old, new = json.loads(rj.read_text()), json.loads(json.dumps(settings, default=str))
         if old != new:
-            raise RunConfigMismatch(f"{out} holds a run with other settings ({dict_diff(old, new)}): the same settings resume; "
-                                    "pass --fresh to start over there, or choose another --out")
+            raise RunConfigMismatch(
+                f"{out} holds a run with other settings ({dict_diff(old, new)}): the same settings resume; "
+                "pass --fresh to start over there, or choose another --out"
+            )
         return True
     if out.exists() and any(out.iterdir()):
-        raise RunConfigMismatch(f"{out} is not empty and holds no run.json (not a labkit output): choose another --out, "
-                                "or pass --fresh to replace it")
+        raise RunConfigMismatch(
+            f"{out} is not empty and holds no run.json (not a labkit output): choose another --out, "
+            "or pass --fresh to replace it"
+        )
     return False
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Atomically write JSON (numpy scalars and arrays converted)."""
+
     def default(o):
         if isinstance(o, (np.generic,)):
             return o.item()
@@ -147,6 +155,7 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
         if isinstance(o, Path):
             return str(o)
         raise TypeError(f"not JSON serialisable: {type(o)}")
+
     text = json.dumps(obj, indent=2, default=default, allow_nan=True)
     return atomic_save(lambda p: Path(p).write_text(text + "\n"), path)
 

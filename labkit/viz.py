@@ -1,4 +1,5 @@
 """Figures: image grids, curves, and save(fig, name) -> PNG + JSON of the numbers behind it."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,13 @@ def as_image(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.clip(x[..., 0] if x.ndim == 3 and x.shape[-1] == 1 else x, 0, 1)
 
 
-def grid(rows: Sequence[Sequence[Any]], titles: Sequence[str] | None = None, row_labels: Sequence[str] | None = None,
-         size: float = 1.9, boxes: dict | None = None):
+def grid(
+    rows: Sequence[Sequence[Any]],
+    titles: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    size: float = 1.9,
+    boxes: dict | None = None,
+):
     """A figure of images: rows × columns; boxes {(r, c): [(x0, y0, x1, y1, colour), ...]} drawn on top."""
     nr, nc = len(rows), max(len(r) for r in rows)
     fig, axes = plt.subplots(nr, nc, figsize=(size * nc, size * nr), squeeze=False)
@@ -37,7 +43,7 @@ def grid(rows: Sequence[Sequence[Any]], titles: Sequence[str] | None = None, row
                 continue
             img = as_image(row[c])
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
-            for (x0, y0, x1, y1, col) in (boxes or {}).get((r, c), []):
+            for x0, y0, x1, y1, col in (boxes or {}).get((r, c), []):
                 ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec=col, lw=1.2))
             if titles and r == 0 and c < len(titles):
                 ax.set_title(titles[c], fontsize=8)
@@ -62,6 +68,7 @@ def interactive() -> bool:
         return False
     try:
         from IPython import get_ipython
+
         ip = get_ipython()
         return ip is not None and "IPKernelApp" in ip.config and "papermill" not in str(type(ip))
     except Exception:

@@ -13,4 +13,5 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def tiny():
     """A tiny random-init backbone (same module tree as FLUX.1-Kontext)."""
     import labkit
+
     return labkit.load("tiny")

@@ -1,4 +1,5 @@
 """Align as a warp (labkit.align), the region encodings, the refine task's examples and benchmark v2."""
+
 import numpy as np
 import pytest
 import torch
@@ -17,10 +18,15 @@ def _photo(size=128):
 
 def _homography(deg=6.0, scale=1.05, shift=(4.0, -3.0), persp=(2e-4, -1e-4), c=64.0):
     th = np.deg2rad(deg)
-    rot = np.array([[scale * np.cos(th), -scale * np.sin(th), 0], [scale * np.sin(th), scale * np.cos(th), 0], [0, 0, 1.0]])
+    rot = np.array(
+        [[scale * np.cos(th), -scale * np.sin(th), 0], [scale * np.sin(th), scale * np.cos(th), 0], [0, 0, 1.0]]
+    )
     p = np.eye(3)
     p[2, :2] = persp
-    to_c, back = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1.0]]), np.array([[1, 0, c + shift[0]], [0, 1, c + shift[1]], [0, 0, 1.0]])
+    to_c, back = (
+        np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1.0]]),
+        np.array([[1, 0, c + shift[0]], [0, 1, c + shift[1]], [0, 0, 1.0]]),
+    )
     return back @ p @ rot @ to_c
 
 
@@ -28,7 +34,7 @@ def test_a_known_synthetic_warp_is_recovered_to_under_one_pixel():
     target = _photo()
     h_true = _homography()  # reference pixel -> draft pixel
     reference = A.warp_reference(target, np.linalg.inv(h_true), (128, 128))  # the scene seen through the inverse
-    reference = (reference ** 1.1 * 0.95).clamp(0, 1)  # another light
+    reference = (reference**1.1 * 0.95).clamp(0, 1)  # another light
     mask = torch.zeros(1, 128, 128)
     mask[:, 50:80, 40:90] = 1
     draft = target.clone()
@@ -118,6 +124,7 @@ def test_training_fonts_and_held_out_fonts_are_disjoint():
 
 def test_benchmark_cases_sit_below_the_vae_ceiling(tiny):
     from labkit import evaluate as Ev
+
     cases = Ev.benchmark_cases(tiny, n_per_kind=1, kinds=("wrong", "smear"), size=64, room=-100)
     assert [c.meta["degradation"] for c in cases] == ["wrong", "smear"]
     assert all(c.meta["draft_psnr"] < c.meta["ceiling"] + 100 for c in cases)

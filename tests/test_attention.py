@@ -16,6 +16,7 @@ class NaiveProcessor(FluxAttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         q, k = attn.norm_q(q.unflatten(-1, (-1, attn.head_dim))), attn.norm_k(k.unflatten(-1, (-1, attn.head_dim)))
         if attn.added_kv_proj_dim is not None:
@@ -24,7 +25,9 @@ class NaiveProcessor(FluxAttnProcessor):
             q, k = torch.cat([eq, q], 1), torch.cat([ek, k], 1)
         q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
         k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        self.store[self.name] = torch.softmax(q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+        self.store[self.name] = torch.softmax(
+            q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) / q.shape[-1] ** 0.5, -1
+        )
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
 
@@ -56,7 +59,7 @@ def test_streaming_equals_naive(tiny, renorm):
     n_text = tiny.encode_prompt("reconstruct")[0].shape[1]
     for blk, p in store.items():
         for qname, idx in spec.queries.items():
-            rows = p[:, :, n_text + idx][..., n_text + 32:n_text + 48]
+            rows = p[:, :, n_text + idx][..., n_text + 32 : n_text + 48]
             if renorm:
                 rows = rows / rows.sum(-1, keepdim=True)
             naive = rows.mean(1).sum(1)
@@ -75,7 +78,9 @@ def test_processors_restored_and_memory_independent_of_heads(tiny):
     assert torch.equal(tiny(x, 0.7, ctx), plain)  # and the default processors are back
     # what is kept is one (B, N_ref) row per (query set, t, block): no head or query dimension
     assert {k[1] for k in rec.maps} == {0.7, 0.3} and {k[2] for k in rec.maps} == {A.block_of(n) for n in before}
-    assert rec.stored_numel() == sum(v.numel() for v in rec.maps.values()) and all(v.shape == (2, 16) for v in rec.maps.values())
+    assert rec.stored_numel() == sum(v.numel() for v in rec.maps.values()) and all(
+        v.shape == (2, 16) for v in rec.maps.values()
+    )
 
 
 def test_postprocessing_and_iou():
@@ -92,6 +97,7 @@ def test_postprocessing_and_iou():
 def test_crop_reference_returns_the_box_content_upsampled():
     """Align→Focus: the crop holds exactly the (grown) box of the reference, at the working resolution."""
     from labkit.data import resize
+
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 128), torch.linspace(0, 1, 128), indexing="ij")
     ref = torch.stack([yy, xx, (yy * xx)])  # every pixel different: a crop of the wrong place cannot match
     out = A.crop_reference(ref, (32, 40, 64, 88), margin=0.0, out_size=128)

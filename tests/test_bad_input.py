@@ -1,5 +1,6 @@
 """Bad input, round two: the ordinary mistakes a new user makes at the command lines (tiny preset, 64x64
 images) get a usage error (exit 2) naming the fix, before anything is written or replaced."""
+
 import json
 import os
 import signal
@@ -43,27 +44,54 @@ def test_evaluate_refuses_an_out_that_is_a_file_and_leaves_it_alone(folder, tmp_
 def test_evaluate_refuses_a_folder_holding_other_settings(folder, tmp_path, capsys):
     out = tmp_path / "ev"
     out.mkdir()
-    (out / "run.json").write_text(json.dumps(dict(data=str(folder.resolve()), split=None, preset="tiny", methods=["full"],
-                                                  adapters=[], steps=1, seed=0)))
-    assert evaluate_main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1", "--seed", "3",
-                          "--methods", "full"]) == 2
+    (out / "run.json").write_text(
+        json.dumps(
+            dict(data=str(folder.resolve()), split=None, preset="tiny", methods=["full"], adapters=[], steps=1, seed=0)
+        )
+    )
+    assert (
+        evaluate_main(
+            [
+                "--data",
+                str(folder),
+                "--out",
+                str(out),
+                "--preset",
+                "tiny",
+                "--steps",
+                "1",
+                "--seed",
+                "3",
+                "--methods",
+                "full",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "seed: 0 -> 3" in err and "--fresh" in err
     (out / "other.txt").write_text("x")
     (out / "run.json").unlink()
-    assert evaluate_main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1"]) == 2  # not a labkit folder
+    assert (
+        evaluate_main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1"]) == 2
+    )  # not a labkit folder
     assert (out / "other.txt").exists()
 
 
-@pytest.mark.parametrize("make", [
-    lambda a: Image.fromarray(a.astype(np.uint16)),  # PIL mode I;16
-    lambda a: Image.fromarray(a.astype(np.int32)),  # mode I: how PIL opens many 16-bit PNGs
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: Image.fromarray(a.astype(np.uint16)),  # PIL mode I;16
+        lambda a: Image.fromarray(a.astype(np.int32)),  # mode I: how PIL opens many 16-bit PNGs
+    ],
+)
 def test_sixteen_bit_images_are_read_by_their_range(make, tmp_path):
     grey = np.full((32, 32), 30000)  # 30000 / 65535 = 0.458
     img = make(grey)
     t = D.as_image_tensor(img)
-    assert t.shape == (3, 32, 32) and abs(float(t.mean()) - 30000 / 65535) < 1e-4  # was 1.0: PIL's convert('RGB') clips to white
+    assert (
+        t.shape == (3, 32, 32) and abs(float(t.mean()) - 30000 / 65535) < 1e-4
+    )  # was 1.0: PIL's convert('RGB') clips to white
     Image.fromarray(grey.astype(np.uint16)).save(tmp_path / "g16.png")  # a 16-bit PNG on disk
     t2 = D.as_image_tensor(D.read_image(tmp_path / "g16.png"))
     assert abs(float(t2.mean()) - 30000 / 65535) < 1e-3
@@ -75,6 +103,7 @@ def test_sixteen_bit_images_are_read_by_their_range(make, tmp_path):
 
 def test_a_16_bit_draft_goes_through_refine_as_grey_not_white(tmp_path):
     import labkit
+
     grey = Image.fromarray(np.full((64, 64), 20000, np.uint16))
     mask = np.zeros((64, 64), np.uint8)
     mask[20:40, 20:40] = 255
@@ -118,33 +147,53 @@ def test_an_unknown_prompt_is_refused_when_the_folder_loads(folder, tmp_path, ca
     out = tmp_path / "out"
     assert refine_main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1"]) == 2
     assert not out.exists()  # refused before the first output
-    assert evaluate_main(["--data", str(folder), "--out", str(tmp_path / "ev"), "--preset", "tiny", "--steps", "1"]) == 2
+    assert (
+        evaluate_main(["--data", str(folder), "--out", str(tmp_path / "ev"), "--preset", "tiny", "--steps", "1"]) == 2
+    )
     assert not (tmp_path / "ev").exists()
 
 
 def test_a_corrupt_png_is_named_with_exit_2(folder, tmp_path, capsys):
     bad = tmp_path / "draft.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    assert refine_main([str(bad), str(folder / "case000_mask.png"), "-o", str(tmp_path / "o.png"), "--preset", "tiny"]) == 2
+    assert (
+        refine_main([str(bad), str(folder / "case000_mask.png"), "-o", str(tmp_path / "o.png"), "--preset", "tiny"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "cannot read draft" in err and "draft.png" in err and "Traceback" not in err
     assert not (tmp_path / "o.png").exists()
 
 
 def test_an_unknown_preset_is_a_usage_error_listing_the_presets(tmp_path):
-    for argv in (["refine", "a.png", "b.png", "-o", "c.png"], ["evaluate", "--data", "x", "--out", "y"], ["train", "sft"],
-                 ["sweep", "figures"]):
-        r = subprocess.run([sys.executable, "-m", "labkit", *argv, "--preset", "nonsense"], capture_output=True, text=True,
-                           timeout=120, cwd=tmp_path)
+    for argv in (
+        ["refine", "a.png", "b.png", "-o", "c.png"],
+        ["evaluate", "--data", "x", "--out", "y"],
+        ["train", "sft"],
+        ["sweep", "figures"],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "labkit", *argv, "--preset", "nonsense"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
         assert r.returncode == 2 and "unknown preset 'nonsense'" in r.stderr and "'mini'" in r.stderr, (argv, r.stderr)
         assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("make, inside", [
-    (lambda m: Image.fromarray(np.stack([m, 0 * m, 0 * m], -1)), "red"),  # an RGB mask painted red
-    (lambda m: Image.fromarray(np.stack([0 * m + 40, 0 * m + 40, 0 * m + 40, m], -1)), "alpha"),  # in the alpha channel
-    (lambda m: np.stack([0 * m, m, 0 * m], -1), "green array"),
-])
+@pytest.mark.parametrize(
+    "make, inside",
+    [
+        (lambda m: Image.fromarray(np.stack([m, 0 * m, 0 * m], -1)), "red"),  # an RGB mask painted red
+        (
+            lambda m: Image.fromarray(np.stack([0 * m + 40, 0 * m + 40, 0 * m + 40, m], -1)),
+            "alpha",
+        ),  # in the alpha channel
+        (lambda m: np.stack([0 * m, m, 0 * m], -1), "green array"),
+    ],
+)
 def test_coloured_and_alpha_masks_are_read(make, inside):
     m = np.zeros((32, 32), np.uint8)
     m[8:16, 4:20] = 255
@@ -154,9 +203,13 @@ def test_coloured_and_alpha_masks_are_read(make, inside):
 
 def test_an_empty_mask_error_says_what_was_read():
     black = Image.new("RGB", (16, 16))
-    with pytest.raises(ValueError, match=r"empty mask: read the brightest channel of a PIL RGB image, values in \[0, 0\]"):
+    with pytest.raises(
+        ValueError, match=r"empty mask: read the brightest channel of a PIL RGB image, values in \[0, 0\]"
+    ):
         D.as_mask_tensor(black, (16, 16))
-    with pytest.raises(TypeError, match=r"mask must be a PIL.Image, an \(H, W\) or \(1, H, W\) tensor/array; got list.*np.array"):
+    with pytest.raises(
+        TypeError, match=r"mask must be a PIL.Image, an \(H, W\) or \(1, H, W\) tensor/array; got list.*np.array"
+    ):
         D.as_mask_tensor([[0, 1], [1, 0]], (2, 2))
 
 
@@ -175,16 +228,50 @@ def test_train_bad_input_exits_2_not_1(folder, tmp_path):
     rows = _rows(folder)
     rows[0]["prompt"] = "free text"
     _write(folder, rows)
-    assert train_main(["sft", "--data", str(folder), "--out", str(tmp_path / "s"), "--preset", "tiny", "--steps", "1",
-                       "--size", "64"]) == 2
+    assert (
+        train_main(
+            [
+                "sft",
+                "--data",
+                str(folder),
+                "--out",
+                str(tmp_path / "s"),
+                "--preset",
+                "tiny",
+                "--steps",
+                "1",
+                "--size",
+                "64",
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.slow
 def test_ctrl_c_prints_one_line_saying_what_was_kept(folder, tmp_path):
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-m", "labkit", "refine", "--data", str(folder), "--out", str(out), "--preset", "tiny",
-                          "--steps", "50"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "labkit",
+            "refine",
+            "--data",
+            str(folder),
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--steps",
+            "50",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.time() + 120
     while not (out / "run.json").exists() and time.time() < deadline:  # started: settings recorded
         time.sleep(0.2)

@@ -1,5 +1,6 @@
 """Bring your own cases: a case folder (metadata.jsonl), validated up front; the refine, evaluate and train
 command lines on it (tiny preset, a folder the test writes)."""
+
 import json
 import subprocess
 import sys
@@ -14,8 +15,12 @@ from labkit import data as D
 @pytest.fixture()
 def folder(tmp_path):
     trips = [D.make_triplet(i, "test", 64, 2) for i in range(6)]
-    return D.write_cases(tmp_path / "cases", trips, prompts=["refine", None, "restore", None, None, "refine"],
-                         splits=["train", "train", "train", "val", "test", "test"])
+    return D.write_cases(
+        tmp_path / "cases",
+        trips,
+        prompts=["refine", None, "restore", None, None, "refine"],
+        splits=["train", "train", "train", "val", "test", "test"],
+    )
 
 
 def _lines(folder):
@@ -37,16 +42,24 @@ def test_load_cases_reads_splits_prompts_and_pixels(folder):
     for r in rows:
         r.pop("split")
     _write(folder, rows)
-    assert [c.split for c in D.load_cases(folder)] == [c.split for c in D.load_cases(folder)]  # deterministic without splits
+    assert [c.split for c in D.load_cases(folder)] == [
+        c.split for c in D.load_cases(folder)
+    ]  # deterministic without splits
 
 
-@pytest.mark.parametrize("change, expect", [
-    (lambda r: r[1].update(draft="missing.png"), r"line 2: draft file 'missing.png' not found in .*relative to the folder"),
-    (lambda r: r[2].update(split="holdout"), r"line 3: unknown split 'holdout'"),
-    (lambda r: r.append(dict(r[0])), r"line 7: duplicates line 1"),
-    (lambda r: r[0].pop("mask"), r"line 1: needs draft, reference and mask"),
-    (lambda r: r.insert(1, "{not json"), r"line 2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (
+            lambda r: r[1].update(draft="missing.png"),
+            r"line 2: draft file 'missing.png' not found in .*relative to the folder",
+        ),
+        (lambda r: r[2].update(split="holdout"), r"line 3: unknown split 'holdout'"),
+        (lambda r: r.append(dict(r[0])), r"line 7: duplicates line 1"),
+        (lambda r: r[0].pop("mask"), r"line 1: needs draft, reference and mask"),
+        (lambda r: r.insert(1, "{not json"), r"line 2: not valid JSON"),
+    ],
+)
 def test_bad_folders_name_the_line_the_file_and_the_fix(folder, change, expect):
     rows = _lines(folder)
     change(rows)
@@ -60,7 +73,11 @@ def test_mask_size_empty_mask_and_unreadable_files_are_caught(folder):
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / "empty_mask.png")
     (folder / "broken.png").write_text("not an image")
     rows = _lines(folder)
-    rows[0]["mask"], rows[1]["mask"], rows[2]["reference"] = "small_mask.png", "empty_mask.png", ["case002_ref.png", "broken.png"]
+    rows[0]["mask"], rows[1]["mask"], rows[2]["reference"] = (
+        "small_mask.png",
+        "empty_mask.png",
+        ["case002_ref.png", "broken.png"],
+    )
     _write(folder, rows)
     with pytest.raises(ValueError) as e:
         D.load_cases(folder)
@@ -71,9 +88,24 @@ def test_mask_size_empty_mask_and_unreadable_files_are_caught(folder):
 
 def test_refine_cli_one_case_and_a_folder_that_resumes(folder, tmp_path):
     from labkit.cli import refine_main as main
+
     out = tmp_path / "one.png"
-    assert main([str(folder / "case000_draft.png"), str(folder / "case000_mask.png"), str(folder / "case000_ref.png"), "-o", str(out),
-                 "--preset", "tiny", "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                str(folder / "case000_draft.png"),
+                str(folder / "case000_mask.png"),
+                str(folder / "case000_ref.png"),
+                "-o",
+                str(out),
+                "--preset",
+                "tiny",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size == (64, 64)
     res = tmp_path / "all"
     assert main(["--data", str(folder), "--out", str(res), "--preset", "tiny", "--steps", "1", "--split", "test"]) == 0
@@ -86,14 +118,29 @@ def test_refine_cli_one_case_and_a_folder_that_resumes(folder, tmp_path):
     assert main([str(folder / "nope.png"), str(folder / "case000_mask.png"), "-o", str(out), "--preset", "tiny"]) == 2
 
 
-@pytest.mark.parametrize("cmd, args", [("refine", ["d.png", "m.png", "-o", "o.png"]), ("evaluate", ["--data", "x", "--out", "y"]),
-                                       ("train sft", []), ("train mini", []), ("train editor", []), ("sweep grid", ["03"]),
-                                       ("sweep figures", [])])
+@pytest.mark.parametrize(
+    "cmd, args",
+    [
+        ("refine", ["d.png", "m.png", "-o", "o.png"]),
+        ("evaluate", ["--data", "x", "--out", "y"]),
+        ("train sft", []),
+        ("train mini", []),
+        ("train editor", []),
+        ("sweep grid", ["03"]),
+        ("sweep figures", []),
+    ],
+)
 def test_every_subcommand_has_help_with_an_example_and_refuses_unknown_arguments(cmd, args):
-    ok = subprocess.run([sys.executable, "-m", "labkit", *cmd.split(), "--help"], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "labkit", *cmd.split(), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert ok.returncode == 0 and "usage: labkit" in ok.stdout and "example" in ok.stdout, ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "labkit", *cmd.split(), *args, "--no-such-option"], capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "labkit", *cmd.split(), *args, "--no-such-option"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "unrecognized arguments: --no-such-option" in bad.stderr
 
 
@@ -107,9 +154,17 @@ def test_the_labkit_command_lists_its_subcommands_and_refuses_an_unknown_one():
 @pytest.mark.slow
 def test_evaluate_cli_writes_the_tables_and_claims(folder, tmp_path):
     from labkit.evaluate import main
+
     out = tmp_path / "eval"
-    assert main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1", "--methods", "full", "focus"]) == 0
-    assert {"per_case.csv", "table.csv", "table.html", "table.png", "qualitative.png", "results.json"} <= {p.name for p in out.iterdir()}
+    assert (
+        main(
+            ["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1", "--methods", "full", "focus"]
+        )
+        == 0
+    )
+    assert {"per_case.csv", "table.csv", "table.html", "table.png", "qualitative.png", "results.json"} <= {
+        p.name for p in out.iterdir()
+    }
     r = json.loads((out / "results.json").read_text())
     assert {"best_model_beats_input", "background_exact"} <= set(r["claims"]) and r["n_cases"] == 6
     assert r["claims"]["background_exact"]["holds"]  # focus pastes back: pixels outside the box are the input's
@@ -123,9 +178,31 @@ def test_evaluate_cli_writes_the_tables_and_claims(folder, tmp_path):
 @pytest.mark.slow
 def test_train_sft_on_a_case_folder_with_per_case_prompts(folder, tmp_path):
     from labkit.train import main
+
     out = tmp_path / "sft"
-    main(["sft", "--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "3", "--size", "64", "--batch", "2",
-          "--rank", "2", "--val-images", "1", "--mixed-precision", "no"])
+    main(
+        [
+            "sft",
+            "--data",
+            str(folder),
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--steps",
+            "3",
+            "--size",
+            "64",
+            "--batch",
+            "2",
+            "--rank",
+            "2",
+            "--val-images",
+            "1",
+            "--mixed-precision",
+            "no",
+        ]
+    )
     spec = json.loads((out / "adapter" / "adapter.json").read_text())
     assert spec["sft"]["data_dir"] == str(folder) and spec["preset"] == "tiny"
     run = json.loads((out / "run.json").read_text())
@@ -133,7 +210,24 @@ def test_train_sft_on_a_case_folder_with_per_case_prompts(folder, tmp_path):
     rows = _lines(folder)
     rows[0]["prompt"] = "make the logo sharp"  # free text on a learned-instruction backbone: refused before training
     _write(folder, rows)
-    assert main(["sft", "--data", str(folder), "--out", str(tmp_path / "sft2"), "--preset", "tiny", "--steps", "1", "--size", "64"]) == 2
+    assert (
+        main(
+            [
+                "sft",
+                "--data",
+                str(folder),
+                "--out",
+                str(tmp_path / "sft2"),
+                "--preset",
+                "tiny",
+                "--steps",
+                "1",
+                "--size",
+                "64",
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.slow
@@ -142,7 +236,15 @@ def test_notebooks_04_and_05_take_a_case_folder(folder, tmp_path):
 
     from labkit.sweep import notebooks as nbs
     from labkit.sweep import run_notebook
-    r5 = run_notebook(nbs(["05_evaluate"])[0], tmp_path / "05", preset="tiny", **{**SMALL["05_evaluate"], "data_dir": str(folder)})
+
+    r5 = run_notebook(
+        nbs(["05_evaluate"])[0], tmp_path / "05", preset="tiny", **{**SMALL["05_evaluate"], "data_dir": str(folder)}
+    )
     assert r5["n_cases"] == 2 and r5["params"]["n_per_kind"] == 1  # the folder's test split, not the built-in set
-    r4 = run_notebook(nbs(["04_train_freqmole"])[0], tmp_path / "04", preset="tiny", **{**SMALL["04_train_freqmole"], "data_dir": str(folder)})
+    r4 = run_notebook(
+        nbs(["04_train_freqmole"])[0],
+        tmp_path / "04",
+        preset="tiny",
+        **{**SMALL["04_train_freqmole"], "data_dir": str(folder)},
+    )
     assert r4["claims"] and (tmp_path / "04" / "adapters" / "lora" / "adapter.json").exists()

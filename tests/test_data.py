@@ -63,12 +63,17 @@ def test_eval_set_cached_and_fixed(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "CACHE_DIR", tmp_path)
     a = D.eval_set(n=2, degradations=("blur", "color"), size=64, extra_refs=1)
     folders = list(tmp_path.glob("eval_*"))
-    assert len(folders) == 1 and {p.name for p in folders[0].iterdir()} == {"pixels.safetensors", "cases.json"}  # no pickles
+    assert len(folders) == 1 and {p.name for p in folders[0].iterdir()} == {
+        "pixels.safetensors",
+        "cases.json",
+    }  # no pickles
     b = D.eval_set(n=2, degradations=("blur", "color"), size=64, extra_refs=1)  # from the cache
     fresh = D.eval_set(n=2, degradations=("blur", "color"), size=64, extra_refs=1, cache=False)
     assert len(a) == 4
     for x, y in zip(b, fresh):  # the cache round-trips every field
-        assert all(torch.equal(getattr(x, k), getattr(y, k)) for k in D.TENSORS) and torch.equal(x.extra_refs[0], y.extra_refs[0])
+        assert all(torch.equal(getattr(x, k), getattr(y, k)) for k in D.TENSORS) and torch.equal(
+            x.extra_refs[0], y.extra_refs[0]
+        )
         assert x.bbox == y.bbox and x.ref_bbox == y.ref_bbox and x.meta == y.meta and np.allclose(x.warp, y.warp)
     assert {t.meta["split"] for t in a} == {"test"}
 

@@ -1,4 +1,5 @@
 """labkit.refine (inference entry) and the evaluation tables."""
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +62,7 @@ def test_locate_finds_the_region_in_the_reference_better_than_chance():
     """Refine-by-Align's M* on the trained mini editor: the located box overlaps the true region of the
     (rotated, rescaled) reference well above a random box of the same size, on held-out test triplets."""
     from labkit import attention as A
+
     r, rng = I.load_refiner("mini"), np.random.default_rng(0)
     ious, chance = [], []
     for i in range(8):
@@ -81,9 +83,11 @@ def test_naive_paste_moves_reference_content_into_the_mask(case):
 
 def test_table_shape_columns_best_and_cis():
     cases = D.eval_set(n=2, degradations=("blur", "glyph"), size=64, cache=False)
-    methods = {"input": lambda c: I.refine_tensor(_draft(c), c.mask, method="input"),
-               "paste": lambda c: I.refine_tensor(_draft(c), c.mask, c.hrri, method="paste", reference_box=c.ref_bbox),
-               "target": lambda c: (c.hrgt.clone(), {})}
+    methods = {
+        "input": lambda c: I.refine_tensor(_draft(c), c.mask, method="input"),
+        "paste": lambda c: I.refine_tensor(_draft(c), c.mask, c.hrri, method="paste", reference_box=c.ref_bbox),
+        "target": lambda c: (c.hrgt.clone(), {}),
+    }
     df, samples = E.run(cases, methods, _draft, progress=False)
     assert len(df) == 3 * 4 and set(df.method) == set(methods) and len(samples["input"]) == 4
     cols = [c for c in E.COLUMNS if c in df]
@@ -91,8 +95,9 @@ def test_table_shape_columns_best_and_cis():
     assert df.scene.nunique() == 2  # each scene under both degradations
     tab = E.table(df, "method", cols)
     assert tab.shape == (3, 1 + 3 * len(cols) + 1)
-    assert ((tab[[f"{c}_lo" for c in cols]].values <= tab[cols].values + 1e-9).all()
-            and (tab[cols].values <= tab[[f"{c}_hi" for c in cols]].values + 1e-9).all())
+    assert (tab[[f"{c}_lo" for c in cols]].values <= tab[cols].values + 1e-9).all() and (
+        tab[cols].values <= tab[[f"{c}_hi" for c in cols]].values + 1e-9
+    ).all()
     win = E.best(tab, cols)
     assert win["region_mse"] == "target" and win["region_hf_err"] == "target"  # the target is perfect in the region
     assert win["mse_bg"] == "input"  # and the input is perfect on its own background
@@ -131,15 +136,38 @@ def test_sharded_evaluation_two_processes_equal_one(tmp_path):
     from pathlib import Path
 
     import pandas as pd
+
     trips = [D.make_triplet(s, "test", 64, factor=2) for s in range(5)]
     data = D.write_cases(tmp_path / "cases", trips)
     args = ["-m", "labkit", "evaluate", "--data", str(data), "--preset", "tiny", "--methods", "focus", "--steps", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600, env=env)
+    one = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600, env=env
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     launcher = Path(sys.executable).parent / "accelerate"
-    two = subprocess.run([str(launcher), "launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
-                          "--dynamo_backend", "no", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600, env=env)
+    two = subprocess.run(
+        [
+            str(launcher),
+            "launch",
+            "--num_processes",
+            "2",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "(2 processes)" in two.stdout
     a, b = (pd.read_csv(tmp_path / d / "per_case.csv") for d in ("one", "two"))
@@ -147,5 +175,9 @@ def test_sharded_evaluation_two_processes_equal_one(tmp_path):
     assert len(a) == 2 * 5 and list(a.case) == list(b.case) and list(a.method) == list(b.method)
     pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=False, rtol=1e-5)
     ta, tb = (pd.read_csv(tmp_path / d / "table.csv") for d in ("one", "two"))
-    pd.testing.assert_frame_equal(ta.drop(columns=[c for c in ta if "second" in c]), tb.drop(columns=[c for c in tb if "second" in c]),
-                                  check_exact=False, rtol=1e-5)
+    pd.testing.assert_frame_equal(
+        ta.drop(columns=[c for c in ta if "second" in c]),
+        tb.drop(columns=[c for c in tb if "second" in c]),
+        check_exact=False,
+        rtol=1e-5,
+    )

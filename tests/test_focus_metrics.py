@@ -8,7 +8,7 @@ from labkit import focus, metrics
 
 def _mask(h=64, w=64, box=(20, 24, 36, 40)):
     m = torch.zeros(1, h, w)
-    m[:, box[1]:box[3], box[0]:box[2]] = 1
+    m[:, box[1] : box[3], box[0] : box[2]] = 1
     return m
 
 
@@ -16,7 +16,7 @@ def test_focus_box_margin_and_clipping():
     m = _mask()
     assert focus.focus_box(m, margin=0, working_area=64 * 64) == (20, 24, 36, 40)
     # margin scales with s = sqrt(working_area / (W·H)): 64 px at 1024² on a 64² image is 4 px
-    assert focus.focus_box(m, margin=64, working_area=1024 ** 2) == (16, 20, 40, 44)
+    assert focus.focus_box(m, margin=64, working_area=1024**2) == (16, 20, 40, 44)
     corner = _mask(box=(0, 0, 5, 5))
     assert focus.focus_box(corner, margin=64, working_area=64 * 64) == (0, 0, 64, 64)
 
@@ -41,7 +41,7 @@ def test_paste_back_background_bit_exact():
     refined = torch.rand_like(c_img)
     out = focus.paste_back(img, refined, box, focus.soft_mask(focus.crop(m, box)))
     outside = torch.ones(64, 64, dtype=torch.bool)
-    outside[box[1]:box[3], box[0]:box[2]] = False
+    outside[box[1] : box[3], box[0] : box[2]] = False
     assert torch.equal(out[:, outside], img[:, outside])
     assert not torch.equal(out, img)
 
@@ -60,7 +60,7 @@ def test_metrics_known_values():
     assert metrics.mse(a, a).abs().max() == 0 and torch.allclose(metrics.ssim(a, a), torch.ones(2))
     sigma = 0.05
     noisy = a + sigma * torch.randn(a.shape, generator=g)
-    expect = -10 * math.log10(sigma ** 2)
+    expect = -10 * math.log10(sigma**2)
     assert abs(metrics.psnr(noisy, a).mean().item() - expect) < 0.3
     assert metrics.ssim(noisy, a).mean() < 0.99
 
@@ -82,6 +82,7 @@ def test_region_and_background_metrics():
 
 def test_hf_ratio_detects_blur():
     from labkit.frequency import lowpass
+
     x = torch.rand(1, 3, 32, 32)
     assert abs(metrics.hf_energy_ratio(x, x).item() - 1) < 1e-6
     assert metrics.hf_energy_ratio(lowpass(x, 1.5), x).item() < 0.3
@@ -92,6 +93,7 @@ def test_seam_error_sees_the_band_and_only_the_band():
     """Zero for identical images over a non-empty ±4 px band; a change on the mask's edge counts, one far from it
     (the region's centre, outside the band) does not."""
     from labkit.losses import boundary_band
+
     m = _mask(48, 48, (8, 8, 40, 40))
     band = boundary_band(m[None].float(), 4)
     assert 0 < int(band.sum()) < 48 * 48 and band[0, 0, 8, 24] == 1 and band[0, 0, 24, 24] == 0
@@ -105,8 +107,16 @@ def test_seam_error_sees_the_band_and_only_the_band():
 
 def test_feature_similarity_from_local_folder(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8, projection_dim=16)
+
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
     CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
     sim = metrics.FeatureSimilarity(str(tmp_path / "clip"))
     assert sim.kind == "clip" and sim.size == 32

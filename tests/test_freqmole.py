@@ -42,7 +42,8 @@ def test_alpha_prior_decreases_with_depth():
     FM.inject(bb.transformer, "freqmole", rank=4, prior=dict(high=0.9, low=0.1))
     a = list(FM.alpha_by_block(bb.transformer).values())
     assert a[0] == pytest.approx(0.9) and a[-1] == pytest.approx(0.1) and all(x >= y for x, y in zip(a, a[1:]))
-    # (freezing α at a step is a learning-rate schedule of the loop: tests/test_train.py::test_alpha_freezing_survives_resume)
+    # (freezing α at a step is a learning-rate schedule of the loop:
+    # tests/test_train.py::test_alpha_freezing_survives_resume)
 
 
 def test_save_load_roundtrip_and_merge(tmp_path):

@@ -6,6 +6,7 @@ A change that moves it on purpose regenerates the PNGs (that run compares nothin
 why in the commit:
     LABKIT_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py
 """
+
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,8 @@ from labkit.inference import REFINE_DEFAULTS, to_pil
 from labkit.util import REPO
 
 GOLDEN = Path(__file__).parent / "golden"
-CALLS = {  # name -> the fixed call's arguments (a held-out test case: a wrong word/glyph, the reference in another view)
+# name -> the fixed call's arguments (a held-out test case: a wrong word/glyph, the reference in another view)
+CALLS = {
     "refine_default_mini": dict(steps=4, seed=0),  # the defaults chosen on val
     "refine_focus_mini": dict(method="focus", steps=4, seed=0),
     "refine_full_mini": dict(method="full", steps=4, seed=0),
@@ -47,7 +49,9 @@ def test_fixed_refine_calls_reproduce_the_committed_images():
         ref = np.asarray(Image.open(GOLDEN / f"{name}.png").convert("RGB"), np.float32) / 255
         got = np.asarray(out, np.float32) / 255
         psnr = float(metrics.psnr(D.to_tensor(got)[None], D.to_tensor(ref)[None]))
-        assert psnr > 45, f"{name}: {psnr:.1f} dB from the committed output (regenerate on purpose: see the module docstring)"
+        assert psnr > 45, (
+            f"{name}: {psnr:.1f} dB from the committed output (regenerate on purpose: see the module docstring)"
+        )
 
 
 def test_the_default_call_keeps_the_background_and_is_the_val_winner():
@@ -56,8 +60,10 @@ def test_the_default_call_keeps_the_background_and_is_the_val_winner():
     draft = D.to_tensor(np.asarray(to_pil(c.draft), np.float32) / 255)
     x0, y0, x1, y1 = c.bbox
     outside = np.ones(draft.shape[-2:], bool)
-    outside[max(0, y0 - 40):y1 + 40, max(0, x0 - 40):x1 + 40] = False  # generously beyond the focus box
+    outside[max(0, y0 - 40) : y1 + 40, max(0, x0 - 40) : x1 + 40] = False  # generously beyond the focus box
     assert float((out - draft).abs()[:, outside].max()) == 0.0  # every pixel outside the box kept
     chosen = json.loads((REPO / "figures" / "05_evaluate" / "results.json").read_text())["defaults"]["settings"]
-    assert {k: chosen.get(k, REFINE_DEFAULTS[k]) for k in REFINE_DEFAULTS} == REFINE_DEFAULTS, \
-        f"labkit.refine's defaults {REFINE_DEFAULTS} are not notebook 05's val winner {chosen}: update inference.REFINE_DEFAULTS"
+    assert {k: chosen.get(k, REFINE_DEFAULTS[k]) for k in REFINE_DEFAULTS} == REFINE_DEFAULTS, (
+        f"labkit.refine's defaults {REFINE_DEFAULTS} are not notebook 05's val winner {chosen}: update "
+        "inference.REFINE_DEFAULTS"
+    )

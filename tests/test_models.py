@@ -18,6 +18,7 @@ def test_pack_unpack_roundtrip():
     assert torch.equal(M.Backbone.unpack(tok, 8, 12), z)
     # packing order matches diffusers' FluxKontextPipeline._pack_latents
     from diffusers import FluxKontextPipeline
+
     assert torch.equal(tok, FluxKontextPipeline._pack_latents(z, 2, 16, 8, 12))
 
 
@@ -49,11 +50,14 @@ def test_vae_roundtrip_shapes_and_normalisation(tiny):
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (torch.rand(1, 4, 64, 64), "RGB"),
-    (torch.rand(1, 3, 60, 64), "multiples of 16"),
-    (torch.rand(1, 3, 8, 8), "multiples of 16"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (torch.rand(1, 4, 64, 64), "RGB"),
+        (torch.rand(1, 3, 60, 64), "multiples of 16"),
+        (torch.rand(1, 3, 8, 8), "multiples of 16"),
+    ],
+)
 def test_bad_images_say_what_to_do(tiny, bad, msg):
     with pytest.raises(ValueError, match=msg):
         tiny.encode(bad)
@@ -80,18 +84,27 @@ def test_safetensors_roundtrip(tiny, tmp_path):
     bb = labkit.load("tiny", weights=str(tmp_path), seed=123)  # other seed: weights must come from disk
     x = torch.randn(1, 16, 8, 8)
     assert torch.equal(bb(x, 0.3, [x]), tiny(x, 0.3, [x]))
-    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["text.safetensors", "transformer.safetensors", "vae.safetensors"]
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "text.safetensors",
+        "transformer.safetensors",
+        "vae.safetensors",
+    ]
 
 
 def test_import_is_lazy():
     """`import labkit` stays fast (< 3 s, measured in bench/startup.py) by not importing diffusers/peft/transformers."""
-    code = "import sys, labkit; print(sorted(m for m in ('diffusers', 'peft', 'transformers', 'matplotlib') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    heavy = "('diffusers', 'peft', 'transformers', 'matplotlib')"
+    code = f"import sys, labkit; print(sorted(m for m in {heavy} if m in sys.modules))"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(16, 2048), st.integers(16, 2048)), min_size=1, max_size=5),
-       st.integers(256 * 256, 2048 * 2048))
+@given(
+    st.lists(st.tuples(st.integers(16, 2048), st.integers(16, 2048)), min_size=1, max_size=5),
+    st.integers(256 * 256, 2048 * 2048),
+)
 def test_self_budget_never_exceeded(sizes, budget):
     out = M.reference_sizes(sizes, budget, 16)
     assert sum(h * w for h, w in out) <= budget
@@ -114,6 +127,7 @@ def test_committed_mini_card_matches_weights():
     import json
 
     from labkit.mini import weights_hash
+
     folder = P.MINI_WEIGHTS
     if not (folder / "card.json").exists():
         pytest.skip("mini weights not committed yet (make mini)")

@@ -1,5 +1,6 @@
 """Every research notebook runs headlessly through papermill on `tiny` and writes a results.json
 whose claims are well-formed; assertions are on that file, never on cell output."""
+
 import math
 import os
 
@@ -14,20 +15,46 @@ SMALL = {  # small sizes per notebook so the suite stays in minutes on 2 cores
     "02_latent_frequency": dict(n_triplets=6, size=64),
     "04_train_freqmole": dict(steps=4, bank=4, batch=2, size=64, n_val=2, sample_steps=2),
     "03_vae_crop_vs_full": dict(n_images=3, fracs=[0.05, 0.4], upsamples=[2, "work"]),
-    "05_evaluate": dict(n_per_kind=1, n_val_per_kind=1, kinds=["wrong", "smear"], ceiling_room=-100.0, size=64, steps=2,
-                        adapter_source="train", adapter_steps=2, adapters=["lora", "freqmole", "freqmole+boundary"]),
+    "05_evaluate": dict(
+        n_per_kind=1,
+        n_val_per_kind=1,
+        kinds=["wrong", "smear"],
+        ceiling_room=-100.0,
+        size=64,
+        steps=2,
+        adapter_source="train",
+        adapter_steps=2,
+        adapters=["lora", "freqmole", "freqmole+boundary"],
+    ),
     "07_studio": dict(steps=2),
-    "06_reward_finetune": dict(adapter_source="train", sft_steps=1, steps=2, group=2, inputs=1, sample_steps=2, eval_steps=2,
-                               bank=2, n_val=1, n_per_degradation=1, degradations=["blur", "glyph"], study_k=[1, 2],
-                               study_budgets=[0.5, 1.0], n_study=2, size=64, budgets=[0.5, 1.0]),
+    "06_reward_finetune": dict(
+        adapter_source="train",
+        sft_steps=1,
+        steps=2,
+        group=2,
+        inputs=1,
+        sample_steps=2,
+        eval_steps=2,
+        bank=2,
+        n_val=1,
+        n_per_degradation=1,
+        degradations=["blur", "glyph"],
+        study_k=[1, 2],
+        study_budgets=[0.5, 1.0],
+        n_study=2,
+        size=64,
+        budgets=[0.5, 1.0],
+    ),
 }
 
 
 # claims that hold on any backbone (they test the method's bookkeeping, not the model), and the file whose
 # numbers the claim's value must be recomputable from: (csv, column, reduction)
-INVARIANT = {"03_vae_crop_vs_full": ("focus_paste_background_exact", "seams.csv", "bg_changed_pixels", "sum"),
-             "05_evaluate": ("background_exact", "per_case.csv", "bg_box_maxabs", "max"),
-             "07_studio": ("studio_background_untouched", "studio_runs.csv", "changed_outside_box", "sum")}
+INVARIANT = {
+    "03_vae_crop_vs_full": ("focus_paste_background_exact", "seams.csv", "bg_changed_pixels", "sum"),
+    "05_evaluate": ("background_exact", "per_case.csv", "bg_box_maxabs", "max"),
+    "07_studio": ("studio_background_untouched", "studio_runs.csv", "changed_outside_box", "sum"),
+}
 
 
 @pytest.mark.slow
@@ -40,8 +67,11 @@ def test_notebook_runs_on_tiny(nb, tmp_path):
         assert isinstance(c["holds"], bool)
         assert isinstance(c["value"], (int, float)) and not math.isnan(c["value"]), name
     assert list((tmp_path / nb.stem).glob("*.png")), "a notebook saves its figures"
-    if nb.stem in INVARIANT:  # bookkeeping claims hold even on random weights, and their value comes from the saved numbers
+    if (
+        nb.stem in INVARIANT
+    ):  # bookkeeping claims hold even on random weights, and their value comes from the saved numbers
         import pandas as pd
+
         name, csv, col, how = INVARIANT[nb.stem]
         df = pd.read_csv(tmp_path / nb.stem / csv)
         if "method" in df and nb.stem == "05_evaluate":
@@ -54,6 +84,7 @@ def test_notebook_runs_on_tiny(nb, tmp_path):
 def test_notebook_hygiene(nb):
     """Committed notebooks: stripped outputs, exactly one `parameters` cell with out_dir/preset, a kernelspec."""
     import json
+
     d = json.loads(nb.read_text())
     assert d["metadata"]["kernelspec"]["name"] == "python3"
     params = [c for c in d["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
@@ -67,8 +98,14 @@ def test_sweep_collects_points_into_one_table(tmp_path):
     import pandas as pd
 
     from labkit.sweep import grid
-    csv = grid("03_vae_crop_vs_full", {"seed": [0, 1]}, preset="tiny", out=tmp_path,
-               extra=dict(n_images=2, fracs=[0.05, 0.4], upsamples=["work"]))
+
+    csv = grid(
+        "03_vae_crop_vs_full",
+        {"seed": [0, 1]},
+        preset="tiny",
+        out=tmp_path,
+        extra=dict(n_images=2, fracs=[0.05, 0.4], upsamples=["work"]),
+    )
     table = pd.read_csv(csv)
     assert list(table.seed) == [0, 1]
     assert "crop_beats_full_small_regions" in table and "crop_beats_full_small_regions_holds" in table
@@ -84,8 +121,14 @@ def test_slurm_sweep_through_submitit_local_executor_fails_one_point_and_resumes
     import pandas as pd
 
     from labkit.sweep import grid
-    kw = dict(preset="tiny", out=tmp_path, extra=dict(n_images=2, fracs=[0.05, 0.4], upsamples=["work"]), executor="slurm",
-              cluster=dict(cluster="local", partition="ignored-here", time=10))
+
+    kw = dict(
+        preset="tiny",
+        out=tmp_path,
+        extra=dict(n_images=2, fracs=[0.05, 0.4], upsamples=["work"]),
+        executor="slurm",
+        cluster=dict(cluster="local", partition="ignored-here", time=10),
+    )
     csv = grid("03_vae_crop_vs_full", {"seed": [0, 1], "size": [64, 8]}, **kw)
     table = pd.read_csv(csv)
     assert list(table.point) == ["seed-0_size-64", "seed-0_size-8", "seed-1_size-64", "seed-1_size-8"]  # grid order

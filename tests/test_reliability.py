@@ -1,5 +1,6 @@
 """Fail loudly, lose nothing: input checks at the public entry points, adapters that know their backbone,
 malformed pipeline folders, isolated sweep points, folders written at once."""
+
 import json
 
 import numpy as np
@@ -36,7 +37,9 @@ def test_non_finite_and_out_of_range_images_are_refused_with_the_fix(case):
     nan[0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match="1 NaN/inf values"):
         _refine(case, image=nan)
-    with pytest.raises(ValueError, match=r"image is float with values in \[52, 180\]; expected \[0, 1\]: divide by 255"):
+    with pytest.raises(
+        ValueError, match=r"image is float with values in \[52, 180\]; expected \[0, 1\]: divide by 255"
+    ):
         _refine(case, image=(case.draft * 255).round())
     with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
         _refine(case, image=case.draft * 2 - 1)
@@ -76,8 +79,14 @@ def test_too_small_images_name_the_minimum(hw, method):
 
 def test_binary_masks_in_every_accepted_form(case):
     m = case.mask[0].numpy() > 0.5
-    forms = [Image.fromarray(m.astype(np.uint8)), Image.fromarray(m.astype(np.uint8) * 255), m, m.astype(np.uint8),
-             torch.from_numpy(m).float()[None], Image.fromarray(m).convert("1")]
+    forms = [
+        Image.fromarray(m.astype(np.uint8)),
+        Image.fromarray(m.astype(np.uint8) * 255),
+        m,
+        m.astype(np.uint8),
+        torch.from_numpy(m).float()[None],
+        Image.fromarray(m).convert("1"),
+    ]
     for f in forms:
         assert torch.equal(I.as_mask_tensor(f, (64, 64)), torch.from_numpy(m).float()[None]), type(f)
     with pytest.raises(ValueError, match="empty mask"):
@@ -91,9 +100,13 @@ def test_binary_masks_in_every_accepted_form(case):
 def test_adapter_on_another_backbone_says_so_in_one_line(tmp_path):
     from labkit.loop import LoopConfig
     from labkit.sft import SFTConfig, train_sft
+
     bb = labkit.load("tiny")
-    train_sft(bb, LoopConfig(steps=1, warmup=1, out_dir=str(tmp_path), progress=False, mixed_precision="no"),
-              SFTConfig(rank=2, size=64, batch=2, bank=2, val_images=0))
+    train_sft(
+        bb,
+        LoopConfig(steps=1, warmup=1, out_dir=str(tmp_path), progress=False, mixed_precision="no"),
+        SFTConfig(rank=2, size=64, batch=2, bank=2, val_images=0),
+    )
     spec = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
     assert spec["preset"] == "tiny" and spec["model_hash"] == labkit.load("tiny").identity()["model_hash"]
     with pytest.raises(ValueError) as e:
@@ -106,8 +119,10 @@ def test_adapter_on_another_backbone_says_so_in_one_line(tmp_path):
     assert I.load_refiner("tiny", str(tmp_path)).provenance["kind"] == "freqmole"  # on its own backbone it loads
 
 
-@pytest.mark.parametrize("index, what", [("{}", "_class_name"), ("{not json", "not valid JSON"),
-                                         ('{"_class_name": "FluxKontextPipeline"}', "lists no")])
+@pytest.mark.parametrize(
+    "index, what",
+    [("{}", "_class_name"), ("{not json", "not valid JSON"), ('{"_class_name": "FluxKontextPipeline"}', "lists no")],
+)
 def test_malformed_pipeline_folder_names_the_file(tmp_path, index, what):
     (tmp_path / "model_index.json").write_text(index)
     with pytest.raises(ValueError, match=what) as e:
@@ -117,7 +132,9 @@ def test_malformed_pipeline_folder_names_the_file(tmp_path, index, what):
 
 def test_pipeline_folder_with_a_missing_component_names_it(tmp_path):
     parts = ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxKontextPipeline", **{p: ["diffusers", "X"] for p in parts}}))
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({"_class_name": "FluxKontextPipeline", **{p: ["diffusers", "X"] for p in parts}})
+    )
     with pytest.raises(FileNotFoundError, match=r"transformer/config.json is missing"):
         labkit.load(tmp_path)
 
@@ -147,14 +164,21 @@ def test_a_failing_sweep_point_is_a_row_and_the_rest_finish(tmp_path):
     import pandas as pd
 
     from labkit import sweep
+
     extra = dict(n_images=2, fracs=[0.05, 0.4], upsamples=["work"])
-    csv = sweep.grid("03_vae_crop_vs_full", {"device": ["cpu", "cuda"]}, preset="tiny", out=tmp_path, extra=extra, timeout=300)
+    csv = sweep.grid(
+        "03_vae_crop_vs_full", {"device": ["cpu", "cuda"]}, preset="tiny", out=tmp_path, extra=extra, timeout=300
+    )
     t = pd.read_csv(csv)
     assert list(t.status) == ["ok", "failed"] and isinstance(t.error[1], str) and t.error[1]
     assert t.crop_beats_full_small_regions.notna()[0] and (tmp_path / "device-cpu" / "results.json").exists()
     assert (tmp_path / "device-cuda.log").exists() and not (tmp_path / "device-cuda").exists()  # nothing half-written
     stamp = (tmp_path / "device-cpu" / "results.json").stat().st_mtime
-    code = sweep.main(["grid", "03_vae_crop_vs_full", "--preset", "tiny", "--param", "device=cpu,cuda", "--out", str(tmp_path)])
-    assert code == 1 and (tmp_path / "device-cpu" / "results.json").stat().st_mtime == stamp  # failed run: 1; done point skipped
+    code = sweep.main(
+        ["grid", "03_vae_crop_vs_full", "--preset", "tiny", "--param", "device=cpu,cuda", "--out", str(tmp_path)]
+    )
+    assert (
+        code == 1 and (tmp_path / "device-cpu" / "results.json").stat().st_mtime == stamp
+    )  # failed run: 1; done point skipped
     slow = pd.read_csv(sweep.grid("03_vae_crop_vs_full", {"seed": [5]}, preset="tiny", out=tmp_path / "t", timeout=1))
     assert list(slow.status) == ["timeout"] and "timed out after 1 s" in slow.error[0]

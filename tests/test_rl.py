@@ -1,5 +1,6 @@
 """Flow-GRPO pieces: the SDE step's log-probability, advantages, the clipped objective, SELF budgets,
 and a few GRPO steps on tiny that move only the adapter."""
+
 import math
 
 import numpy as np
@@ -58,8 +59,11 @@ def test_clipped_objective_equals_unclipped_at_ratio_one():
 
 
 @settings(max_examples=40, deadline=None)
-@given(k=st.integers(1, 4), sides=st.lists(st.tuples(st.integers(16, 200), st.integers(16, 200)), min_size=4, max_size=4),
-       budget=st.integers(4 * 16 * 16, 300 * 300))
+@given(
+    k=st.integers(1, 4),
+    sides=st.lists(st.tuples(st.integers(16, 200), st.integers(16, 200)), min_size=4, max_size=4),
+    budget=st.integers(4 * 16 * 16, 300 * 300),
+)
 def test_pack_k_references_never_exceeds_the_budget(k, sides, budget):
     refs = [torch.zeros(3, h, w) for h, w in sides[:k]]
     out = pack_references(refs, budget)
@@ -83,6 +87,7 @@ def test_sde_sample_log_probs_score_its_own_steps(tiny):
     """The recorded log-probabilities are those of each stored step under the policy (re-scored from the
     trajectory with the model), a step's log-prob is highest at its mean, and another seed gives another path."""
     from labkit.sampling import sde_step
+
     z = torch.zeros(2, 16, 8, 8)
     tr = sde_sample(tiny, [z], "refine", (2, 16, 8, 8), steps=4, generator=torch.Generator().manual_seed(0))
     assert tr["latents"].shape == (5, 2, 16, 8, 8) and tr["log_probs"].shape == (3, 2)
@@ -108,10 +113,33 @@ def test_few_grpo_steps_change_only_adapter_weights(tmp_path, beta, precision):
             if "lora_B" in n:
                 p.normal_(0, 0.01)
     before = {k: v.clone() for k, v in bb.transformer.state_dict().items()}
-    cfg = rl.GRPOConfig(group=3, inputs=2, sample_steps=3, eval_steps=2, size=64, bank=3, n_val=1, beta=beta, max_refs=2,
-                        budgets=(0.5, 1.0))
-    st_ = rl.train_grpo(bb, LoopConfig(steps=3, lr=1e-2, warmup=1, ckpt_every=100, eval_every=3, out_dir=str(tmp_path),
-                                       progress=False, mixed_precision=precision), cfg, spec)
+    cfg = rl.GRPOConfig(
+        group=3,
+        inputs=2,
+        sample_steps=3,
+        eval_steps=2,
+        size=64,
+        bank=3,
+        n_val=1,
+        beta=beta,
+        max_refs=2,
+        budgets=(0.5, 1.0),
+    )
+    st_ = rl.train_grpo(
+        bb,
+        LoopConfig(
+            steps=3,
+            lr=1e-2,
+            warmup=1,
+            ckpt_every=100,
+            eval_every=3,
+            out_dir=str(tmp_path),
+            progress=False,
+            mixed_precision=precision,
+        ),
+        cfg,
+        spec,
+    )
     after = bb.transformer.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all("lora_" in k for k in changed)

@@ -24,12 +24,28 @@ class StraightFlow:
 
 def test_sampler_integrates_a_straight_flow_exactly():
     x0 = torch.randn(2, 16, 4, 4)
-    out, path = sample(StraightFlow(x0), [], "reconstruct", shape=(2, 16, 4, 4), steps=5,
-                       generator=torch.Generator().manual_seed(0), return_path=True)
+    out, path = sample(
+        StraightFlow(x0),
+        [],
+        "reconstruct",
+        shape=(2, 16, 4, 4),
+        steps=5,
+        generator=torch.Generator().manual_seed(0),
+        return_path=True,
+    )
     assert torch.allclose(out, x0, atol=1e-5) and len(path) == 6
     # img2img: from x0 itself noised to strength 0.4, the remaining 2 of 5 steps also land on x0
-    out2, path2 = sample(StraightFlow(x0), [], "reconstruct", shape=(2, 16, 4, 4), steps=5, init=x0, strength=0.4,
-                         generator=torch.Generator().manual_seed(0), return_path=True)
+    out2, path2 = sample(
+        StraightFlow(x0),
+        [],
+        "reconstruct",
+        shape=(2, 16, 4, 4),
+        steps=5,
+        init=x0,
+        strength=0.4,
+        generator=torch.Generator().manual_seed(0),
+        return_path=True,
+    )
     assert torch.allclose(out2, x0, atol=1e-5) and len(path2) == 3
 
 
@@ -38,13 +54,23 @@ def test_sampler_uses_the_scheduler_as_the_flux_kontext_pipeline_does():
     mu(token count) through diffusers' own retrieve_timesteps; with mini's config they are plain linspace."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
-    flux = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                max_image_seq_len=4096, num_train_timesteps=1000)
+
+    flux = dict(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        num_train_timesteps=1000,
+    )
     bb = StraightFlow(None)
     bb.scheduler_config = flux
     for steps, tokens in [(4, 64), (28, 4096), (8, 1024)]:
         sch = FlowMatchEulerDiscreteScheduler(**flux)
-        ts, _ = retrieve_timesteps(sch, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(tokens))
+        ts, _ = retrieve_timesteps(
+            sch, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(tokens)
+        )
         assert torch.allclose(times(bb, steps, tokens)[:-1], ts.float() / 1000, atol=1e-6)
     bb.scheduler_config = dict(shift=1.0, use_dynamic_shifting=False)
     assert torch.allclose(times(bb, 4, 64), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
@@ -53,7 +79,9 @@ def test_sampler_uses_the_scheduler_as_the_flux_kontext_pipeline_does():
 def test_task_batches_shapes():
     cfg = E.EditorConfig(batch=2, size=64)
     rng = np.random.default_rng(0)
-    for task in [t for t in E.TASKS if t != "refine"]:  # refine examples vary in shape: pretrain.refine_example (own test)
+    for task in [
+        t for t in E.TASKS if t != "refine"
+    ]:  # refine examples vary in shape: pretrain.refine_example (own test)
         b = E.task_batch(task, rng, "train", cfg)
         assert b["target"].shape == (2, 3, 64, 64)
         assert b["contexts"][0].shape == (2, 3, 64, 64)  # every context on the target's grid
@@ -67,12 +95,18 @@ def test_upscale_context_is_the_bicubic_draft_of_the_target():
         b = E.task_batch("upscale", np.random.default_rng(1), "train", cfg, factor=f)
         assert torch.allclose(b["contexts"][0], D.bicubic_draft(b["target"], f))
     b = E.task_batch("upscale", np.random.default_rng(1), "train", E.EditorConfig(batch=16, size=64))
-    used = [f for i in range(16) for f in (2, 4) if torch.allclose(b["contexts"][0][i:i + 1], D.bicubic_draft(b["target"][i:i + 1], f))]
+    used = [
+        f
+        for i in range(16)
+        for f in (2, 4)
+        if torch.allclose(b["contexts"][0][i : i + 1], D.bicubic_draft(b["target"][i : i + 1], f))
+    ]
     assert len(used) == 16 and set(used) == {2, 4}  # every draft is x2 or x4, and both occur
 
 
 def test_oracle_paste_copies_the_true_region():
     from labkit import data as D
+
     for s in range(4):
         t = D.make_triplet(s, "val", 128, factor=1, view_strength=1.0, degradation="blur")
         o = E.oracle_paste(t)
@@ -92,6 +126,7 @@ def test_baseline_claim_says_whether_the_vae_ceiling_leaves_room():
 
 def test_strong_restore_artifacts_remove_what_only_the_reference_has():
     from labkit import data as D
+
     img = D.to_numpy(D.make_triplet(3, "val", 128, factor=1, degradation="blur").hrgt)
     rng = np.random.default_rng(0)
     hf = lambda x: np.abs(np.diff(x, axis=1)).mean()  # noqa: E731  (mean horizontal gradient)
@@ -120,17 +155,30 @@ def test_inpainting_blend_keeps_the_latents_outside_the_mask():
     x0, keep = torch.randn(1, 16, 4, 4, generator=g), torch.randn(1, 16, 4, 4, generator=g)
     km = torch.zeros(1, 1, 4, 4)
     km[..., :2, :] = 1
-    out = sample(StraightFlow(x0), [], "reconstruct", (1, 16, 4, 4), steps=4, init=keep, strength=0.5, keep=keep, keep_mask=km,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        StraightFlow(x0),
+        [],
+        "reconstruct",
+        (1, 16, 4, 4),
+        steps=4,
+        init=keep,
+        strength=0.5,
+        keep=keep,
+        keep_mask=km,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(out[..., :2, :], keep[..., :2, :]) and torch.allclose(out[..., 2:, :], x0[..., 2:, :], atol=1e-5)
 
 
 def test_refine_with_strength_and_blend_runs_on_tiny():
     from labkit import data as Dd
     from labkit import inference as I
+
     c = Dd.make_triplet(0, "test", 64, 2)
     a, _ = I.refine_tensor(c.draft, c.mask, c.hrri, method="full", preset="tiny", steps=4, blend=False)
     b, _ = I.refine_tensor(c.draft, c.mask, c.hrri, method="full", preset="tiny", steps=4, strength=0.5, blend=True)
     far = torch.nn.functional.max_pool2d(c.mask[None], 33, 1, 16)[0, 0] == 0
     rt = I.load_refiner("tiny").bb.roundtrip(c.draft[None])[0]
-    assert (b - rt)[:, far].abs().mean() < (a - rt)[:, far].abs().mean()  # the kept background is the draft's (in latent space)
+    assert (b - rt)[:, far].abs().mean() < (a - rt)[
+        :, far
+    ].abs().mean()  # the kept background is the draft's (in latent space)

@@ -1,5 +1,6 @@
 """The refine studio (labkit.studio): the headless core and the widget app driven from code, on tiny.
 The browser test (tests/browser) drives the same app with mouse events in headless Chromium."""
+
 import io
 import threading
 
@@ -36,7 +37,9 @@ def test_run_changes_pixels_only_inside_the_box(case, method):
 
 
 def test_full_method_changes_outside_the_region_without_blend(case):
-    r = S.run(case.draft, case.mask, case.references, preset="tiny", method="full", steps=2, blend=False, show_overlay=False)
+    r = S.run(
+        case.draft, case.mask, case.references, preset="tiny", method="full", steps=2, blend=False, show_overlay=False
+    )
     x0, y0, x1, y1 = D.bbox_of(case.mask)
     c = r.change.clone()
     c[y0:y1, x0:x1] = 0
@@ -45,7 +48,9 @@ def test_full_method_changes_outside_the_region_without_blend(case):
 
 
 def test_filmstrip_frames_are_the_steps_x0_predictions(case):
-    r = S.run(case.draft, case.mask, case.references, preset="tiny", method="focus", steps=4, blend=False, show_overlay=False)
+    r = S.run(
+        case.draft, case.mask, case.references, preset="tiny", method="focus", steps=4, blend=False, show_overlay=False
+    )
     assert len(r.filmstrip) == 4 and not torch.equal(r.filmstrip[0], r.filmstrip[-1])  # the prediction moves
     ref = S.I.load_refiner("tiny")
     x0s = []
@@ -61,18 +66,22 @@ def test_cancel_stops_between_steps(case):
         seen.append(i)
         if i == 2:
             ev.set()
+
     with pytest.raises(S.Cancelled, match="after 3 of 6"):
         S.run(case.draft, case.mask, case.references, preset="tiny", method="focus", steps=6, on_step=step, cancel=ev)
     assert seen == [1, 2]
 
 
-@pytest.mark.parametrize("bad, needle", [
-    (dict(mask=torch.zeros(1, 128, 128)), "no region"),
-    (dict(references=[]), "copies from a reference"),
-    (dict(preset="nonsense"), "unknown preset"),
-    (dict(preset="/no/such/pipeline"), "does not load"),
-    (dict(draft=torch.rand(3, 16, 16), mask=torch.ones(1, 16, 16)), "at least 32 px"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (dict(mask=torch.zeros(1, 128, 128)), "no region"),
+        (dict(references=[]), "copies from a reference"),
+        (dict(preset="nonsense"), "unknown preset"),
+        (dict(preset="/no/such/pipeline"), "does not load"),
+        (dict(draft=torch.rand(3, 16, 16), mask=torch.ones(1, 16, 16)), "at least 32 px"),
+    ],
+)
 def test_bad_inputs_are_studio_errors_naming_the_fix(case, bad, needle):
     kw = dict(draft=case.draft, mask=case.mask, references=case.references, preset="tiny", method="align") | bad
     with pytest.raises(S.StudioError, match=needle):
@@ -128,12 +137,18 @@ def test_run_button_fills_the_panels_and_save_writes_the_case_folder(app, tmp_pa
     assert len(D.load_cases(folder)) == 1
 
 
-@pytest.mark.parametrize("setup, needle", [
-    (lambda a: a.clear_region(), "no region"),
-    (lambda a: a.set_references([]), "copies from a reference"),
-    (lambda a: setattr(a.preset, "value", "/no/such/pipeline"), "does not load"),
-    (lambda a: a.set_image(torch.rand(3, 16, 16), [torch.rand(3, 16, 16)], mask=torch.ones(1, 16, 16)), "at least 32 px"),
-])
+@pytest.mark.parametrize(
+    "setup, needle",
+    [
+        (lambda a: a.clear_region(), "no region"),
+        (lambda a: a.set_references([]), "copies from a reference"),
+        (lambda a: setattr(a.preset, "value", "/no/such/pipeline"), "does not load"),
+        (
+            lambda a: a.set_image(torch.rand(3, 16, 16), [torch.rand(3, 16, 16)], mask=torch.ones(1, 16, 16)),
+            "at least 32 px",
+        ),
+    ],
+)
 def test_run_button_shows_errors_in_the_widget_not_a_traceback(app, setup, needle):
     setup(app)
     app.run_button.click()  # the button's handler: no exception escapes
@@ -158,7 +173,9 @@ def test_threaded_run_can_be_cancelled(app, monkeypatch):
             gate.set()
             on_step(i, n)
             threading.Event().wait(0.05)
+
         return orig(*a, on_step=step, **kw)
+
     monkeypatch.setattr(S, "run", slow_run)
     app.run()
     assert gate.wait(60)

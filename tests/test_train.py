@@ -26,6 +26,7 @@ def _editor_loss(bb, fixed: bool):
         t = L.sample_t(r, 4)
         eps = torch.from_numpy(r.standard_normal(z.shape)).float()
         return L.flow_matching_loss(s.model, z, [z], "reconstruct", t, eps), {}
+
     return loss_fn
 
 
@@ -37,7 +38,9 @@ def _trainable_tiny():
 
 def test_few_steps_lower_the_loss(tmp_path):
     bb = _trainable_tiny()
-    cfg = LoopConfig(steps=40, lr=3e-3, warmup=5, ckpt_every=1000, out_dir=str(tmp_path), progress=False, mixed_precision="no")
+    cfg = LoopConfig(
+        steps=40, lr=3e-3, warmup=5, ckpt_every=1000, out_dir=str(tmp_path), progress=False, mixed_precision="no"
+    )
     st = run_loop(cfg, bb, _editor_loss(bb, fixed=True))
     losses = [h["loss"] for h in st["history"]]
     assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
@@ -50,7 +53,9 @@ def test_precision_is_pinned_and_nothing_is_left_on_the_module(tmp_path, precisi
     """fp32 and bf16 autocast, whatever this CPU offers: trainable weights stay fp32, the loss falls, and after
     training the module computes exactly what a fresh copy with the same weights computes (no autocast left)."""
     bb = _trainable_tiny()
-    cfg = LoopConfig(steps=20, lr=3e-3, warmup=2, ckpt_every=1000, out_dir=str(tmp_path), progress=False, mixed_precision=precision)
+    cfg = LoopConfig(
+        steps=20, lr=3e-3, warmup=2, ckpt_every=1000, out_dir=str(tmp_path), progress=False, mixed_precision=precision
+    )
     st = run_loop(cfg, bb, _editor_loss(bb, fixed=True))
     losses = [h["loss"] for h in st["history"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
@@ -64,13 +69,23 @@ def test_precision_is_pinned_and_nothing_is_left_on_the_module(tmp_path, precisi
 
 def test_gradient_checkpointing_and_accumulation_change_memory_not_the_result(tmp_path):
     """Checkpointing recomputes activations: same losses and weights; 2 micro-batches of the same batch = 1 batch."""
+
     def run(name, **kw):
         bb = _trainable_tiny()
-        cfg = LoopConfig(steps=4, lr=3e-3, warmup=1, ckpt_every=1000, out_dir=str(tmp_path / name), progress=False,
-                         mixed_precision="no", **kw)
+        cfg = LoopConfig(
+            steps=4,
+            lr=3e-3,
+            warmup=1,
+            ckpt_every=1000,
+            out_dir=str(tmp_path / name),
+            progress=False,
+            mixed_precision="no",
+            **kw,
+        )
         st = run_loop(cfg, bb, _editor_loss(bb, fixed=True))
         assert not bb.transformer.gradient_checkpointing  # switched off again after training
         return [h["loss"] for h in st["history"]], torch.cat([p.flatten() for p in bb.transformer.parameters()])
+
     (la, wa), (lb, wb), (lc, wc) = run("plain"), run("gc", gradient_checkpointing=True), run("acc", grad_accum=2)
     assert np.allclose(la, lb, rtol=1e-5) and torch.allclose(wa, wb, atol=1e-6)
     assert np.allclose(la, lc, rtol=1e-4) and torch.allclose(wa, wc, atol=1e-5)
@@ -83,7 +98,10 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path):
     def loss_fn(s):
         loss, logs = inner(s)
         return (loss * float("nan") if s.step == 3 else loss), logs
-    cfg = LoopConfig(steps=10, lr=1e-3, warmup=1, ckpt_every=1, out_dir=str(tmp_path), progress=False, mixed_precision="no")
+
+    cfg = LoopConfig(
+        steps=10, lr=1e-3, warmup=1, ckpt_every=1, out_dir=str(tmp_path), progress=False, mixed_precision="no"
+    )
     with pytest.raises(NonFiniteError, match="step 4: loss is nan"):
         run_loop(cfg, bb, loss_fn)
     state = json.loads((tmp_path / "ckpt" / "loop_state.json").read_text())
@@ -92,9 +110,37 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path):
 
 
 def test_cli_with_a_huge_lr_exits_nonzero_and_writes_no_adapter(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "labkit.train", "sft", "--preset", "tiny", "--steps", "6", "--size", "64", "--batch", "2",
-                        "--bank", "2", "--rank", "2", "--lr", "1e6", "--val-images", "0", "--mixed-precision", "no", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "labkit.train",
+            "sft",
+            "--preset",
+            "tiny",
+            "--steps",
+            "6",
+            "--size",
+            "64",
+            "--batch",
+            "2",
+            "--bank",
+            "2",
+            "--rank",
+            "2",
+            "--lr",
+            "1e6",
+            "--val-images",
+            "0",
+            "--mixed-precision",
+            "no",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 1, r.stderr[-2000:]
     assert "failed: step" in r.stderr and ("loss is" in r.stderr or "gradient norm is" in r.stderr)
     assert not (tmp_path / "adapter" / "adapter.safetensors").exists()
@@ -103,9 +149,19 @@ def test_cli_with_a_huge_lr_exits_nonzero_and_writes_no_adapter(tmp_path):
 def test_finished_run_resumes_with_the_same_config_and_refuses_another(tmp_path):
     def run(lr, fresh=False):
         bb = _trainable_tiny()
-        cfg = LoopConfig(steps=4, lr=lr, warmup=1, ckpt_every=2, out_dir=str(tmp_path), progress=False, mixed_precision="no", fresh=fresh)
+        cfg = LoopConfig(
+            steps=4,
+            lr=lr,
+            warmup=1,
+            ckpt_every=2,
+            out_dir=str(tmp_path),
+            progress=False,
+            mixed_precision="no",
+            fresh=fresh,
+        )
         st = run_loop(cfg, bb, _editor_loss(bb, fixed=True), run_config=dict(recipe="x"))
         return st, torch.cat([p.flatten() for p in bb.transformer.parameters()])
+
     a, wa = run(1e-3)
     b, wb = run(1e-3)  # same config: resumes the finished run, nothing more to do
     assert b["step"] == 4 and len(b["history"]) == 4 and torch.equal(wa, wb)
@@ -131,7 +187,10 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, ema):
             if kill_at and calls["n"] == kill_at:
                 raise Killed
             return inner(s)
-        cfg = LoopConfig(steps=10, lr=1e-3, warmup=2, ckpt_every=4, out_dir=str(out), progress=False, ema=ema, mixed_precision="no")
+
+        cfg = LoopConfig(
+            steps=10, lr=1e-3, warmup=2, ckpt_every=4, out_dir=str(out), progress=False, ema=ema, mixed_precision="no"
+        )
         return run_loop(cfg, bb, loss_fn), bb
 
     full, bb_a = run(tmp_path / "a")
@@ -148,12 +207,22 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, ema):
 
 def test_ema_weights_lag_the_raw_weights(tmp_path):
     """With EMA the loop ends on the averaged weights: between the start and the raw end point."""
+
     def run(ema):
         bb = _trainable_tiny()
-        cfg = LoopConfig(steps=12, lr=3e-3, warmup=1, ckpt_every=1000, out_dir=str(tmp_path / str(ema)), progress=False, ema=ema,
-                         mixed_precision="no")
+        cfg = LoopConfig(
+            steps=12,
+            lr=3e-3,
+            warmup=1,
+            ckpt_every=1000,
+            out_dir=str(tmp_path / str(ema)),
+            progress=False,
+            ema=ema,
+            mixed_precision="no",
+        )
         run_loop(cfg, bb, _editor_loss(bb, fixed=True))
         return torch.cat([p.flatten() for p in bb.transformer.parameters()])
+
     w0 = torch.cat([p.flatten() for p in labkit.load("tiny").transformer.parameters()])
     raw, avg = run(0.0), run(0.95)
     assert 0 < (avg - w0).norm() < (raw - w0).norm()
@@ -168,18 +237,27 @@ def test_loop_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch):
         torch.manual_seed(0)
         m = torch.nn.Linear(4, 1)
         x, y = torch.randn(16, 4), torch.randn(16, 1)
-        return m, run_loop(LoopConfig(steps=6, lr=1e-2, warmup=1, ckpt_every=2, out_dir=str(out), progress=False,
-                                      mixed_precision="no"), m, lambda s: (((s.model(x) - y) ** 2).mean(), {}))
+        return m, run_loop(
+            LoopConfig(
+                steps=6, lr=1e-2, warmup=1, ckpt_every=2, out_dir=str(out), progress=False, mixed_precision="no"
+            ),
+            m,
+            lambda s: (((s.model(x) - y) ** 2).mean(), {}),
+        )
+
     real = LP.write_json
 
     def crash_at_step_4(obj, path):
         if Path(path).name == "loop_state.json" and obj.get("step") == 4:
             raise OSError("disk full")
         return real(obj, path)
+
     monkeypatch.setattr(LP, "write_json", crash_at_step_4)
     with pytest.raises(OSError):
         run(tmp_path / "a")
-    assert json.loads((tmp_path / "a" / "ckpt" / "loop_state.json").read_text())["step"] == 2  # the last whole checkpoint
+    assert (
+        json.loads((tmp_path / "a" / "ckpt" / "loop_state.json").read_text())["step"] == 2
+    )  # the last whole checkpoint
     assert LP._latest_ckpt(tmp_path / "a") == tmp_path / "a" / "ckpt"
     monkeypatch.setattr(LP, "write_json", real)
     resumed, st = run(tmp_path / "a")
@@ -207,17 +285,35 @@ def test_frequency_loss_zero_at_target_and_positive_elsewhere():
     assert loss2.item() > 0.1
 
 
-@pytest.mark.parametrize("adapter, extra, precision", [("freqmole", dict(w_freq=0.5, boundary_alpha=9.0), "no"),
-                                                      ("lora", dict(mask_weight=1.0), "no"),
-                                                      ("freqmole", dict(w_freq=0.5, boundary_alpha=9.0), "bf16")])
+@pytest.mark.parametrize(
+    "adapter, extra, precision",
+    [
+        ("freqmole", dict(w_freq=0.5, boundary_alpha=9.0), "no"),
+        ("lora", dict(mask_weight=1.0), "no"),
+        ("freqmole", dict(w_freq=0.5, boundary_alpha=9.0), "bf16"),
+    ],
+)
 def test_sft_lowers_loss_and_trains_only_adapters(tmp_path, adapter, extra, precision):
     from labkit import freqmole as FM
     from labkit.sft import SFTConfig, train_sft
+
     bb = labkit.load("tiny")
     base = {k: v.clone() for k, v in bb.transformer.state_dict().items()}
     cfg = SFTConfig(adapter=adapter, rank=4, size=64, batch=4, bank=4, val_images=2, val_steps=2, **extra)
-    st = train_sft(bb, LoopConfig(steps=30, lr=3e-3, warmup=3, ckpt_every=1000, eval_every=30, out_dir=str(tmp_path),
-                                  progress=False, mixed_precision=precision), cfg)
+    st = train_sft(
+        bb,
+        LoopConfig(
+            steps=30,
+            lr=3e-3,
+            warmup=3,
+            ckpt_every=1000,
+            eval_every=30,
+            out_dir=str(tmp_path),
+            progress=False,
+            mixed_precision=precision,
+        ),
+        cfg,
+    )
     losses = [h["loss"] for h in st["history"]]
     assert np.mean(losses[-6:]) < np.mean(losses[:6])
     after = {k.replace(".base_layer", ""): v for k, v in bb.transformer.state_dict().items() if "lora_" not in k}
@@ -239,17 +335,32 @@ def test_alpha_freezing_survives_resume(tmp_path):
 
     from labkit import freqmole as FM
     from labkit.sft import SFTConfig, train_sft
+
     cfg = SFTConfig(adapter="freqmole", rank=2, size=64, batch=2, bank=4, val_images=0, alpha_freeze_step=3)
 
     def run(out, stop_after=None):
-        bb = labkit.load("tiny")  # max_minutes ~0 makes the run stop (and save) after one more step; it is not part of the config
-        loop = LoopConfig(steps=8, lr=3e-2, warmup=1, ckpt_every=1, eval_every=1000, out_dir=str(out), progress=False,
-                          mixed_precision="no", max_minutes=1e-9 if stop_after else None)
+        bb = labkit.load(
+            "tiny"
+        )  # max_minutes ~0 makes the run stop (and save) after one more step; it is not part of the config
+        loop = LoopConfig(
+            steps=8,
+            lr=3e-2,
+            warmup=1,
+            ckpt_every=1,
+            eval_every=1000,
+            out_dir=str(out),
+            progress=False,
+            mixed_precision="no",
+            max_minutes=1e-9 if stop_after else None,
+        )
         train_sft(bb, loop, cfg)
         return bb
 
     def alphas(out):
-        return {k: v for k, v in load_file(str(out / "ckpt" / "trainable.safetensors")).items() if "lora_freq_alpha" in k}
+        return {
+            k: v for k, v in load_file(str(out / "ckpt" / "trainable.safetensors")).items() if "lora_freq_alpha" in k
+        }
+
     full = run(tmp_path / "a")
     for _ in range(3):
         run(tmp_path / "b", stop_after=True)
@@ -272,10 +383,38 @@ def test_accelerate_launch_one_cpu_process(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [str(launcher), "launch", "--num_processes", "1", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "labkit.train", "sft", "--preset", "tiny", "--steps", "3", "--size", "64",
-           "--batch", "2", "--bank", "2", "--rank", "2", "--out", str(tmp_path)]
+    cmd = [
+        str(launcher),
+        "launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "labkit.train",
+        "sft",
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--size",
+        "64",
+        "--batch",
+        "2",
+        "--bank",
+        "2",
+        "--rank",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "adapter" / "adapter.safetensors").exists()
@@ -290,15 +429,44 @@ def test_editor_probe_continues_from_weights_on_one_task(tmp_path):
     from labkit import models as M
     from labkit import presets as P
     from labkit.train import main as train_main
+
     init = tmp_path / "init"
     M.save_weights(M.build(P.get("tiny", weights=None)), init, {})
     out = tmp_path / "out"
-    assert train_main(["editor", "--preset", "tiny", "--init", str(init), "--task-probs", "0", "1", "0", "0", "0",
-                       "--upscale", "4", "--editor-steps", "3", "--bank-size", "8", "--out", str(out), "--run-dir", str(tmp_path / "run")]) == 0
+    assert (
+        train_main(
+            [
+                "editor",
+                "--preset",
+                "tiny",
+                "--init",
+                str(init),
+                "--task-probs",
+                "0",
+                "1",
+                "0",
+                "0",
+                "0",
+                "--upscale",
+                "4",
+                "--editor-steps",
+                "3",
+                "--bank-size",
+                "8",
+                "--out",
+                str(out),
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     ed = json.loads((out / "card.json").read_text())["stages"]["editor"]
     assert ed["recipe"]["task_probs"] == [0, 1, 0, 0, 0] and ed["recipe"]["upscale"] == [4] and ed["init"] == str(init)
     assert ed["warm_restart"]
-    assert {k for e in ed["evals"] for k in e if k.startswith("val_loss")} == {"val_loss_upscale"}  # only the drawn task
+    assert {k for e in ed["evals"] for k in e if k.startswith("val_loss")} == {
+        "val_loss_upscale"
+    }  # only the drawn task
     a, b = load_file(init / "vae.safetensors"), load_file(out / "vae.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the VAE stays frozen
     a, b = load_file(init / "transformer.safetensors"), load_file(out / "transformer.safetensors")
@@ -348,6 +516,7 @@ def test_two_cpu_processes_sync_gradients_and_match_one_process_with_the_doubled
     from pathlib import Path
 
     from safetensors.torch import load_file
+
     script = tmp_path / "ddp_sft.py"
     script.write_text(DDP_SCRIPT)
     launcher = Path(sys.executable).parent / "accelerate"
@@ -356,14 +525,32 @@ def test_two_cpu_processes_sync_gradients_and_match_one_process_with_the_doubled
     def launch(n, batch, name):
         log = tmp_path / name
         log.mkdir()
-        cmd = [str(launcher), "launch", "--num_processes", str(n), "--multi_gpu" if n > 1 else "--cpu", "--num_machines", "1",
-               "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(script), str(log / "out"), str(log), str(batch)]
+        cmd = [
+            str(launcher),
+            "launch",
+            "--num_processes",
+            str(n),
+            "--multi_gpu" if n > 1 else "--cpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(script),
+            str(log / "out"),
+            str(log),
+            str(batch),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         return log
+
     two, one = launch(2, 2, "two"), launch(1, 4, "one")
-    w0, w1, ws = (load_file(str(p)) for p in (two / "weights_0.safetensors", two / "weights_1.safetensors", one / "weights_0.safetensors"))
+    w0, w1, ws = (
+        load_file(str(p))
+        for p in (two / "weights_0.safetensors", two / "weights_1.safetensors", one / "weights_0.safetensors")
+    )
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # gradients were synchronised
     init = {k: v for k, v in w0.items() if "lora_B" in k}
     assert any(v.abs().max() > 0 for v in init.values())  # and training moved the adapter
@@ -389,8 +576,9 @@ st = train_sft(bb, LoopConfig(steps=4, lr=1e-2, warmup=1, ckpt_every=2, eval_eve
                               mixed_precision="no", fsdp=fsdp), cfg)
 blocks = [n for n, m in bb.transformer.named_modules() if type(m).__name__.startswith("FSDP")]
 rank = PartialState().process_index
-(out / f"result_{rank}.json").write_text(json.dumps(dict(loss=[h["loss"] for h in st["history"]], engine=st["fsdp_engine"],
-                                                        fsdp_modules=blocks, distributed=str(PartialState().distributed_type))))
+res = dict(loss=[h["loss"] for h in st["history"]], engine=st["fsdp_engine"], fsdp_modules=blocks,
+           distributed=str(PartialState().distributed_type))
+(out / f"result_{rank}.json").write_text(json.dumps(res))
 """
 
 
@@ -406,25 +594,48 @@ def test_fsdp_two_cpu_processes_match_one_process(tmp_path):
     from pathlib import Path
 
     from safetensors.torch import load_file
+
     script = tmp_path / "fsdp_sft.py"
     script.write_text(FSDP_SCRIPT)
     launcher = Path(sys.executable).parent / "accelerate"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
     def launch(n, batch, out, fsdp="1"):
-        cmd = [str(launcher), "launch", "--num_processes", str(n), "--multi_gpu" if n > 1 else "--cpu", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(out), fsdp, str(batch)]
+        cmd = [
+            str(launcher),
+            "launch",
+            "--num_processes",
+            str(n),
+            "--multi_gpu" if n > 1 else "--cpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(script),
+            str(out),
+            fsdp,
+            str(batch),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads((out / "result_0.json").read_text())
+
     two, one = launch(2, 2, tmp_path / "two"), launch(1, 4, tmp_path / "one", fsdp="0")
-    assert two["engine"] == "torch" and "MULTI_CPU" in two["distributed"]  # the plugin was not applied on CPU: torch's fully_shard was
+    assert (
+        two["engine"] == "torch" and "MULTI_CPU" in two["distributed"]
+    )  # the plugin was not applied on CPU: torch's fully_shard was
     assert len(two["fsdp_modules"]) >= 3 and one["fsdp_modules"] == []  # blocks + the transformer root are FSDP units
     assert np.allclose(two["loss"], one["loss"], rtol=1e-5, atol=1e-6)  # the same loss curve
     a, b = (load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("two", "one"))
-    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # the same adapter, saved whole once
+    assert set(a) == set(b) and all(
+        torch.allclose(a[k], b[k], atol=1e-5) for k in a
+    )  # the same adapter, saved whole once
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # and training moved it
     assert json.loads((tmp_path / "two" / "result_1.json").read_text())["loss"] == two["loss"]
-    launch(2, 2, tmp_path / "two")  # the finished run again: resumes from its sharded checkpoint (per-rank optimizer shards)
+    launch(
+        2, 2, tmp_path / "two"
+    )  # the finished run again: resumes from its sharded checkpoint (per-rank optimizer shards)
     c = load_file(str(tmp_path / "two" / "adapter" / "adapter.safetensors"))
     assert all(torch.equal(a[k], c[k]) for k in a)

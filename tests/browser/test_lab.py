@@ -2,6 +2,7 @@
 run to the end on tiny with no error output, and moving the 01 explorer's slider redraws its figure; the
 07 studio is driven with the mouse (draw a region, Run, Save) and its case folder checked.
 Screenshots land in .cache/browser/. Run with `make test-browser` (needs `apt-get install chromium`)."""
+
 import json
 import os
 import shutil
@@ -17,8 +18,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / ".cache" / "browser"
 TOKEN = "labkit-browser-test"
-SMALL = {"00_tour": dict(n_triplets=2), "01_attention_correspondence": dict(n_pairs=3, n_calib=2, timesteps=[1.0, 0.5], sample_steps=2, size=64),
-         "07_studio": dict(steps=3, cases_dir=str(WORK / "studio_cases"))}
+SMALL = {
+    "00_tour": dict(n_triplets=2),
+    "01_attention_correspondence": dict(n_pairs=3, n_calib=2, timesteps=[1.0, 0.5], sample_steps=2, size=64),
+    "07_studio": dict(steps=3, cases_dir=str(WORK / "studio_cases")),
+}
 
 
 def _free_port() -> int:
@@ -30,16 +34,37 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def lab():
     import papermill as pm
+
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     for stem, params in SMALL.items():  # the notebooks with tiny parameters injected, not executed
-        pm.execute_notebook(str(REPO / "notebooks" / f"{stem}.ipynb"), str(WORK / f"{stem}.ipynb"), prepare_only=True,
-                            parameters=dict(preset="tiny", out_dir=str(WORK / "out" / stem), **params))
+        pm.execute_notebook(
+            str(REPO / "notebooks" / f"{stem}.ipynb"),
+            str(WORK / f"{stem}.ipynb"),
+            prepare_only=True,
+            parameters=dict(preset="tiny", out_dir=str(WORK / "out" / stem), **params),
+        )
     port = _free_port()
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-           f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={WORK}", "--LabApp.expose_app_in_browser=True", "--allow-root"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        f"--port={port}",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.token={TOKEN}",
+        f"--ServerApp.root_dir={WORK}",
+        "--LabApp.expose_app_in_browser=True",
+        "--allow-root",
+    ]
     log = open(WORK / "lab.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, MPLBACKEND="module://matplotlib_inline.backend_inline"))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, MPLBACKEND="module://matplotlib_inline.backend_inline"),
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -58,6 +83,7 @@ def lab():
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
+
     exe = shutil.which("chromium") or "/usr/bin/chromium"
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox", "--disable-gpu"])
@@ -67,14 +93,21 @@ def browser():
 
 def _run_all(page, url: str, name: str, timeout_s: float = 300) -> None:
     page.goto(f"{url}/lab/tree/{name}?token={TOKEN}")
-    page.wait_for_function("(name) => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                           " return w && w.context && w.context.path === name && w.sessionContext && w.sessionContext.session &&"
-                           " w.sessionContext.session.kernel; }", arg=name, timeout=120_000)
-    page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'", timeout=120_000)
+    page.wait_for_function(
+        "(name) => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+        " return w && w.context && w.context.path === name && w.sessionContext && w.sessionContext.session &&"
+        " w.sessionContext.session.kernel; }",
+        arg=name,
+        timeout=120_000,
+    )
+    page.wait_for_function(
+        "() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'", timeout=120_000
+    )
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
     done = """() => { const nb = window.jupyterapp.shell.currentWidget;
         const cells = nb.content.widgets.filter(c => c.model.type === 'code');
-        return cells.every(c => c.model.executionCount !== null) && nb.sessionContext.session.kernel.status === 'idle'; }"""
+        return cells.every(c => c.model.executionCount !== null)
+          && nb.sessionContext.session.kernel.status === 'idle'; }"""
     page.wait_for_function(done, timeout=timeout_s * 1000, polling=1000)
 
 
@@ -105,8 +138,12 @@ def test_tour_and_attention_notebooks_run_and_the_explorer_responds(lab, browser
     handle = slider.locator(".noUi-handle, [role=slider]").first
     handle.focus()
     handle.press("ArrowRight")  # case 0 -> 1
-    page.wait_for_function("(b) => { const i = [...document.querySelectorAll('.widget-interact .jp-OutputArea-output img')].pop();"
-                           " return i && i.getAttribute('src') !== b; }", arg=before, timeout=60_000)
+    page.wait_for_function(
+        "(b) => { const i = [...document.querySelectorAll('.widget-interact .jp-OutputArea-output img')].pop();"
+        " return i && i.getAttribute('src') !== b; }",
+        arg=before,
+        timeout=60_000,
+    )
     page.screenshot(path=str(WORK / "01_explorer_after.png"), full_page=True)
     assert img.get_attribute("src") != before  # the figure was redrawn for the other case
     page.close()
@@ -115,6 +152,7 @@ def test_tour_and_attention_notebooks_run_and_the_explorer_responds(lab, browser
 def test_studio_draws_runs_and_saves_with_the_mouse(lab, browser):
     import numpy as np
     from PIL import Image
+
     page = browser.new_page(viewport={"width": 1600, "height": 1200})
     _run_all(page, lab, "07_studio.ipynb")
     assert _errors(page) == []
@@ -134,8 +172,12 @@ def test_studio_draws_runs_and_saves_with_the_mouse(lab, browser):
     before = out_img.get_attribute("src")
     page.wait_for_timeout(500)
     page.locator(".studio-run").first.click()
-    page.wait_for_function("(b) => { const i = document.querySelector('img.studio-panel-output');"
-                           " return i && i.getAttribute('src') !== b; }", arg=before, timeout=120_000)
+    page.wait_for_function(
+        "(b) => { const i = document.querySelector('img.studio-panel-output');"
+        " return i && i.getAttribute('src') !== b; }",
+        arg=before,
+        timeout=120_000,
+    )
     assert page.locator(".studio-error").count() == 0
     page.locator(".studio-save").first.click()
     page.wait_for_function("() => (document.querySelector('.studio-saved') || {}).textContent", timeout=60_000)
