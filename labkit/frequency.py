@@ -101,39 +101,3 @@ def block_names(transformer) -> list[str]:
     return [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))] + [
         f"single_transformer_blocks.{i}" for i in range(len(transformer.single_transformer_blocks))
     ]
-
-
-@torch.no_grad()
-def layerwise_similarity(bb, x_t: torch.Tensor, t: float, contexts, prompt: str, sigma: float = 1.0) -> dict:
-    """Cosine similarity of each block's LF and HF image-token parts to the last block's (Fig. 5a)."""
-    h, w = x_t.shape[-2] // 2, x_t.shape[-1] // 2
-    with capture_hidden(bb.transformer, n_target=h * w) as store:
-        bb(x_t, t, contexts, prompt=prompt)
-    names = block_names(bb.transformer)
-    parts = {n: split_tokens(store[n][-1], h, w, sigma) for n in names}
-    lf_last, hf_last = parts[names[-1]]
-    return dict(
-        blocks=names,
-        lf=[cosine(parts[n][0], lf_last).mean().item() for n in names],
-        hf=[cosine(parts[n][1], hf_last).mean().item() for n in names],
-    )
-
-
-@torch.no_grad()
-def triplet_latents(bb, trips) -> dict[str, torch.Tensor]:
-    """Normalised latents (N, 16, h, w) of HRGT, HRRI and the bicubic-upsampled LRGI of each triplet."""
-    stack = lambda xs: torch.cat([bb.encode(x[None]).cpu().float() for x in xs])  # noqa: E731
-    return dict(
-        hrgt=stack([t.hrgt for t in trips]), hrri=stack([t.hrri for t in trips]), lrgi=stack([t.draft for t in trips])
-    )
-
-
-def closeness(z: dict[str, torch.Tensor], sigma: float = 1.0) -> dict[str, torch.Tensor]:
-    """Per-triplet cosine similarity to HRGT of LRGI and HRRI latents, on full latents and on LF only (Fig. 5b, c)."""
-    lf = {k: lowpass(v, sigma) for k, v in z.items()}
-    return dict(
-        lrgi=cosine(z["lrgi"], z["hrgt"]),
-        hrri=cosine(z["hrri"], z["hrgt"]),
-        lrgi_lf=cosine(lf["lrgi"], lf["hrgt"]),
-        hrri_lf=cosine(lf["hrri"], lf["hrgt"]),
-    )

@@ -4,6 +4,7 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from labkit import attention as A
+from labkit.experiments import attention_correspondence as XA
 
 
 class NaiveProcessor(FluxAttnProcessor):
@@ -91,7 +92,7 @@ def test_postprocessing_and_iou():
     assert box == (48, 32, 96, 64) and comp.sum() == 6
     assert A.box_iou(box, box) == 1.0 and A.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
     rng = np.random.default_rng(0)
-    assert 0 < A.chance_box_iou(box, box, 128, rng) < 0.5
+    assert 0 < XA.chance_box_iou(box, box, 128, rng) < 0.5
 
 
 def test_crop_reference_returns_the_box_content_upsampled():

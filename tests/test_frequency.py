@@ -1,6 +1,7 @@
 import torch
 
 from labkit import frequency as Fq
+from labkit.experiments import latent_frequency as XF
 
 
 def test_split_is_exact_and_constant_is_lf():
@@ -44,6 +45,6 @@ def test_capture_one_entry_per_block_and_hooks_removed(tiny):
 
 def test_layerwise_similarity_last_is_one(tiny):
     x = torch.randn(2, 16, 8, 8)
-    r = Fq.layerwise_similarity(tiny, x, 0.5, [x], "reconstruct")
+    r = XF.layerwise_similarity(tiny, x, 0.5, [x], "reconstruct")
     assert len(r["lf"]) == len(r["blocks"]) == 4
     assert abs(r["lf"][-1] - 1) < 1e-5 and abs(r["hf"][-1] - 1) < 1e-5

@@ -3,6 +3,7 @@ import torch
 
 from labkit import data as D
 from labkit import pretrain as E
+from labkit.experiments import mini_backbone as XM
 from labkit.sampling import sample, times
 
 
@@ -118,9 +119,9 @@ def test_oracle_paste_copies_the_true_region():
 
 def test_baseline_claim_says_whether_the_vae_ceiling_leaves_room():
     r = dict(editor_psnr=22.0, input_psnr=21.0, vae_ceiling_psnr=23.0)
-    c = E.baseline_claim(r, "dB")
+    c = XM.baseline_claim(r, "dB")
     assert c["holds"] and c["reachable"] and "reachable" in c["note"]
-    c = E.baseline_claim(dict(editor_psnr=22.0, input_psnr=25.0, vae_ceiling_psnr=23.0), "dB")
+    c = XM.baseline_claim(dict(editor_psnr=22.0, input_psnr=25.0, vae_ceiling_psnr=23.0), "dB")
     assert not c["holds"] and not c["reachable"] and "no latent editor" in c["note"]
 
 

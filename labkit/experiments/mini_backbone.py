@@ -1,0 +1,56 @@
+"""Notebook 00_mini_backbone's experiment code: its claims from the pretraining evaluations."""
+
+from __future__ import annotations
+
+
+def copy_claim(ev: dict, near: float = 1.5, room: float = 1.0, editor: str = "editor") -> dict:
+    """Claim editor_copies_aligned_reference from evaluate_refine(reference='target'): on every kind of damage
+    whose ceiling leaves room (VAE-through-focus ceiling > draft + `room` dB), the editor's region PSNR is above
+    the draft's and within `near` dB of the ceiling; kinds without room are listed, not judged."""
+    from ..results import claim
+
+    bk = {k: {c: x for c, x in v.items() if c != "skipped_no_room"} for k, v in ev["by_kind"].items()}
+    judged = {k: v for k, v in bk.items() if v["ceiling"] > v["draft"] + room}
+    ok = {k: v[editor] > v["draft"] and v[editor] >= v["ceiling"] - near for k, v in judged.items()}
+    worst = min(judged, key=lambda k: judged[k][editor] - judged[k]["draft"]) if judged else None
+    per = "; ".join(
+        f"{k} {v[editor]:.1f} vs draft {v['draft']:.1f} / ceiling {v['ceiling']:.1f}" for k, v in bk.items()
+    )
+    return claim(
+        sum(ok.values()),
+        len(judged),
+        bool(judged) and all(ok.values()),
+        f"kinds of damage (of {len(bk)}; those with > {room} dB room) where the editor given the target crop "
+        "as the aligned "
+        f"reference beats the draft and lands within {near} dB of the VAE-through-focus ceiling (region PSNR)",
+        "Kontext/Refine-by-Align: an editor copies from an aligned reference",
+        (f"worst: {worst}; " if worst else "")
+        + f"no room: {sorted(set(bk) - set(judged)) + ev.get('no_room', []) or 'none'}; "
+        + per,
+        by_kind={k: {c: round(float(x), 3) for c, x in v.items()} for k, v in bk.items()},
+    )
+
+
+def baseline_claim(
+    r: dict,
+    unit: str,
+    value: str = "editor_psnr",
+    base: str = "input_psnr",
+    ceiling: str = "vae_ceiling_psnr",
+    paper: str = "Kontext-style editing (pretraining sanity)",
+    note: str = "",
+    mean: str = "editor_mean_psnr",
+) -> dict:
+    """Claim 'the editor beats this no-model baseline' from one task's evaluate() row, with `reachable`:
+    whether the VAE round trip of the target (any latent editor's ceiling) lies above the baseline at all."""
+    from ..results import claim
+
+    room = r[ceiling] > r[base]
+    why = f"VAE ceiling {r[ceiling]:.2f} dB {'>' if room else '<='} baseline: " + (
+        "reachable" if room else "no latent editor can beat this baseline with this VAE"
+    )
+    if mean in r:
+        why += f"; posterior-mean (1-step) output {r[mean]:.2f} dB"
+    return claim(
+        r[value], r[base], r[value] > r[base], unit, paper, "; ".join(x for x in (note, why) if x), reachable=bool(room)
+    )
