@@ -429,7 +429,7 @@ class Studio:
         )
         self.adapter = W.Dropdown(options=["(frozen editor)", *I.describe_adapters()], description="adapter")
         self.steps = W.IntSlider(
-            value=steps or P.get(str(preset)).steps if str(preset) in P.PRESETS else 8,
+            value=steps or preset_config(str(preset)).steps,  # the preset's default (a pipeline folder: flux-kontext's)
             min=1,
             max=50,
             description="steps",
