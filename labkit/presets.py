@@ -179,7 +179,8 @@ def editor_region(preset: str) -> str:
     if card is None or not card.exists():
         return "none"
     stages = json.loads(card.read_text()).get("stages", {})
-    last = stages.get("editor_refine") or stages.get("editor") or {}  # the latest editor stage
+    editors = [v for k, v in stages.items() if k.startswith("editor")]  # editor, editor_refine, editor_refine2, ...
+    last = editors[-1] if editors else {}  # the latest editor stage (the card keeps them in training order)
     return last.get("recipe", {}).get("region", "none")
 
 
