@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,3 +18,22 @@ def tiny():
     import labkit
 
     return labkit.load("tiny")
+
+
+@pytest.fixture
+def accelerate_launch():
+    """launch(n, *args): `accelerate launch` of N CPU processes (fp32 pinned, one thread each); asserts exit 0.
+
+    accelerate's `--cpu --num_processes 2` starts ONE process unless MPI is set up (its simple launcher);
+    `--multi_gpu` with no visible GPU starts N torchrun processes that join a gloo (CPU) process group."""
+
+    def launch(n: int, *args: str) -> subprocess.CompletedProcess:
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", str(n)]
+        cmd += ["--multi_gpu" if n > 1 else "--cpu", "--num_machines", "1", "--mixed_precision", "no"]
+        cmd += ["--dynamo_backend", "no", *map(str, args)]
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    return launch

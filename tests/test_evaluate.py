@@ -128,13 +128,12 @@ def test_perceptual_columns_say_unavailable_without_local_weights(monkeypatch):
 
 
 @pytest.mark.slow
-def test_sharded_evaluation_two_processes_equal_one(tmp_path):
+def test_sharded_evaluation_two_processes_equal_one(tmp_path, accelerate_launch):
     """`labkit evaluate` under `accelerate launch` with 2 CPU processes: the cases are split across the ranks,
     rank 0 merges and writes, and the table (and every per-case row) equals one process's."""
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     import pandas as pd
 
@@ -146,30 +145,7 @@ def test_sharded_evaluation_two_processes_equal_one(tmp_path):
         [sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600, env=env
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    launcher = Path(sys.executable).parent / "accelerate"
-    two = subprocess.run(
-        [
-            str(launcher),
-            "launch",
-            "--num_processes",
-            "2",
-            "--multi_gpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            *args,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = accelerate_launch(2, *args, "--out", tmp_path / "two")
     assert "(2 processes)" in two.stdout
     a, b = (pd.read_csv(tmp_path / d / "per_case.csv") for d in ("one", "two"))
     cols = [c for c in a if c != "seconds_per_case"]

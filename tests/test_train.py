@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -379,24 +378,9 @@ def test_alpha_freezing_survives_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_accelerate_launch_one_cpu_process(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [
-        str(launcher),
-        "launch",
-        "--num_processes",
-        "1",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+def test_accelerate_launch_one_cpu_process(tmp_path, accelerate_launch):
+    accelerate_launch(
+        1,
         "-m",
         "labkit.train",
         "sft",
@@ -413,10 +397,8 @@ def test_accelerate_launch_one_cpu_process(tmp_path):
         "--rank",
         "2",
         "--out",
-        str(tmp_path),
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+        tmp_path,
+    )
     assert (tmp_path / "adapter" / "adapter.safetensors").exists()
 
 
@@ -507,43 +489,19 @@ save_file(FM.adapter_state(bb.transformer), str(log / f"weights_{rank}.safetenso
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_sync_gradients_and_match_one_process_with_the_doubled_batch(tmp_path):
+def test_two_cpu_processes_sync_gradients_and_match_one_process_with_the_doubled_batch(tmp_path, accelerate_launch):
     """Two CPU processes under accelerate launch: both ranks end with the same weights, equal (within fp
-    tolerance) to one process with batch 2B, and only rank 0 writes labkit's files.
-
-    accelerate 1.15's `--cpu --num_processes 2` starts ONE process unless MPI is set up (its simple launcher);
-    `--multi_gpu` with no visible GPU starts two torchrun processes that join a gloo (CPU) process group."""
-    from pathlib import Path
+    tolerance) to one process with batch 2B, and only rank 0 writes labkit's files."""
 
     from safetensors.torch import load_file
 
     script = tmp_path / "ddp_sft.py"
     script.write_text(DDP_SCRIPT)
-    launcher = Path(sys.executable).parent / "accelerate"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
     def launch(n, batch, name):
         log = tmp_path / name
         log.mkdir()
-        cmd = [
-            str(launcher),
-            "launch",
-            "--num_processes",
-            str(n),
-            "--multi_gpu" if n > 1 else "--cpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(script),
-            str(log / "out"),
-            str(log),
-            str(batch),
-        ]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        assert r.returncode == 0, r.stderr[-3000:]
+        accelerate_launch(n, script, log / "out", log, batch)
         return log
 
     two, one = launch(2, 2, "two"), launch(1, 4, "one")
@@ -583,7 +541,7 @@ res = dict(loss=[h["loss"] for h in st["history"]], engine=st["fsdp_engine"], fs
 
 
 @pytest.mark.slow
-def test_fsdp_two_cpu_processes_match_one_process(tmp_path):
+def test_fsdp_two_cpu_processes_match_one_process(tmp_path, accelerate_launch):
     """--fsdp under 2 CPU processes (gloo): the transformer's blocks are FSDP2 units, the frozen base is sharded,
     the adapter trains; the loss curve and the saved adapter equal one process with the doubled batch, and a
     rerun resumes from the sharded checkpoint to the same adapter.
@@ -591,35 +549,14 @@ def test_fsdp_two_cpu_processes_match_one_process(tmp_path):
     accelerate's FSDP plugin does not apply to CPU processes (its state keeps MULTI_CPU: the plugin is only
     honoured for GPU-like devices), so on CPU labkit applies the same FSDP2 (torch's fully_shard on the blocks
     the plugin would wrap, then the root): the code path the plugin takes on GPUs, through torch."""
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
     script = tmp_path / "fsdp_sft.py"
     script.write_text(FSDP_SCRIPT)
-    launcher = Path(sys.executable).parent / "accelerate"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
     def launch(n, batch, out, fsdp="1"):
-        cmd = [
-            str(launcher),
-            "launch",
-            "--num_processes",
-            str(n),
-            "--multi_gpu" if n > 1 else "--cpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(script),
-            str(out),
-            fsdp,
-            str(batch),
-        ]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        assert r.returncode == 0, r.stderr[-3000:]
+        accelerate_launch(n, script, out, fsdp, batch)
         return json.loads((out / "result_0.json").read_text())
 
     two, one = launch(2, 2, tmp_path / "two"), launch(1, 4, tmp_path / "one", fsdp="0")
