@@ -1,4 +1,4 @@
-"""FLUX.1-Kontext-size adapter SFT step: labkit's (Backbone + labkit.freqmole LoRA + the loop's precision rules:
+"""FLUX.1-Kontext-size adapter SFT step: labkit's (Backbone + labkit.adapters LoRA + the loop's precision rules:
 bf16 frozen weights, fp32 adapters, bf16 autocast, gradient checkpointing) vs the same LoRA step written plainly
 with diffusers + peft (as diffusers' Kontext LoRA script does), on a random-init transformer with the real config.
 Prints step time and peak GPU memory of each and their ratio, measured interleaved in one run.
@@ -32,7 +32,7 @@ def main() -> None:
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
-    from labkit import freqmole as FM
+    from labkit import adapters as AD
     from labkit.models import Backbone
     from labkit.presets import get
 
@@ -57,7 +57,7 @@ def main() -> None:
 
     def labkit_step():
         t = build()
-        FM.inject(t, "lora", rank=a.rank)
+        AD.inject(t, "lora", rank=a.rank)
         for p in t.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # the loop's cast_training_params
@@ -75,7 +75,7 @@ def main() -> None:
 
     def plain_step():
         t = build()
-        t.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, target_modules=FM.TARGETS, init_lora_weights="gaussian"))
+        t.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, target_modules=AD.TARGETS, init_lora_weights="gaussian"))
         for p in t.parameters():
             if p.requires_grad:
                 p.data = p.data.float()

@@ -6,7 +6,7 @@ import time
 import torch
 
 import labkit
-from labkit import freqmole as FM
+from labkit import adapters as AD
 
 
 def step_fn(bb, x, c):
@@ -29,7 +29,7 @@ def main(rank: int = 8, batch: int = 8, reps: int = 5) -> None:
         bb = labkit.load("mini", weights=None)
         bb.transformer.requires_grad_(False)  # frozen: forward + backward to the input only
         if kind != "frozen":
-            FM.inject(bb.transformer, kind, rank=rank)
+            AD.inject(bb.transformer, kind, rank=rank)
         runs[kind] = step_fn(bb, x.clone().requires_grad_(kind == "frozen"), c)
         runs[kind]()
     times = {k: [] for k in runs}

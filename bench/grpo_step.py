@@ -7,14 +7,14 @@ import numpy as np
 import torch
 
 import labkit
+from labkit import adapters as AD
 from labkit import data as D
-from labkit import freqmole as FM
 from labkit import rl
 
 
 def main(group: int = 8, inputs: int = 2, sample_steps: int = 6, train_frac: float = 0.5, reps: int = 3) -> None:
     bb = labkit.load("mini")
-    FM.inject(bb.transformer, "freqmole", rank=4)
+    AD.inject(bb.transformer, "freqmole", rank=4)
     params = [p for n, p in bb.transformer.named_parameters() if "lora_" in n]
     opt = torch.optim.AdamW(params, 1e-4)
     cfg = rl.GRPOConfig(group=group, inputs=inputs, sample_steps=sample_steps, train_frac=train_frac)

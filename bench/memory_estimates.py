@@ -38,11 +38,11 @@ def build(layers: int, single: int, device: str = "meta"):
 
 def counts(adapter: str, rank: int) -> dict:
     """Parameters of the full transformer, of its adapters, and of its largest FSDP unit (one block)."""
-    from labkit import freqmole as FM
+    from labkit import adapters as AD
     from labkit.presets import FLUX_KONTEXT_TRANSFORMER as C
 
     t = build(C["num_layers"], C["num_single_layers"])
-    FM.inject(t, adapter, rank=rank)
+    AD.inject(t, adapter, rank=rank)
     n = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
     blocks = list(t.transformer_blocks) + list(t.single_transformer_blocks)
     return dict(
@@ -87,13 +87,13 @@ def saved_bytes(t, tokens: int, txt: int = 64) -> int:
 def per_token(adapter: str, rank: int, lengths=(64, 144, 256)) -> dict:
     """Saved-activation bytes per token of one double and one single block (linear part of a quadratic fit in
     the sequence length), and the quadratic coefficient (math attention's N² matrix)."""
-    from labkit import freqmole as FM
+    from labkit import adapters as AD
 
     out = {}
     models = {(1, 0): None, (2, 0): None, (1, 1): None}
     for key in models:
         m = build(*key, device="cpu")
-        FM.inject(m, adapter, rank=rank)
+        AD.inject(m, adapter, rank=rank)
         for p in m.parameters():
             if p.requires_grad:
                 p.data = p.data.float()

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from labkit import data as D
 from labkit import models as M
 from labkit import presets as P
-from labkit.mini import VAEConfig
 from labkit.pretrain import EditorConfig
+from labkit.vae import VAEConfig
 
 
 def timed(step, reps: int = 4) -> float:

@@ -22,6 +22,7 @@ from skimage import color, feature, measure
 from skimage import transform as sktf
 
 from .data import to_numpy
+from .focus import soft_mask
 
 
 @dataclass
@@ -217,6 +218,4 @@ def registered_paste(
 
 def paste_mask(mask: torch.Tensor, dilate: int = 5, blur_radius: float = 3.0) -> torch.Tensor:
     """The registered paste's blend weight (1, H, W): the region dilated, with a soft seam (> 0 where it may change)."""
-    from .focus import soft_mask
-
     return soft_mask(mask, dilate=dilate, blur_radius=blur_radius)

@@ -18,6 +18,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from scipy import ndimage
 
+from .focus import resize, snap_size
+
 
 @dataclass
 class CaptureSpec:
@@ -183,8 +185,6 @@ def crop_reference(
 ) -> torch.Tensor:
     """Align→Focus: crop the reference around M*'s box (grown by margin × side) and upsample it, so the
     reference region also gets the resolution budget before it becomes a context."""
-    from .focus import resize, snap_size
-
     h, w = reference.shape[-2:]
     x0, y0, x1, y1 = box
     mx, my = margin * (x1 - x0), margin * (y1 - y0)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import evaluate, sweep, train
 from . import inference as I
 from .data import load_cases, read_image
 from .presets import check_preset
@@ -42,8 +43,6 @@ def save_image(img, path: Path) -> Path:
 
 def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
     """The refine command line (usage errors exit 2 before any work)."""
-    from .inference import METHODS
-
     ap = argparse.ArgumentParser(
         prog="labkit refine",
         description=__doc__,
@@ -61,7 +60,10 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fresh", action="store_true", help="--data: start over in --out (deletes what is there)")
     ap.add_argument("--split", choices=["train", "val", "test"], help="--data: only this split")
     ap.add_argument(
-        "--method", default=None, choices=METHODS, help="default: the setting chosen on val (inference.REFINE_DEFAULTS)"
+        "--method",
+        default=None,
+        choices=I.METHODS,
+        help="default: the setting chosen on val (inference.REFINE_DEFAULTS)",
     )
     ap.add_argument(
         "--blend",
@@ -145,8 +147,6 @@ def refine_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`labkit SUBCOMMAND ...`: dispatch to the subcommand's own parser (each has --help)."""
-    from . import evaluate, sweep, train
-
     commands = {"refine": refine_main, "evaluate": evaluate.main, "train": train.main, "sweep": sweep.main}
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:

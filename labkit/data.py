@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.resources
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file, save_file
 from scipy import ndimage
 from skimage import transform as sktf
 
 from . import presets as P
-from .util import atomic_save, case_seed
+from .util import atomic_save, case_seed, write_json
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "labkit"
 
@@ -87,10 +90,9 @@ BOLD_FONT = ("Bold", "Black", "Fredoka", "Fjalla")  # name parts of the heavy fa
 def _font_files(split: str = "val") -> tuple[str, ...]:
     """TTF/OTF files for a split: train from the font-* packages, val/test matplotlib's DejaVu (held out)."""
     if split != "train":
-        import matplotlib
+        import matplotlib  # heavy: imported where used
 
         return tuple(sorted(str(p) for p in (Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("DejaVu*.ttf")))
-    import importlib.resources
 
     files = []
     for pkg in TRAIN_FONT_PACKAGES:
@@ -112,13 +114,13 @@ def load_photo(name: str) -> np.ndarray:
     """A photo shipped by an installed package, as (H, W, 3) float32 in [0, 1]."""
     package, key, _, _ = PHOTOS[name]
     if package == "skimage":
-        import skimage.data
+        import skimage.data  # optional: imported where used
 
         img = getattr(skimage.data, key)()
         if isinstance(img, tuple):  # stereo_motorcycle -> (left, right, disparity)
             img = img[0]
     elif package == "sklearn":
-        from sklearn.datasets import load_sample_image
+        from sklearn.datasets import load_sample_image  # optional: imported where used
 
         img = load_sample_image(key)
     else:
@@ -259,8 +261,6 @@ def heldout_crops(split: str, n: int, size: int, seed: int = 1234) -> tuple[torc
 def resize(img: torch.Tensor, size: int | tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
     """THE resize: (..., C, H, W) tensor to size (square int or (h, w)), anti-aliased when shrinking,
     clamped to [0, 1]; mode bicubic | bilinear | nearest | area."""
-    import torch.nn.functional as F
-
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     x = img.reshape(-1, *img.shape[-3:]).float()
     shrink = hw[0] < x.shape[-2] or hw[1] < x.shape[-1]
@@ -276,8 +276,6 @@ def resize_mask(mask: torch.Tensor, hw: tuple[int, int], rule: str = "threshold"
     """THE mask resize, (..., 1, H, W) to hw by one of three rules: 'threshold' ({0, 1}: bilinear then > 0.5; a pixel
     mask at a new image size), 'coverage' (the fraction of each new cell the mask covers; loss weights on the
     latent grid), 'touched' ({0, 1}: 1 where the mask touches the cell; the latent cells a blend must generate)."""
-    import torch.nn.functional as F
-
     hw = (int(hw[0]), int(hw[1]))
     if rule == "threshold":
         return (resize(mask.float(), hw, "bilinear") > 0.5).float()
@@ -310,6 +308,11 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
 def to_numpy(img: torch.Tensor) -> np.ndarray:
     """(..., C, H, W) tensor -> (..., H, W, C) float32 numpy."""
     return np.moveaxis(img.detach().float().cpu().numpy(), -3, -1)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> PIL RGB (rounded to uint8)."""
+    return Image.fromarray((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,12 +349,13 @@ def _pil_pixels(x: Image.Image) -> np.ndarray:
     return np.asarray(x.convert("RGB"))
 
 
-def as_image_tensor(x, name: str = "image") -> torch.Tensor:
+def as_image_tensor(x, name: str = "image", min_side: int = 1) -> torch.Tensor:
     """PIL / (3, H, W) or (1, 3, H, W) tensor / (H, W, 3) array -> (3, H, W) float tensor in [0, 1].
 
     uint8 data is read as 0..255 and uint16 data (16-bit PNGs, PIL mode I;16) as 0..65535; other integer data
-    must hold 0..255; float data must already be in [0, 1] and finite - anything else is refused with what
-    was given and how to fix it."""
+    must hold 0..255; float data must already be in [0, 1] and finite; each side at least `min_side` pixels (the
+    model methods need one packing unit: VAE x8 and 2x2 packing) - anything else is refused with what was given
+    and how to fix it."""
     if isinstance(x, Image.Image):
         x = _pil_pixels(x)
     a = _array(x, name)
@@ -367,6 +371,12 @@ def as_image_tensor(x, name: str = "image") -> torch.Tensor:
         raise ValueError(
             f"{name} must be RGB: (3, H, W) tensor or (H, W, 3) array / PIL image; got shape {tuple(t.shape)} "
             "(convert grey or RGBA images with PIL's .convert('RGB'))"
+        )
+    h, w = t.shape[-2:]
+    if h < min_side or w < min_side:
+        raise ValueError(
+            f"{name} is {h}x{w} pixels; the model methods need at least {min_side}x{min_side} (one VAE x8 latent "
+            f"2x2 patch): upsample it first, e.g. PIL .resize(({max(w, min_side)}, {max(h, min_side)}))"
         )
     if t.dtype == torch.bool or not (
         t.is_floating_point() or t.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -467,13 +477,13 @@ def read_image(path: str | Path, what: str = "image") -> Image.Image:
         raise ValueError(f"cannot read {what} {str(p)!r} ({type(e).__name__}: {e}): save it as PNG/JPEG") from None
 
 
-def as_references(reference) -> list[torch.Tensor]:
-    """None / one image / a list of images -> list of (3, h, w) tensors."""
+def as_references(reference, min_side: int = 1) -> list[torch.Tensor]:
+    """None / one image / a list of images -> list of (3, h, w) tensors (each checked as as_image_tensor does)."""
     if reference is None:
         return []
     if isinstance(reference, (list, tuple)):
-        return [as_image_tensor(r, f"reference[{i}]") for i, r in enumerate(reference)]
-    return [as_image_tensor(reference, "reference")]
+        return [as_image_tensor(r, f"reference[{i}]", min_side) for i, r in enumerate(reference)]
+    return [as_image_tensor(reference, "reference", min_side)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -736,10 +746,6 @@ TENSORS = ("hrgt", "hrri", "lrgi", "mask", "ref_mask", "scribble")
 
 def save_triplets(cases: Sequence[Triplet], folder: Path) -> Path:
     """Triplets as one safetensors file (pixels) + cases.json (boxes, warp, meta): no pickles. Atomic."""
-    from safetensors.torch import save_file
-
-    from .util import atomic_save, write_json
-
     tensors = {f"{i}.{k}": getattr(c, k).contiguous() for i, c in enumerate(cases) for k in TENSORS}
     tensors |= {f"{i}.extra.{j}": r.contiguous() for i, c in enumerate(cases) for j, r in enumerate(c.extra_refs)}
     meta = [
@@ -754,8 +760,6 @@ def save_triplets(cases: Sequence[Triplet], folder: Path) -> Path:
 
 def load_triplets(folder: Path) -> list[Triplet]:
     """The inverse of save_triplets."""
-    from safetensors.torch import load_file
-
     px = load_file(str(folder / "pixels.safetensors"))
     out = []
     for i, m in enumerate(json.loads((folder / "cases.json").read_text())):

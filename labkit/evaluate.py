@@ -12,16 +12,26 @@ The eval set shows each scene under several degradations, so confidence interval
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from . import focus as F_
+from . import inference as I
 from . import metrics as Mt
+from .data import load_cases, make_triplet
+from .metrics import bootstrap_ci
+from .presets import check_preset
+from .results import claim, write_results
+from .util import atomic_dir, atomic_save, case_seed, claim_out_dir, run_cli, write_json
 
 # column -> which direction is better ("max", "min", or "one": closest to 1)
 COLUMNS = {
@@ -78,8 +88,6 @@ def run(
     in the `method` column).
     Returns the rows and, per method, the outputs of the cases in `keep` (for the qualitative grid). indices:
     the cases' numbers in the whole set (a shard of it), else 0..n-1."""
-    from tqdm.auto import tqdm
-
     indices = list(range(len(cases))) if indices is None else list(indices)
     rows, samples = [], {}
     bar = tqdm(total=len(cases) * len(runners), disable=not progress, desc="evaluate", mininterval=5)
@@ -108,7 +116,7 @@ def run(
 
 def processes():
     """accelerate's PartialState (N processes under accelerate launch, CPU ones joining a gloo group; 1 alone)."""
-    from accelerate import PartialState
+    from accelerate import PartialState  # heavy: imported where used
 
     return PartialState(cpu=not torch.cuda.is_available())
 
@@ -156,20 +164,6 @@ def run_sharded(
         for k, v in smp.items():
             merged.setdefault(k, {}).update(v)
     return pd.DataFrame(rows), {k: [v[i] for i in keep if i in v] for k, v in merged.items()}
-
-
-def bootstrap_ci(x: np.ndarray, n: int = 2000, seed: int = 0, level: float = 0.95, groups=None) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of x; with groups (e.g. scene ids) whole groups are resampled."""
-    x = np.asarray(x, float)
-    if groups is not None:  # cluster bootstrap: one mean per group, resample the groups
-        x = pd.Series(x).groupby(np.asarray(groups)).mean().values
-    x = x[~np.isnan(x)]
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), (n, len(x)))].mean(1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
 def paired(df: pd.DataFrame, a: str, b: str, col: str = "region_psnr", seed: int = 0) -> dict:
@@ -240,7 +234,6 @@ def render(
         f"<h3>{title}</h3><table border=1 cellspacing=0 cellpadding=3><tr>{head}</tr>{''.join(body)}</table>"
         f"<p>bold: best per column. [95% bootstrap CI, scenes resampled]</p><ul>{notes}</ul>"
     )
-    from .util import atomic_save
 
     atomic_save(lambda p: open(p, "w").write(html), path_html)
     return html
@@ -248,7 +241,7 @@ def render(
 
 def table_figure(tab: pd.DataFrame, columns: Sequence[str], title: str = ""):
     """The same table as a matplotlib figure (PNG): means, best per column highlighted."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: imported where used
 
     win = best(tab, columns)
     cells = [[f"{r[c]:.3g}" for c in columns] for _, r in tab.iterrows()]
@@ -290,8 +283,6 @@ BENCHMARK_KINDS = ("wrong", "lowres4", "smear")  # wrong text/logo glyphs, lost 
 def focus_ceiling(bb, target: torch.Tensor, mask: torch.Tensor, margin: float = 16) -> float:
     """Region PSNR of the target through Focus-and-Refine's VAE round trip: the best a latent focus refiner
     can reach."""
-    from . import focus as F_
-
     area = bb.preset.resolution**2
     c, _, box = F_.focus_crop(target, mask, area, bb.multiple, margin)
     back = F_.paste_back(
@@ -315,9 +306,6 @@ def benchmark_cases(
     reference = the scene in another view and light), each kept only if its draft lies at least `room` dB
     below the VAE-through-focus ceiling (else the next seed is drawn); meta records the ceiling. Scene seeds
     follow the one per-case recipe (util.case_seed)."""
-    from .data import make_triplet
-    from .util import case_seed
-
     out = []
     for kind in kinds:
         got, i = 0, 0
@@ -345,8 +333,6 @@ def choose_defaults(
 ) -> tuple[pd.DataFrame, str]:
     """Each candidate setting of labkit.refine (name -> keyword arguments) on the (val) cases: a table of mean
     region PSNR / background error, and the name of the best by region PSNR."""
-    from . import inference as I
-
     runners = {
         name: (lambda c, kw=kw: I.refine_tensor(c.draft, c.mask, c.hrri, seed=seed, preset=preset, device=device, **kw))
         for name, kw in candidates.items()
@@ -373,7 +359,6 @@ def runners_for(
     M*-box and registered pastes, and every model (frozen editor / adapters) through every refine method (full |
     focus | align | align_box), named "<model>/<method>", with `defaults` (e.g. blend) for the model calls. A
     case's own prompt wins."""
-    from . import inference as I
 
     def model(adapter, method):
         return lambda c: I.refine_tensor(
@@ -410,8 +395,6 @@ def runners_for(
 
 def pair_claim(df: pd.DataFrame, a: str, b: str, paper: str, col: str = "region_psnr", seed: int = 0) -> dict:
     """A claim 'a beats b' from the paired bootstrap over the same cases: holds if the CI's lower bound > 0."""
-    from .results import claim
-
     p = paired(df, a, b, col, seed)
     return claim(
         p["value"],
@@ -442,11 +425,7 @@ def evaluate_cases(
     results.json} (claims: best model vs the input, focus vs full, background exactness), written at once.
     Under `accelerate launch` the cases are split across the processes and rank 0 merges and writes (the
     others return {})."""
-    from pathlib import Path
-
-    from . import viz
-    from .results import claim, write_results
-    from .util import atomic_dir, write_json
+    from . import viz  # pulls matplotlib: imported where used
 
     for c in cases:
         c.hrgt  # noqa: B018 - every case needs a target to be scored: fail before any work
@@ -521,8 +500,6 @@ def evaluate_cases(
 
 def parse_args(argv: list[str] | None = None):
     """The evaluate command line (usage errors exit 2 before any work)."""
-    import argparse
-
     ap = argparse.ArgumentParser(
         prog="labkit evaluate",
         description="Notebook 05's tables on a case folder (metadata.jsonl): "
@@ -557,7 +534,6 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
-    from .presets import check_preset
 
     try:
         check_preset(a.preset)
@@ -570,11 +546,6 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """`labkit evaluate --data DIR --out OUT ...`: 0 done, 2 usage or bad input, 1 a failed run."""
-    from pathlib import Path
-
-    from .data import load_cases
-    from .util import claim_out_dir, run_cli
-
     a = parse_args(argv)
 
     def body():
@@ -622,6 +593,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

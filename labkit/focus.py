@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import bbox_of, resize, resize_mask  # noqa: F401  (THE resize; focus.resize is the same function)
+from .frequency import lowpass
+from .losses import boundary_band
+from .metrics import mse
 
 Box = tuple[int, int, int, int]
 
@@ -61,8 +64,6 @@ def soft_mask(mask: torch.Tensor, dilate: int = 7, blur_radius: float = 5.0) -> 
     if dilate > 1:
         x = F.max_pool2d(F.pad(x, [dilate // 2, (dilate - 1) // 2] * 2, mode="replicate"), dilate, stride=1)
     if blur_radius > 0:
-        from .frequency import lowpass
-
         x = lowpass(x, sigma=blur_radius / 2)
     x = x.clamp(0, 1)
     return x[0] if mask.ndim == 3 else x
@@ -87,9 +88,6 @@ def paste_back(
 
 def seam_error(result: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, radius: int = 4) -> torch.Tensor:
     """Mean squared error in a band of ±radius pixels around the mask edge (B,)."""
-    from .losses import boundary_band
-    from .metrics import mse
-
     m = mask[None] if mask.ndim == 3 else mask
     return mse(result, target, boundary_band(m.float(), radius))
 

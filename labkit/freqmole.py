@@ -3,34 +3,21 @@ initialised from a depth prior (large in shallow blocks, small in deep ones) and
 
 Built on peft's extension point (`LoraConfig._register_custom_module`): `FreqMoLELinear` subclasses
 peft's LoRA `Linear`; the LF expert is peft's own `lora_A`/`lora_B`, the HF expert and α are extra
-adapter layers. The plain-LoRA baseline is peft's LoRA on the same targets (`inject(..., kind="lora")`).
-Gap choices (the paper does not say): α is one scalar per adapted linear (initialised to its block's
-prior; `alpha_by_block` reports block means), both experts share the rank.
+adapter layers. Injecting, saving and loading (FreqMoLE or the plain-LoRA baseline on the same targets)
+is `labkit.adapters`. Gap choices (the paper does not say): α is one scalar per adapted linear (initialised
+to its block's prior; `alpha_by_block` reports block means), both experts share the rank.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora.layer import Linear as LoraLinear
-from safetensors.torch import load_file, save_file
+from peft.tuners.lora.layer import Linear as LoraLinear  # heavy dependency: this module is imported lazily
 from torch import nn
 
-from .util import atomic_dir, write_json
-
-# The linears diffusers' Kontext LoRA script adapts, anchored on the block lists (the model's final
-# proj_out and the embedders are never matched).
-TARGETS = (
-    r"^(transformer_blocks|single_transformer_blocks)\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
-    r"add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)$"
-)
-ADAPTER = "default"
+ADAPTER = "default"  # peft's adapter name, the only one labkit injects
 
 
 class FreqMoLELinear(LoraLinear):
@@ -95,58 +82,14 @@ def block_depths(transformer) -> dict[str, float]:
     return {n: i / max(1, len(names) - 1) for i, n in enumerate(names)}
 
 
-def config(
-    kind: str = "freqmole", rank: int = 8, alpha: float | None = None, dropout: float = 0.0, targets: str = TARGETS
-) -> LoraConfig:
-    """LoraConfig for the chosen adapter kind; FreqMoLE registers its custom Linear (re-done on every load)."""
-    cfg = LoraConfig(
-        r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=targets, init_lora_weights=True
-    )
-    if kind == "freqmole":
-        cfg._register_custom_module({nn.Linear: FreqMoLELinear})
-    elif kind != "lora":
-        raise ValueError(f"unknown adapter kind {kind!r}; use 'freqmole' or 'lora'")
-    return cfg
-
-
-def inject(
-    transformer,
-    kind: str = "freqmole",
-    rank: int = 8,
-    alpha: float | None = None,
-    dropout: float = 0.0,
-    prior: dict | None = None,
-) -> dict:
-    """Add FreqMoLE (or plain LoRA) adapters to every double- and single-stream block; freeze the base.
-
-    Returns the adapter spec (saved next to the weights so loading rebuilds the same modules)."""
-    spec = dict(kind=kind, rank=rank, alpha=alpha or rank, dropout=dropout, prior=prior or {})
-    inject_adapter_in_model(config(kind, rank, alpha, dropout), transformer, adapter_name=ADAPTER)
-    for n, p in transformer.named_parameters():
-        p.requires_grad_("lora_" in n)
-    if kind == "freqmole":
-        depths = block_depths(transformer)
-        with torch.no_grad():
-            for name, mod in transformer.named_modules():
-                if isinstance(mod, FreqMoLELinear):
-                    blk = re.match(r"^(\w+\.\d+)\.", name).group(1)
-                    mod.lora_freq_alpha[ADAPTER].fill_(depth_prior(depths[blk], **(prior or {})))
-    return spec
-
-
-def adapter_state(transformer) -> dict[str, torch.Tensor]:
-    """All adapter tensors (names containing 'lora_'), whole: FSDP-sharded ones are gathered (a collective call
-    then, made on every rank)."""
-    return {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
-        for k, v in transformer.state_dict().items()
-        if "lora_" in k
-    }
-
-
-def trainable_count(transformer) -> int:
-    """Number of trainable parameters (the adapters)."""
-    return sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+def init_alpha(transformer, prior: dict | None = None) -> None:
+    """Set every FreqMoLE linear's α to its block's depth prior (after injection)."""
+    depths = block_depths(transformer)
+    with torch.no_grad():
+        for name, mod in transformer.named_modules():
+            if isinstance(mod, FreqMoLELinear):
+                blk = re.match(r"^(\w+\.\d+)\.", name).group(1)
+                mod.lora_freq_alpha[ADAPTER].fill_(depth_prior(depths[blk], **(prior or {})))
 
 
 def alpha_by_block(transformer) -> dict[str, float]:
@@ -158,66 +101,3 @@ def alpha_by_block(transformer) -> dict[str, float]:
                 float(mod.lora_freq_alpha[ADAPTER].detach())
             )
     return {k: sum(v) / len(v) for k, v in out.items()}
-
-
-def save(transformer, spec: dict, folder: str | os.PathLike, state: dict | None = None) -> Path:
-    """The adapter folder: adapter.safetensors + adapter.json (the spec), written together (atomic_dir).
-    state: the adapter tensors already gathered (adapter_state; under FSDP every rank gathers, one saves)."""
-    sd = adapter_state(transformer) if state is None else state
-    with atomic_dir(folder) as tmp:
-        save_file(sd, str(tmp / "adapter.safetensors"))
-        write_json(spec, tmp / "adapter.json")
-    return Path(folder)
-
-
-def adapter_folder(folder: str | os.PathLike) -> Path:
-    """The folder holding adapter.json: `folder` itself, or the `adapter/` a training run writes into its --out."""
-    folder = Path(folder)
-    for p in (folder, folder / "adapter"):
-        if (p / "adapter.json").exists() and (p / "adapter.safetensors").exists():
-            return p
-    raise FileNotFoundError(
-        f"no adapter (adapter.json + adapter.safetensors) in {folder} or {folder / 'adapter'}: "
-        "save adapters with labkit.freqmole.save, or train one with `labkit train sft --out DIR`"
-    )
-
-
-def load(transformer, folder: str | os.PathLike, identity: dict | None = None) -> dict:
-    """Re-inject the adapters described by adapter.json (custom module re-registered) and load the weights
-    strictly: a FreqMoLE file loaded into plain LoRA modules would be an error, not silently dropped.
-    identity (Backbone.identity()): refuse, in one line, an adapter trained on another backbone."""
-    folder = adapter_folder(folder)
-    spec = json.loads((folder / "adapter.json").read_text())
-    if (
-        identity
-        and spec.get("model_hash")
-        and (spec.get("preset"), spec.get("model_hash")) != (identity["preset"], identity["model_hash"])
-    ):
-        raise ValueError(
-            f"adapter {folder} was trained on preset {spec.get('preset')!r} (model {spec['model_hash']}), but "
-            "this backbone "
-            f"is {identity['preset']!r} (model {identity['model_hash']}): load it on that backbone or retrain "
-            "it on this one "
-            f"(labkit train sft --preset {identity['preset']} ...)"
-        )
-    inject(transformer, spec["kind"], spec["rank"], spec["alpha"], spec["dropout"], spec.get("prior"))
-    sd = load_file(folder / "adapter.safetensors")
-    mine = adapter_state(transformer)
-    sd = {
-        k: v.reshape(1) if "lora_freq_alpha" in k and v.ndim == 0 else v for k, v in sd.items()
-    }  # files from before α was (1,)
-    if set(sd) != set(mine) or any(sd[k].shape != mine[k].shape for k in sd):
-        raise ValueError(
-            f"adapter file and modules disagree ({len(set(sd) ^ set(mine))} tensor names differ, "
-            f"e.g. {sorted(set(sd) ^ set(mine))[:2]}): {folder} was made for another model "
-            f"({spec.get('preset', 'preset not recorded')}); load it on the backbone it was trained on"
-        )
-    transformer.load_state_dict(sd, strict=False)
-    return spec
-
-
-def merge(transformer) -> None:
-    """Fold every adapter into its base weight (inference); outputs are unchanged."""
-    for mod in transformer.modules():
-        if isinstance(mod, LoraLinear):
-            mod.merge()

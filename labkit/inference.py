@@ -22,28 +22,26 @@ Images: PIL images, (3, H, W) tensors in [0, 1] or (H, W, 3) arrays; masks likew
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import focus as F_
 from .align import Registration, register, registered_paste, warp_reference
-from .data import as_image_tensor, as_mask_tensor, as_references, resize_mask  # noqa: F401  (the one input check; re-exported)
-from .presets import editor_region
-from .sampling import check_steps  # noqa: F401  (re-exported: the one steps check)
-from .util import REPO
+from .data import as_image_tensor, as_mask_tensor, as_references, bbox_of, to_pil
+from .editor import ADAPTERS, Refiner, edit, load_refiner, resolve_adapter  # noqa: F401  (resolve_adapter: for notebooks)
+from .presets import get
+from .sampling import check_steps
 
 METHODS = ("input", "paste", "paste_warp", "full", "focus", "align", "align_box")
 # labkit.refine's defaults: the val winner of notebook 05 (its claim defaults_chosen_on_val checks this;
 # the golden test pins it)
 REFINE_DEFAULTS = dict(method="align", blend=True)
-ADAPTERS = REPO / "figures" / "04_train_freqmole" / "adapters"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,179 +55,13 @@ def resolve_seed(seed) -> int:
     return int(seed)
 
 
-def check_size(hw: tuple[int, int], multiple: int, name: str = "image") -> None:
-    """Model methods need at least one packing unit per side (VAE x8 and 2x2 packing: `multiple` pixels)."""
-    h, w = hw
-    if h < multiple or w < multiple:
-        raise ValueError(
-            f"{name} is {h}x{w} pixels; the model methods need at least {multiple}x{multiple} (one VAE x8 "
-            f"latent 2x2 patch): upsample it first, e.g. PIL .resize(({max(w, multiple)}, {max(h, multiple)}))"
-        )
-
-
-def to_pil(x: torch.Tensor):
-    """(3, H, W) in [0, 1] -> PIL RGB."""
-    from PIL import Image
-
-    return Image.fromarray((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
-
-
-# ------------------------------------------------------------------------------------------------
-# models
-@dataclass
-class Refiner:
-    """A loaded backbone (+ optional adapter) and the instruction it was trained with."""
-
-    bb: object
-    prompt: str
-    adapter: str | None = None
-    provenance: dict = field(default_factory=dict)
-    region: str = "none"  # how the region reaches the editor (focus.region_contexts), as its recipe trained it
-
-
-def resolve_adapter(adapter: str | os.PathLike) -> Path:
-    """An adapter folder by path (the folder, or a training run's --out holding adapter/), or by name under
-    figures/04_train_freqmole/adapters."""
-    from .freqmole import adapter_folder
-
-    for p in (Path(adapter), ADAPTERS / str(adapter)):
-        try:
-            return adapter_folder(p)
-        except FileNotFoundError:
-            pass
-    have = sorted(p.name for p in ADAPTERS.glob("*") if (p / "adapter.json").exists()) if ADAPTERS.exists() else []
-    raise FileNotFoundError(
-        f"no adapter {str(adapter)!r} (looked for adapter.json in {adapter}, {Path(adapter) / 'adapter'} and "
-        f"{ADAPTERS / str(adapter)}); available: {have or 'none'} - run `make figures NB=04_train_freqmole` to "
-        "train them"
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def load_refiner(preset: str = "mini", adapter: str | None = None, device: str = "cpu") -> Refiner:
-    """The frozen editor (adapter=None) or the editor with an adapter folder/name loaded (cached)."""
-    from . import freqmole as FM
-    from .models import load
-
-    bb = load(preset, device=device)
-    region = editor_region(str(preset))
-    if adapter is None:
-        return Refiner(bb, "refine", region=region)
-    folder = resolve_adapter(adapter)
-    spec = FM.load(bb.transformer, folder, identity=bb.identity())
-    bb.eval().requires_grad_(False)
-    import hashlib
-
-    sha = hashlib.sha256((folder / "adapter.safetensors").read_bytes()).hexdigest()
-    return Refiner(
-        bb,
-        spec.get("sft", {}).get("prompt", "refine"),
-        str(folder),
-        dict(
-            folder=str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder),
-            sha256=sha,
-            kind=spec["kind"],
-            rank=spec["rank"],
-            sft=spec.get("sft"),
-            training=spec.get("training"),
-        ),
-        spec.get("sft", {}).get("region", region),
-    )
-
-
 # ------------------------------------------------------------------------------------------------
 # the pieces
-@torch.no_grad()
-def edit(
-    r: Refiner,
-    draft: torch.Tensor,
-    references: Sequence[torch.Tensor],
-    steps: int,
-    seed: int,
-    budget: int | None = None,
-    prompt: str | None = None,
-    guidance: float | None = None,
-    latents: torch.Tensor | None = None,
-    size: tuple[int, int] | None = None,
-    negative_prompt: str | None = None,
-    true_cfg: float = 1.0,
-    strength: float = 1.0,
-    mask: torch.Tensor | None = None,
-    blend: bool = False,
-    region: str | None = None,
-    callback=None,
-) -> torch.Tensor:
-    """Kontext-style sampling of a target (size: draft's by default) from contexts [draft (id 1), references
-    (ids 2..) packed under a pixel budget (SELF)]: (3, H, W) in [0, 1]. latents: the initial noise, packed
-    (1, seq, 64) as the pipeline takes it or (1, 16, h, w); else drawn from `seed` exactly as the pipeline draws it.
-    strength < 1: start from the draft's latents noised to that level (img2img). mask (1, H, W): the region, given
-    to the editor as `region` says (none | context | draw; default the refiner's); blend=True also keeps the draft's
-    latents outside the (dilated) mask after every step (FluxKontextInpaintPipeline's way). callback(i, n, x0):
-    after every step, with the step's x0 prediction (latents; sampling.sample), e.g. for a filmstrip or to cancel."""
-    from .models import pack_references
-    from .sampling import sample
-
-    bb = r.bb
-    h, w = size or draft.shape[-2:]
-    for name, (a, b) in (("image", draft.shape[-2:]), ("target", (h, w))):
-        if a % bb.multiple or b % bb.multiple:
-            raise ValueError(
-                f"{name} sides must be multiples of {bb.multiple} for the model path; got {a}x{b}: resize to "
-                f"{a // bb.multiple * bb.multiple}x{b // bb.multiple * bb.multiple} or use method='focus'"
-            )
-    refs = pack_references(list(references), budget or h * w, bb.multiple) if references else []
-    if mask is not None and tuple(mask.shape[-2:]) != tuple(draft.shape[-2:]):
-        raise ValueError(
-            f"mask is {tuple(mask.shape[-2:])} but the image is {tuple(draft.shape[-2:])}: give the mask at "
-            "the image's size"
-        )
-    if blend and mask is None:
-        raise ValueError("blend=True keeps the draft outside the region: it needs the region's mask")
-    images = F_.region_contexts(draft, mask, refs, region or r.region) if mask is not None else [draft, *refs]
-    ctx = [bb.encode(x[None].to(bb.device)) for x in images]
-    shape = (1, ctx[0].shape[1], h // bb.factor, w // bb.factor)
-    if latents is not None and latents.ndim == 3:  # packed, as FluxKontextPipeline(latents=...) takes them
-        latents = bb.unpack(latents, shape[-2], shape[-1])
-    neg = bb.encode_prompt(negative_prompt, batch=1) if negative_prompt is not None and true_cfg > 1 else None
-    init = keep = keep_mask = None
-    if strength < 1 or blend:
-        if (h, w) != tuple(draft.shape[-2:]):
-            raise ValueError("strength < 1 and mask blending need the target at the draft's size")
-        init = keep = bb.encode(
-            draft[None].to(bb.device)
-        )  # the draft itself (context 1 may carry the region drawn on it)
-        if blend:  # latent cells the mask touches (dilated by one cell) are generated; the rest kept
-            m = resize_mask(mask[None], shape[-2:], "touched")
-            keep_mask = 1 - torch.nn.functional.max_pool2d(m, 3, 1, 1).to(bb.device)
-        else:
-            keep = None
-    z = sample(
-        bb,
-        ctx,
-        prompt or r.prompt,
-        shape=shape,
-        steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-        latents=latents,
-        guidance=guidance,
-        negative_embeds=neg,
-        true_cfg=true_cfg,
-        init=init,
-        strength=strength,
-        keep=keep,
-        keep_mask=keep_mask,
-        callback=callback,
-    )
-    return bb.decode(z)[0].float().cpu()
-
-
 _REGISTRATIONS: dict = {}
 
 
 def registration(img: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> Registration:
     """labkit.align.register, memoised on the pixels (several methods of one evaluation register the same case)."""
-    import hashlib
-
     key = hashlib.sha1(
         b"".join(t.contiguous().numpy().tobytes() for t in (img, mask, reference)) + bytes([seed % 256])
     ).hexdigest()
@@ -244,6 +76,7 @@ def kontext_size(h: int, w: int, preset) -> tuple[int, int]:
     """The context/target size a preset works at: FLUX.1-Kontext's preferred resolution closest in aspect
     (the pipeline's auto-resize, max_area = resolution²), else the image's own sides floored to the multiple."""
     if preset.kontext_resolutions:
+        # heavy: imported where used
         from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
         _, pw, ph = min((abs(w / h - a / b), a, b) for a, b in PREFERRED_KONTEXT_RESOLUTIONS)
@@ -282,13 +115,10 @@ def generate(
     r = load_refiner(str(preset), adapter, device)
     cfg = r.bb.preset
     steps, seed = check_steps(steps if steps is not None else cfg.steps), resolve_seed(seed)
-    img = as_image_tensor(image)
-    check_size(img.shape[-2:], cfg.multiple)
+    img = as_image_tensor(image, min_side=cfg.multiple)
     auto = cfg.kontext_resolutions if auto_resize is None else auto_resize
     hw = kontext_size(*img.shape[-2:], replace(cfg, kontext_resolutions=auto))
     if tuple(hw) != tuple(img.shape[-2:]):  # resized as the pipeline's image processor does (PIL, Lanczos)
-        from PIL import Image
-
         img = as_image_tensor(to_pil(img).resize((hw[1], hw[0]), Image.LANCZOS))
     size = (height or hw[0], width or hw[1])
     out = edit(
@@ -320,7 +150,7 @@ def correspondence(
 ) -> np.ndarray:
     """Refine-by-Align's M*: attention of the draft's in-mask queries to the reference's keys, averaged over
     timesteps and every block: (h, w) on the reference's token grid (h = H_ref // multiple), scaled to [0, 1]."""
-    from . import attention as A
+    from . import attention as A  # pulls diffusers: imported where used
 
     bb = r.bb
     p = bb.multiple
@@ -364,8 +194,6 @@ def naive_paste(
     draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, reference_box, soft: bool = True
 ) -> torch.Tensor:
     """The reference's box resized into the mask's bounding box, blended by the (soft) mask: no model."""
-    from .data import bbox_of
-
     box = bbox_of(mask)
     src = F_.crop(reference, reference_box)
     s = F_.soft_mask(F_.crop(mask, box)) * F_.crop(mask, box).clamp(0, 1) if soft else F_.crop(mask, box)
@@ -437,18 +265,14 @@ def refine_tensor(
     blend = REFINE_DEFAULTS["blend"] if blend is None else bool(blend)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    from .presets import get
-
     steps, seed = check_steps(steps if steps is not None else get(preset).steps), resolve_seed(seed)
-    img = as_image_tensor(image)
+    unit = 1 if method == "input" else get(preset).multiple  # the model methods need one packing unit a side
+    img = as_image_tensor(image, min_side=unit)
     m = as_mask_tensor(mask, img.shape[-2:])
-    refs = as_references(reference)
+    refs = as_references(reference, min_side=unit)
     info: dict = dict(method=method, adapter=adapter, seed=seed, steps=steps)
     if method == "input":
         return img.clone(), info
-    check_size(img.shape[-2:], get(preset).multiple)
-    for i, ref in enumerate(refs):
-        check_size(ref.shape[-2:], get(preset).multiple, f"reference {i}")
     if region is not None and region not in F_.REGION_ENCODINGS:
         raise ValueError(f"unknown region encoding {region!r}; choose from {F_.REGION_ENCODINGS}")
     if method in ("paste", "paste_warp", "align", "align_box") and not refs:

@@ -34,7 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
 from tqdm.auto import tqdm
 
 from .util import REPO, NonFiniteError, RunConfigMismatch, atomic_save, dict_diff, seed_everything, write_json  # noqa: F401 (re-exported)
@@ -183,9 +187,6 @@ def shard_with_torch(model: nn.Module, world: int) -> list[nn.Module]:
     """FSDP2 by hand, as accelerate's plugin does it on GPUs (it ignores the plugin on CPU processes): torch's
     fully_shard on every transformer block, then on each model that owns blocks (its root). Frozen and
     trainable weights are sharded alike; only parameters inside those roots may train. Returns the roots."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     names = block_classes(model)
     roots = [m for m in model.modules() if getattr(m, "_no_split_modules", None)]
     if not roots:
@@ -259,7 +260,7 @@ class Trainer:
 
     def _accelerator(self, model: nn.Module):
         """The Accelerator: precision, accumulation, and (fsdp) accelerate's FSDP2 plugin with the blocks as units."""
-        from accelerate import Accelerator, FullyShardedDataParallelPlugin
+        from accelerate import Accelerator, FullyShardedDataParallelPlugin  # heavy: imported where used
         from accelerate.state import AcceleratorState, GradientState
 
         # one process may train several models at different precisions (notebooks, tests)
@@ -284,7 +285,7 @@ class Trainer:
 
     def _build_optimizer(self, model: nn.Module, param_groups: list[dict] | None) -> None:
         """fp32 trainable weights, (FSDP) sharding, AdamW + schedule per group, EMA, checkpointing, prepare."""
-        from diffusers.training_utils import cast_training_params
+        from diffusers.training_utils import cast_training_params  # heavy: imported where used
 
         cfg, acc = self.cfg, self.acc
         cast_training_params(
@@ -411,30 +412,23 @@ class Trainer:
         return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in self.named}
 
     def _save_hook(self, models, weights, output_dir):  # only the trainable weights, as safetensors
-        from safetensors.torch import save_file
 
         if self.main:
             save_file(self._full, str(Path(output_dir) / "trainable.safetensors"))
         weights.clear()
 
     def _load_hook(self, models, input_dir):
-        from safetensors.torch import load_file
-
         sd = load_file(str(Path(input_dir) / "trainable.safetensors"))
         with torch.no_grad():
             for n, p in self.named:
                 src = sd[n].to(p.device, p.dtype)
                 if hasattr(p, "device_mesh"):  # a DTensor shard: this rank's piece of the full tensor
-                    from torch.distributed.tensor import distribute_tensor
-
                     src = distribute_tensor(src, p.device_mesh, p.placements)
                 p.copy_(src)
         models.clear()
 
     def save(self) -> None:
         """A checkpoint written to ckpt.tmp and renamed into place (ckpt.old kept until then)."""
-        from safetensors.torch import save_file
-
         out, tmp, acc = self.out, self.out / "ckpt.tmp", self.acc
         if self.main and tmp.exists():
             shutil.rmtree(tmp)
@@ -469,8 +463,6 @@ class Trainer:
 
     def load(self, ckpt: Path) -> None:
         """Exact resume: weights, optimizer, schedule, RNGs, EMA, data RNG, history."""
-        from safetensors.torch import load_file
-
         self.acc.load_state(str(ckpt))
         if self.by_hand:
             self.opt.load_state_dict(

@@ -7,10 +7,14 @@ reported as unavailable (None), never replaced by a stand-in under their names.
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .frequency import gaussian_kernel
+from .data import resize
+from .frequency import gaussian_kernel, radial_spectrum, split
 
 
 def _b(x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +65,6 @@ def hf_energy_ratio(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, sigma: float = 1.0
 ) -> torch.Tensor:
     """Σ m·HF(pred)² / Σ m·HF(target)² per image (B,): 1 = detail kept, < 1 = blurred, > 1 = over-sharpened."""
-    from .frequency import split
-
     _, hp = split(_b(pred), sigma)
     _, ht = split(_b(target), sigma)
     m = _b(mask) if mask is not None else torch.ones_like(hp[:, :1])
@@ -71,8 +73,6 @@ def hf_energy_ratio(
 
 def spectrum_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean |log10 radial power(pred) - log10 radial power(target)| over frequency bins, per image (B,)."""
-    from .frequency import radial_spectrum
-
     a, b = _b(pred), _b(target)
     return torch.stack(
         [
@@ -147,9 +147,7 @@ class FeatureSimilarity:
     error naming the path. CLIP uses the projected image embedding, DINOv2 the CLS token."""
 
     def __init__(self, path: str, device: str = "cpu"):
-        import os
-
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # heavy: imported where used
 
         if not os.path.isdir(path):
             raise FileNotFoundError(
@@ -179,8 +177,6 @@ class FeatureSimilarity:
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D) unit-norm embeddings."""
-        from .data import resize
-
         x = ((resize(_b(images), self.size) - self.mean) / self.std).to(self.device)
         out = self.model(pixel_values=x)
         e = out.image_embeds if self.kind == "clip" else out.last_hidden_state[:, 0]
@@ -189,3 +185,19 @@ class FeatureSimilarity:
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-image cosine similarity (B,)."""
         return (self.embed(a) * self.embed(b)).sum(-1)
+
+
+def bootstrap_ci(x: np.ndarray, n: int = 2000, seed: int = 0, level: float = 0.95, groups=None) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of x; with groups (e.g. scene ids) whole groups are resampled."""
+    x = np.asarray(x, float)
+    if groups is not None:  # cluster bootstrap: one mean per group (groups sorted), resample the groups
+        _, g = np.unique(np.asarray(groups), return_inverse=True)
+        ok = ~np.isnan(x)
+        x = np.bincount(g[ok], x[ok], minlength=g.max() + 1) / np.bincount(g[ok], minlength=g.max() + 1)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (n, len(x)))].mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))

@@ -1,5 +1,5 @@
-"""The mini backbone recipe: train the VAE (here), then the Kontext-style editor (labkit.pretrain), on CPU;
-write safetensors weights + card. Both stages are recipes on labkit.loop."""
+"""The mini backbone: train the VAE (labkit.vae), then the Kontext-style editor (labkit.pretrain), on CPU; write
+safetensors weights and the card (what each stage got: budget, curve, held-out numbers). `labkit train mini`."""
 
 from __future__ import annotations
 
@@ -7,131 +7,19 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from einops import rearrange
-from torch import nn
+from safetensors.torch import load_file
 
-from . import data as D
 from . import models as M
 from . import presets as P
-from .loop import LoopConfig, Step, run_loop
+from .loop import LoopConfig
+from .pretrain import EditorConfig, evaluate, evaluate_refine, train_editor
 from .results import git_commit, versions
 from .util import atomic_save, write_json
-
-
-# ------------------------------------------------------------------------------------------------
-# stage 1: the VAE
-@dataclass
-class VAEConfig:
-    """The mini VAE recipe (measured on 2 CPU cores) plus a PCA warm start."""
-
-    crop: int = 48
-    batch: int = 16
-    text_frac: float = 0.35
-    kl: float = 1e-6
-    pca_warm: float = 0.3  # fraction of steps with the auxiliary 'match an 8x8-patch PCA code' loss
-    eval_size: int = 128
-    eval_n: int = 24
-
-
-def patch_pca(images: torch.Tensor, factor: int = 8, k: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (D,) and top-k basis (D, k) of the factor×factor×3 patches of images (B, 3, H, W)."""
-    x = rearrange(images, "b c (h p) (w q) -> (b h w) (c p q)", p=factor, q=factor)
-    mu = x.mean(0)
-    _, _, v = torch.linalg.svd(x - mu, full_matrices=False)
-    return mu, v[:k].T
-
-
-def pca_code(images: torch.Tensor, mu: torch.Tensor, basis: torch.Tensor, factor: int = 8) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, k, H/f, W/f) patch-PCA coefficients."""
-    h = images.shape[-2] // factor
-    x = rearrange(images, "b c (h p) (w q) -> b (h w) (c p q)", p=factor, q=factor)
-    return rearrange((x - mu) @ basis, "b (h w) k -> b k h w", h=h)
-
-
-class VAEStep(nn.Module):
-    """The VAE's training forward as one module (so the loop can prepare it): latents, reconstruction, KL,
-    and optionally the decoder's output for a given PCA code (the warm start)."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: torch.Tensor, code: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        post = self.vae.encode(x * 2 - 1).latent_dist
-        z = post.mode()
-        out = dict(z=z, rec=(self.vae.decode(z).sample + 1) / 2, kl=post.kl().mean() / x[0].numel())
-        if code is not None:
-            out["code_rec"] = (self.vae.decode(code.to(z.dtype)).sample + 1) / 2
-        return out
-
-
-def vae_eval(bb: M.Backbone, images: torch.Tensor, labels: list[str]) -> dict:
-    """Held-out PSNR/SSIM of the VAE round trip vs bicubic x8 on the same images."""
-    from .metrics import psnr, ssim
-
-    rec = torch.cat([bb.vae.decode(bb.vae.encode(x[None] * 2 - 1).latent_dist.mode()).sample for x in images])
-    rec = ((rec + 1) / 2).clamp(0, 1).float()
-    bic = D.bicubic_draft(images, bb.preset.vae_factor)
-    out = dict(
-        vae_psnr=psnr(rec, images).mean().item(),
-        bicubic_psnr=psnr(bic, images).mean().item(),
-        vae_ssim=ssim(rec, images).mean().item(),
-        bicubic_ssim=ssim(bic, images).mean().item(),
-    )
-    for kind in sorted(set(labels)):
-        idx = [i for i, lab in enumerate(labels) if lab == kind]
-        out[f"vae_psnr_{kind}"] = psnr(rec[idx], images[idx]).mean().item()
-        out[f"bicubic_psnr_{kind}"] = psnr(bic[idx], images[idx]).mean().item()
-    return out
-
-
-def train_vae(bb: M.Backbone, loop: LoopConfig, cfg: VAEConfig) -> dict:
-    """Train the backbone's AutoencoderKL (L1 + MSE + KL, PCA warm start); set scaling/shift from latents."""
-    vae = bb.vae.requires_grad_(True)
-    f = bb.preset.vae_factor
-    mu, basis = patch_pca(
-        D.crop_batch(np.random.default_rng(loop.seed + 7), "train", 256, 32, cfg.text_frac),
-        f,
-        bb.preset.latent_channels,
-    )
-    scale = 1.0 / pca_code(D.crop_batch(np.random.default_rng(1), "train", 32, 32), mu, basis, f).std()
-    ev_img, ev_lab = D.heldout_crops("val", cfg.eval_n, cfg.eval_size)
-
-    def loss_fn(s: Step):
-        x = s.shard(D.crop_batch(s.rng, "train", cfg.batch * s.world, cfg.crop, cfg.text_frac))
-        w = max(0.0, 1 - s.step / max(1, cfg.pca_warm * loop.steps)) if cfg.pca_warm else 0.0
-        code = pca_code(x, mu, basis, f) * scale if w > 0 else None  # warm start: latents near a patch-PCA code
-        o = s.model(x, code)
-        rec_loss = F.l1_loss(o["rec"].float(), x) + F.mse_loss(o["rec"].float(), x)
-        loss = rec_loss + cfg.kl * o["kl"]
-        logs = dict(rec=rec_loss.detach(), kl=o["kl"].detach())
-        if code is not None:
-            aux = F.mse_loss(o["z"].float(), code) + F.l1_loss(o["code_rec"].float(), x)
-            loss = loss + w * aux
-            logs["pca_aux"] = aux.detach()
-        return loss, logs
-
-    state = run_loop(loop, VAEStep(vae), loss_fn, lambda step: vae_eval(bb, ev_img, ev_lab), run_config=asdict(cfg))
-    vae.requires_grad_(False)
-    set_latent_stats(bb)
-    return state
-
-
-@torch.no_grad()
-def set_latent_stats(bb: M.Backbone, n: int = 64, size: int = 128) -> dict:
-    """FLUX-style latent normalisation: shift = mean, scaling = 1/std of the training latents."""
-    x = D.crop_batch(np.random.default_rng(99), "train", n, size)
-    z = torch.cat([bb.vae.encode(c[None] * 2 - 1).latent_dist.mode() for c in x])
-    stats = dict(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
-    bb.vae.register_to_config(**stats)
-    return stats
-
+from .vae import VAEConfig, train_vae
 
 # ------------------------------------------------------------------------------------------------
 # both stages, the card
@@ -186,8 +74,6 @@ def train_mini(args) -> Path:
     else:
         M.load_weights(bb, args.out, parts=("vae",))
     if args.stage in ("all", "editor"):
-        from .pretrain import EditorConfig, train_editor
-
         ed_loop = LoopConfig(
             steps=args.editor_steps,
             lr=args.editor_lr,
@@ -233,8 +119,6 @@ def train_mini(args) -> Path:
 
 def editor_heldout(bb, n: int = 16, steps: int = 8) -> dict:
     """The editor on held-out (val) examples of each pretraining task vs its no-model baselines (PSNR, dB)."""
-    from .pretrain import evaluate
-
     keep = (
         "editor_psnr",
         "input_psnr",
@@ -295,8 +179,6 @@ def write_card_md(card: dict, path: Path) -> None:
 
 def load_checkpoint_weights(bb: M.Backbone, ckpt: str | Path) -> M.Backbone:
     """The trained weights of a loop checkpoint (ckpt/trainable.safetensors: transformer + text) into bb."""
-    from safetensors.torch import load_file
-
     named = dict(bb.named_parameters())
     sd = load_file(str(Path(ckpt) / "trainable.safetensors"))
     missing = [k for k in sd if k not in named]
@@ -313,8 +195,6 @@ def compare_region_encodings(
 ) -> dict:
     """Region encodings after the same training budget: each checkpoint (name = its encoding) scored by
     pretrain.evaluate_refine on `split` with the target and with an aligned reference; per kind and overall."""
-    from .pretrain import EditorConfig, evaluate_refine
-
     out = {}
     for region, ckpt in checkpoints.items():
         bb = load_checkpoint_weights(M.load(preset), ckpt)

@@ -7,6 +7,7 @@ k id k) and a forward that returns the velocity for the target tokens only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import presets as P
+from .data import resize
 from .util import atomic_save, write_json
 
 
@@ -61,8 +63,6 @@ class Backbone(nn.Module):
     def identity(self) -> dict:
         """Which backbone this is: preset name and a short hash of the base transformer (config + a bf16-rounded
         sample of every weight, adapters excluded), recorded with adapters so they load only where they were trained."""
-        import hashlib
-
         h = hashlib.sha256(json.dumps(dict(self.transformer.config), sort_keys=True, default=str).encode())
         for name, t in self.transformer.state_dict().items():
             if "lora_" in name:
@@ -227,8 +227,6 @@ def reference_sizes(sizes: Sequence[tuple[int, int]], pixel_budget: int, multipl
 
 def pack_references(images: Sequence[torch.Tensor], pixel_budget: int, multiple: int = 16) -> list[torch.Tensor]:
     """Resize K reference images (3, H_k, W_k) with one shared scale under a total pixel budget (SELF)."""
-    from .data import resize
-
     for im in images:
         if im.ndim != 3 or im.shape[0] != 3:
             raise ValueError(f"each reference must be (3, H, W); got {tuple(im.shape)}")
@@ -238,7 +236,7 @@ def pack_references(images: Sequence[torch.Tensor], pixel_budget: int, multiple:
 
 def build(preset: P.Preset) -> Backbone:
     """A random-init backbone from a preset's configs (tiny, or mini before loading weights)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel  # heavy: imported where used
 
     transformer = FluxTransformer2DModel(**preset.transformer)
     vae = AutoencoderKL(**preset.vae)
@@ -313,7 +311,7 @@ def resolve_flux_path(cfg: P.Preset) -> Path:
         check_pipeline_folder(path)
         return path
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # optional: imported where used
 
         return Path(snapshot_download(cfg.hub_id, local_files_only=True))  # cache only: never a network call
     except Exception as e:

@@ -6,6 +6,7 @@ sees a `Backbone` with the same module tree at every scale.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -172,8 +173,6 @@ def prompt_checker(preset: str):
 
 def editor_region(preset: str) -> str:
     """The region encoding a preset's editor was trained with (its card's editor recipe), else 'none'."""
-    import json
-
     cfg = PRESETS.get(preset)
     card = Path(cfg.weights) / "card.json" if cfg is not None and cfg.weights else None
     if card is None or not card.exists():

@@ -19,13 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from . import data as D
 from . import focus as F_
 from . import presets as P
 from .loop import LoopConfig, Step, run_loop
 from .losses import flow_matching_loss, sample_t
-from .metrics import case_metrics
+from .metrics import bootstrap_ci, case_metrics
+from .sampling import sample
+from .util import atomic_save
 
 TASKS = ("reconstruct", "upscale", "denoise", "restore", "refine")
 EVAL_TASKS = ("reconstruct", "upscale_x2", "upscale_x4", "denoise", "restore")  # upscale scored per factor
@@ -207,10 +210,6 @@ def bank_batch(
 
 def save_banks(banks: dict, path: Path) -> None:
     """Editor banks as one safetensors file (no pickles), written atomically."""
-    from safetensors.torch import save_file
-
-    from .util import atomic_save
-
     flat = {}
     for task, b in banks.items():
         flat |= {f"{task}.target": b["target"], f"{task}.strength": b["strength"]}
@@ -220,8 +219,6 @@ def save_banks(banks: dict, path: Path) -> None:
 
 def load_banks(path: Path) -> dict:
     """The inverse of save_banks."""
-    from safetensors.torch import load_file
-
     flat, banks = load_file(str(path)), {}
     for task in dict.fromkeys(k.split(".")[0] for k in flat):
         n = sum(k.startswith(f"{task}.context.") for k in flat)
@@ -327,8 +324,6 @@ def evaluate_refine(
     max_tries): mild damage the 8x VAE erases anyway leaves nothing to win. reference: "target" gives the
     target crop itself (perfect alignment, same light: the easiest case); "aligned" the registered reference
     (residual misalignment + photometric change, as in training)."""
-    from .sampling import sample
-
     cfg = cfg or EditorConfig(region=P.editor_region(bb.preset.name))  # the contexts this editor was trained on
     rows, skipped = [], dict.fromkeys(kinds, 0)
     for i in range(n):
@@ -396,9 +391,6 @@ def evaluate(
     input, its VAE round trip, the oracle paste, and the same editor given another example's reference
     (editor_wrong_ref: if it matches editor, the reference is ignored), overall, on the strong artifacts
     (EDIT_DEGRADATIONS) and per degradation; every artifact in cfg.restore_degradations equally often."""
-    from .evaluate import bootstrap_ci
-    from .sampling import sample
-
     cfg = cfg or EditorConfig(batch=n)
     out, samples = {}, {}
     for i, name in enumerate(EVAL_TASKS):

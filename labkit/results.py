@@ -37,7 +37,7 @@ def git_commit() -> str:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries the numbers depend on."""
-    import diffusers
+    import diffusers  # heavy: imported where used
 
     out = {"torch": torch.__version__, "diffusers": diffusers.__version__, "numpy": np.__version__}
     for name in ("peft", "accelerate", "transformers"):

@@ -20,13 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import data as D
 from . import focus as F_
 from . import metrics as Mt
 from . import presets as P
+from .editor import Refiner, edit
 from .loop import LoopConfig, Step, run_loop
 from .models import pack_references
+from .results import git_commit
 from .sampling import sde_mean, sde_sample, sde_step
 from .util import case_seed, write_json
 
@@ -91,9 +94,9 @@ def clipped_objective(
 @contextlib.contextmanager
 def swapped_adapter(transformer, state: dict[str, torch.Tensor]):
     """Temporarily load another adapter state (e.g. the reference policy) into the injected modules."""
-    from .freqmole import adapter_state
+    from . import adapters as AD  # pulls peft: imported where used
 
-    current = {k: v.detach().clone() for k, v in adapter_state(transformer).items()}
+    current = {k: v.detach().clone() for k, v in AD.adapter_state(transformer).items()}
     transformer.load_state_dict(state, strict=False)
     try:
         yield
@@ -202,10 +205,6 @@ def evaluate_policy(
     progress: bool = True,
 ) -> list[dict]:
     """Deterministic Euler samples (the 05_evaluate 'full' path) on held-out cases: reward and region metrics."""
-    from tqdm.auto import tqdm
-
-    from .inference import Refiner, edit
-
     r = Refiner(bb, prompt)
     rows = []
     for i, c in enumerate(tqdm(cases, desc="evaluate policy", leave=False, disable=not progress, mininterval=2)):
@@ -236,7 +235,7 @@ def train_grpo(
 
     Logs per step: reward mean/std, detail/consistency, ratio, clip fraction, KL, budget, and the seconds
     spent sampling vs updating; evals: held-out reward and KL to the starting policy. Saves the adapter."""
-    from . import freqmole as FM
+    from . import adapters as AD
 
     reward = reward or make_reward(cfg.w_detail, cfg.w_consistency)
     bb.requires_grad_(False)
@@ -244,9 +243,9 @@ def train_grpo(
         p_.requires_grad_("lora_" in n)
     if not any(p_.requires_grad for p_ in bb.transformer.parameters()):
         raise ValueError(
-            "no adapter in the transformer: inject or load one (labkit.freqmole.inject / load) before GRPO"
+            "no adapter in the transformer: inject or load one (labkit.adapters.inject / load) before GRPO"
         )
-    ref_state = {k: v.detach().clone() for k, v in FM.adapter_state(bb.transformer).items()}
+    ref_state = {k: v.detach().clone() for k, v in AD.adapter_state(bb.transformer).items()}
     bank = [
         D.make_triplet(case_seed(loop.seed, i), "train", cfg.size, cfg.factor, extra_refs=cfg.max_refs - 1)
         for i in range(cfg.bank)
@@ -291,9 +290,7 @@ def train_grpo(
 
     state = run_loop(loop, bb, loss_fn, eval_fn, run_config=dict(grpo=asdict(cfg), spec=spec))
     if state["main"]:
-        from .results import git_commit
-
-        FM.save(
+        AD.save(
             bb.transformer,
             dict(
                 spec,

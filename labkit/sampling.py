@@ -12,7 +12,7 @@ import torch
 
 def scheduler(bb):
     """A fresh FlowMatchEulerDiscreteScheduler from the backbone's scheduler config (the one it shipped with)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler  # heavy: imported where used
 
     return FlowMatchEulerDiscreteScheduler.from_config(bb.scheduler_config)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import data as D
 from . import focus as F_
@@ -20,6 +21,9 @@ from . import losses as L
 from . import models as M
 from . import presets as P
 from .loop import LoopConfig, Step, run_loop
+from .metrics import case_row
+from .results import git_commit
+from .sampling import sample
 from .util import case_seed, main_process, write_json
 
 
@@ -131,7 +135,7 @@ def sft_loss(
 def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
     """Inject adapters into the frozen editor, fine-tune on train triplets; the adapter (safetensors + json with
     provenance and the backbone's identity) goes to <out_dir>/adapter/, written as one folder."""
-    from . import freqmole as FM
+    from . import adapters as AD  # pulls peft: imported where used
 
     if cfg.region == "auto":  # train the adapter on the contexts its editor reads (recorded in adapter.json)
         cfg = replace(cfg, region=P.editor_region(bb.preset.name))
@@ -141,7 +145,7 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
         bb.transformer.to(
             getattr(torch, cfg.frozen_dtype)
         )  # the frozen base; the adapters are cast to fp32 by the loop
-    spec = FM.inject(bb.transformer, cfg.adapter, rank=cfg.rank)
+    spec = AD.inject(bb.transformer, cfg.adapter, rank=cfg.rank)
     train_cases, val_cases = sft_data(cfg, loop.seed)
     prompts: list[str] = []
     bank, val = (
@@ -196,10 +200,8 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
     state = run_loop(
         loop, bb, loss_fn, eval_fn, param_groups=groups, run_config=dict(sft=asdict(cfg), preset=bb.preset.name)
     )
-    adapter = FM.adapter_state(bb.transformer)  # whole on every rank (gathered from the shards under FSDP)
+    adapter = AD.adapter_state(bb.transformer)  # whole on every rank (gathered from the shards under FSDP)
     if state["main"]:
-        from .results import git_commit
-
         provenance = dict(
             steps=state["step"],
             seed=loop.seed,
@@ -209,7 +211,7 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
             mixed_precision=loop.mixed_precision,
             val=state["evals"][-1] if state["evals"] else None,
         )
-        FM.save(
+        AD.save(
             bb.transformer,
             dict(spec, **identity, sft=asdict(cfg), training=provenance),
             Path(loop.out_dir) / "adapter",
@@ -221,9 +223,9 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
 
 def save_val_grid(trips: list, outputs: list[torch.Tensor], path: Path, title: str = "") -> Path:
     """One PNG: a row per val triplet (LRGI up, HRRI, output, HRGT) - the images the training log points at."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: imported where used
 
-    from . import viz
+    from . import viz  # pulls matplotlib: imported where used
 
     rows = [[t.draft, t.hrri, y, t.hrgt] for t, y in zip(trips, outputs)]
     fig = viz.grid(rows, ["LRGI (bicubic up)", "HRRI", "output", "HRGT"], size=1.4)
@@ -246,11 +248,6 @@ def evaluate_refiner(
 ):
     """Sample HRGT from [draft, HRRI] with the sampler; per case labkit.metrics.case_row of the output and,
     prefixed 'draft_', of the draft itself (the no-model baseline); the output images when return_images."""
-    from tqdm.auto import tqdm
-
-    from .metrics import case_row
-    from .sampling import sample
-
     rows, images = [], []
     for i, t in enumerate(tqdm(trips, desc="evaluate", leave=False, disable=not progress, mininterval=2)):
         s = t.hrgt.shape[-1]

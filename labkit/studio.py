@@ -10,6 +10,7 @@ in the kernel: no local paths in the browser, uploads go through FileUpload, not
 
 from __future__ import annotations
 
+import html
 import io
 import threading
 import time
@@ -26,6 +27,7 @@ from . import inference as I
 from . import presets as P
 from .align import paste_mask, warp_reference
 from .attention import crop_reference
+from .metrics import case_metrics
 
 REFERENCE_METHODS = ("paste", "paste_warp", "align", "align_box")  # the methods that copy from a reference
 EXAMPLE_KINDS = ("wrong", "lowres4", "smear")  # the bundled examples: benchmark v2's failures, test split
@@ -82,8 +84,6 @@ class StudioResult:
 
     def metrics(self) -> dict[str, float]:
         """Region PSNR of the draft and the output against the target (when the image has one), and the time."""
-        from .metrics import case_metrics
-
         out = dict(seconds=self.seconds, changed_outside_box=changed_outside(self))
         if self.target is not None:
             for k, v in dict(draft=self.draft, output=self.output).items():
@@ -192,7 +192,7 @@ def aligned_reference(info: dict, draft: torch.Tensor, mask: torch.Tensor, refer
 
 def overlay(reference: torch.Tensor, attention: np.ndarray) -> np.ndarray:
     """The reference with M* (where the draft's region attends in it) as a heat overlay: (H, W, 3) in [0, 1]."""
-    from matplotlib import colormaps  # heavy optional dependency
+    from matplotlib import colormaps  # heavy: imported where used
 
     heat = upsample_map(attention, reference.shape[-2:]).numpy()
     rgb = colormaps["inferno"](heat)[..., :3]
@@ -300,7 +300,7 @@ def save(result: StudioResult, folder: str | Path) -> Path:
 
 def figure(result: StudioResult):
     """The studio's panels as one matplotlib figure: draft + region, output, change map, zoom, M*, filmstrip."""
-    import matplotlib.pyplot as plt  # heavy optional dependency
+    import matplotlib.pyplot as plt
 
     zoom = result.zoom()
     top = [
@@ -345,7 +345,7 @@ def png(x, size: int | None = None) -> bytes:
     """PNG bytes of an image or a (H, W) map (magma), upscaled with nearest neighbours to `size` px wide."""
     a = as_display(x)
     if a.ndim == 2:
-        from matplotlib import colormaps  # heavy optional dependency
+        from matplotlib import colormaps
 
         a = colormaps["magma"](a / (a.max() + 1e-8))[..., :3]
     im = Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8))
@@ -387,8 +387,8 @@ class Studio:
         seed: int = 0,
         prompt: str = "refine",
     ):
-        import ipywidgets as W  # heavy optional dependency
-        from ipycanvas import Canvas  # the drawing surface (optional dependency)
+        import ipywidgets as W  # optional: imported where used
+        from ipycanvas import Canvas  # optional: imported where used
 
         self.W = W
         self.draft: torch.Tensor | None = None
@@ -555,14 +555,10 @@ class Studio:
 
     def error(self, msg: str) -> None:
         """Show an error in the status line."""
-        import html
-
         self.status.value = f"<span style='color:#b00020' class='studio-error'>{html.escape(msg)}</span>"
 
     def say(self, msg: str) -> None:
         """Show a message in the status line."""
-        import html
-
         self.status.value = f"<span class='studio-status'>{html.escape(msg)}</span>"
 
     # ---------------------------------------------------------------- inputs

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from .presets import check_preset
 from .util import FAILED, REPO, atomic_dir, atomic_save, run_cli, write_json
 
@@ -51,7 +53,7 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
 def run_notebook(path: str | os.PathLike, out_dir: str | os.PathLike, kernel: str = "python3", **params) -> dict:
     """Execute one notebook with papermill (parameters injected) into a temporary folder that replaces out_dir
     when it succeeds; return the results.json it wrote."""
-    import papermill as pm
+    import papermill as pm  # optional: imported where used
 
     path, out_dir = Path(path), Path(out_dir)
     EXECUTED.mkdir(parents=True, exist_ok=True)
@@ -205,7 +207,7 @@ def grid(
 
 def write_table(out: Path, points: dict, rows: dict) -> None:
     """table.csv + table.json of the rows so far, in grid order (atomically)."""
-    import pandas as pd
+    import pandas as pd  # heavy: imported where used
 
     ordered = [rows[t] for t in points if t in rows]
     atomic_save(lambda p: pd.DataFrame(ordered).to_csv(p, index=False), out / "table.csv")
@@ -244,7 +246,7 @@ def point_job(nb: str, out_dir: str, preset: str, params: dict) -> dict:
 
 def submit_points(nb: Path, out: Path, preset: str, todo: dict[str, dict], timeout: float | None, cluster: dict):
     """Submit the points as one job array (submitit's AutoExecutor.map_array); yield (tag, result) as jobs finish."""
-    import submitit
+    import submitit  # optional: imported where used
 
     if not todo:
         return
@@ -286,8 +288,6 @@ def slurm_config(path: str | None, flags: dict) -> dict:
     or submitit's own names), overridden by the flags that were given."""
     cfg = {}
     if path:
-        import yaml
-
         cfg = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(cfg, dict):
             raise ValueError(f"{path}: a YAML mapping of Slurm settings (partition: gpu, gpus: 1, time: 120, mem: 64)")

@@ -21,6 +21,8 @@ from dataclasses import fields
 from . import presets as P
 from .data import FAILURES
 from .loop import RUNS, LoopConfig
+from .mini import train_mini
+from .models import load
 from .sft import SFTConfig, train_sft
 from .util import run_cli
 
@@ -166,12 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         if args.cmd in ("mini", "editor"):
-            from .mini import train_mini
-
             train_mini(args)
         else:
-            from .models import load
-
             cfg = SFTConfig(**{f_.name: getattr(args, f_.name) for f_ in fields(SFTConfig)})
             train_sft(load(args.preset), args.loop, cfg)
 

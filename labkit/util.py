@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -90,8 +91,6 @@ class NonFiniteError(RuntimeError):
 
 def run_cli(prog: str, body: Callable[[], int | None], kept: str = "") -> int:
     """Run a command's body under the one exit-code rule; Ctrl-C prints one line saying what was kept."""
-    import sys
-
     try:
         return body() or 0
     except KeyboardInterrupt:

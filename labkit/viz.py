@@ -67,7 +67,7 @@ def interactive() -> bool:
     if os.environ.get("PAPERMILL_EXECUTION") or os.environ.get("LABKIT_STATIC"):
         return False
     try:
-        from IPython import get_ipython
+        from IPython import get_ipython  # optional: imported where used
 
         ip = get_ipython()
         return ip is not None and "IPKernelApp" in ip.config and "papermill" not in str(type(ip))

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import labkit
+from labkit import adapters as AD
 from labkit import freqmole as FM
 
 
@@ -23,7 +24,7 @@ def test_noop_at_init_and_only_adapters_train(kind):
     bb = labkit.load("tiny")
     x, c = _x()
     before = bb(x, 0.5, [c])
-    FM.inject(bb.transformer, kind, rank=4)
+    AD.inject(bb.transformer, kind, rank=4)
     assert torch.allclose(bb(x, 0.5, [c]), before, atol=1e-6)
     names = [n for n, p in bb.transformer.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
@@ -39,7 +40,7 @@ def test_noop_at_init_and_only_adapters_train(kind):
 
 def test_alpha_prior_decreases_with_depth():
     bb = labkit.load("tiny")
-    FM.inject(bb.transformer, "freqmole", rank=4, prior=dict(high=0.9, low=0.1))
+    AD.inject(bb.transformer, "freqmole", rank=4, prior=dict(high=0.9, low=0.1))
     a = list(FM.alpha_by_block(bb.transformer).values())
     assert a[0] == pytest.approx(0.9) and a[-1] == pytest.approx(0.1) and all(x >= y for x, y in zip(a, a[1:]))
     # (freezing α at a step is a learning-rate schedule of the loop:
@@ -48,30 +49,30 @@ def test_alpha_prior_decreases_with_depth():
 
 def test_save_load_roundtrip_and_merge(tmp_path):
     bb = labkit.load("tiny")
-    spec = FM.inject(bb.transformer, "freqmole", rank=4)
+    spec = AD.inject(bb.transformer, "freqmole", rank=4)
     _perturb(bb.transformer)
     x, c = _x()
     out = bb(x, 0.5, [c])
-    FM.save(bb.transformer, spec, tmp_path)
+    AD.save(bb.transformer, spec, tmp_path)
     fresh = labkit.load("tiny")
     assert not torch.allclose(fresh(x, 0.5, [c]), out)
-    FM.load(fresh.transformer, tmp_path)
+    AD.load(fresh.transformer, tmp_path)
     assert torch.allclose(fresh(x, 0.5, [c]), out, atol=1e-6)
-    FM.merge(fresh.transformer)
+    AD.merge(fresh.transformer)
     assert torch.allclose(fresh(x, 0.5, [c]), out, atol=1e-5)
 
 
 def test_freqmole_file_into_lora_modules_is_an_error(tmp_path):
     bb = labkit.load("tiny")
-    spec = FM.inject(bb.transformer, "freqmole", rank=4)
-    FM.save(bb.transformer, dict(spec, kind="lora"), tmp_path)  # a config that lost the custom module
+    spec = AD.inject(bb.transformer, "freqmole", rank=4)
+    AD.save(bb.transformer, dict(spec, kind="lora"), tmp_path)  # a config that lost the custom module
     with pytest.raises(ValueError, match="disagree"):
-        FM.load(labkit.load("tiny").transformer, tmp_path)
+        AD.load(labkit.load("tiny").transformer, tmp_path)
 
 
 def test_equal_parameter_baseline():
     a, b = labkit.load("tiny"), labkit.load("tiny")
-    FM.inject(a.transformer, "freqmole", rank=4)
-    FM.inject(b.transformer, "lora", rank=8)  # two rank-4 experts ≈ one rank-8 LoRA
-    na, nb = FM.trainable_count(a.transformer), FM.trainable_count(b.transformer)
+    AD.inject(a.transformer, "freqmole", rank=4)
+    AD.inject(b.transformer, "lora", rank=8)  # two rank-4 experts ≈ one rank-8 LoRA
+    na, nb = AD.trainable_count(a.transformer), AD.trainable_count(b.transformer)
     assert abs(na - nb) / nb < 0.01  # only the α scalars differ

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import labkit
+from labkit import adapters as AD
 from labkit import data as D
-from labkit import freqmole as FM
 from labkit import inference as I
 from labkit.util import atomic_dir
 
@@ -115,7 +115,7 @@ def test_adapter_on_another_backbone_says_so_in_one_line(tmp_path):
     assert "\n" not in msg and "trained on preset 'tiny'" in msg and "is 'mini'" in msg
     other = labkit.load("tiny", seed=1)  # the same preset with other weights is another model
     with pytest.raises(ValueError, match="model"):
-        FM.load(other.transformer, tmp_path, identity=other.identity())
+        AD.load(other.transformer, tmp_path, identity=other.identity())
     assert I.load_refiner("tiny", str(tmp_path)).provenance["kind"] == "freqmole"  # on its own backbone it loads
 
 

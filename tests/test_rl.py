@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import labkit
+from labkit import adapters as AD
 from labkit import data as D
-from labkit import freqmole as FM
 from labkit import rl
 from labkit.loop import LoopConfig
 from labkit.models import pack_references
@@ -107,7 +107,7 @@ def test_sde_sample_log_probs_score_its_own_steps(tiny):
 @pytest.mark.parametrize("beta, precision", [(0.0, "no"), (0.1, "no"), (0.1, "bf16")])
 def test_few_grpo_steps_change_only_adapter_weights(tmp_path, beta, precision):
     bb = labkit.load("tiny")
-    spec = FM.inject(bb.transformer, "freqmole", rank=2)
+    spec = AD.inject(bb.transformer, "freqmole", rank=2)
     with torch.no_grad():  # a non-zero start, so the policy is not the base model
         for n, p in bb.transformer.named_parameters():
             if "lora_B" in n:
@@ -151,5 +151,5 @@ def test_few_grpo_steps_change_only_adapter_weights(tmp_path, beta, precision):
     assert h[0]["budget"] == 2048 and h[-1]["budget"] == 4096
     assert (tmp_path / "adapter" / "adapter.safetensors").exists() and (tmp_path / "metrics.csv").exists()
     fresh = labkit.load("tiny")
-    spec2 = FM.load(fresh.transformer, tmp_path)
+    spec2 = AD.load(fresh.transformer, tmp_path)
     assert "grpo" in spec2

@@ -293,7 +293,7 @@ def test_frequency_loss_zero_at_target_and_positive_elsewhere():
     ],
 )
 def test_sft_lowers_loss_and_trains_only_adapters(tmp_path, adapter, extra, precision):
-    from labkit import freqmole as FM
+    from labkit import adapters as AD
     from labkit.sft import SFTConfig, train_sft
 
     bb = labkit.load("tiny")
@@ -322,7 +322,7 @@ def test_sft_lowers_loss_and_trains_only_adapters(tmp_path, adapter, extra, prec
     assert (tmp_path / "adapter" / "adapter.safetensors").exists() and (tmp_path / "metrics.csv").exists()
     assert (tmp_path / "val" / "step_000030.png").exists() and "val_region_psnr" in st["evals"][-1]
     fresh = labkit.load("tiny")
-    FM.load(fresh.transformer, tmp_path)
+    AD.load(fresh.transformer, tmp_path)
     x = torch.randn(1, 16, 8, 8)
     assert torch.allclose(fresh(x, 0.5, [x, x], prompt="refine"), bb(x, 0.5, [x, x], prompt="refine"), atol=1e-6)
 
@@ -332,7 +332,7 @@ def test_alpha_freezing_survives_resume(tmp_path):
     and its α after step 8 is its α after step 3 (the freeze holds across resumes)."""
     from safetensors.torch import load_file
 
-    from labkit import freqmole as FM
+    from labkit import adapters as AD
     from labkit.sft import SFTConfig, train_sft
 
     cfg = SFTConfig(adapter="freqmole", rank=2, size=64, batch=2, bank=4, val_images=0, alpha_freeze_step=3)
@@ -367,13 +367,13 @@ def test_alpha_freezing_survives_resume(tmp_path):
     for _ in range(2):
         run(tmp_path / "b", stop_after=True)
     resumed = run(tmp_path / "b")
-    fa, fb = FM.adapter_state(full.transformer), FM.adapter_state(resumed.transformer)
+    fa, fb = AD.adapter_state(full.transformer), AD.adapter_state(resumed.transformer)
     assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
     a8 = alphas(tmp_path / "b")
     assert a3 and all(torch.equal(a3[k], a8[k]) for k in a3)  # frozen after step 3, through two resumes
     t = labkit.load("tiny").transformer
-    FM.inject(t, "freqmole", rank=2)
-    init = {"transformer." + k: v for k, v in FM.adapter_state(t).items() if "lora_freq_alpha" in k}
+    AD.inject(t, "freqmole", rank=2)
+    init = {"transformer." + k: v for k, v in AD.adapter_state(t).items() if "lora_freq_alpha" in k}
     assert set(init) == set(a3) and any(not torch.equal(init[k], a3[k]) for k in a3)  # α did train before the freeze
 
 
@@ -462,7 +462,7 @@ import torch
 from safetensors.torch import save_file
 import labkit
 from labkit import util
-from labkit import freqmole as FM
+from labkit import adapters as AD
 from labkit.loop import LoopConfig
 from labkit.sft import SFTConfig, train_sft
 
@@ -483,7 +483,7 @@ train_sft(bb, LoopConfig(steps=4, lr=1e-2, warmup=1, ckpt_every=2, eval_every=10
                          mixed_precision="no"), cfg)
 from accelerate import PartialState
 rank = PartialState().process_index
-save_file(FM.adapter_state(bb.transformer), str(log / f"weights_{rank}.safetensors"))
+save_file(AD.adapter_state(bb.transformer), str(log / f"weights_{rank}.safetensors"))
 (log / f"writes_{rank}.json").write_text(json.dumps(writes))
 """
 

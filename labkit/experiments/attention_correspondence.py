@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..attention import CaptureSpec, box_iou, capture, tokens_in_mask
+from ..sampling import sample
 
 
 @torch.no_grad()
@@ -22,8 +23,6 @@ def triplet_maps(
 ) -> tuple[dict, tuple[int, int]]:
     """M[(query set, t, block)] (N_ref,) for one triplet, on the teacher-forced path (true target noised to
     each t) or on the model's own Euler sampling path from noise (t = the sampler's steps)."""
-    from ..sampling import sample
-
     size = trip.hrgt.shape[-1]
     up = trip.draft[None]
     z_gt, z_draft, z_ref = bb.encode(trip.hrgt[None]), bb.encode(up), bb.encode(trip.hrri[None])

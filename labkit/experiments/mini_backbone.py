@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from ..results import claim
+
 
 def copy_claim(ev: dict, near: float = 1.5, room: float = 1.0, editor: str = "editor") -> dict:
     """Claim editor_copies_aligned_reference from evaluate_refine(reference='target'): on every kind of damage
     whose ceiling leaves room (VAE-through-focus ceiling > draft + `room` dB), the editor's region PSNR is above
     the draft's and within `near` dB of the ceiling; kinds without room are listed, not judged."""
-    from ..results import claim
-
     bk = {k: {c: x for c, x in v.items() if c != "skipped_no_room"} for k, v in ev["by_kind"].items()}
     judged = {k: v for k, v in bk.items() if v["ceiling"] > v["draft"] + room}
     ok = {k: v[editor] > v["draft"] and v[editor] >= v["ceiling"] - near for k, v in judged.items()}
@@ -43,8 +43,6 @@ def baseline_claim(
 ) -> dict:
     """Claim 'the editor beats this no-model baseline' from one task's evaluate() row, with `reachable`:
     whether the VAE round trip of the target (any latent editor's ceiling) lies above the baseline at all."""
-    from ..results import claim
-
     room = r[ceiling] > r[base]
     why = f"VAE ceiling {r[ceiling]:.2f} dB {'>' if room else '<='} baseline: " + (
         "reachable" if room else "no latent editor can beat this baseline with this VAE"

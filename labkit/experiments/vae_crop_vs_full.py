@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..focus import Box, crop, resize, snap_size
+from ..metrics import hf_energy_ratio, psnr, spectrum_distance, ssim
 
 
 def random_box(rng, size: int, frac: float, multiple: int = 1) -> Box:
@@ -32,8 +33,6 @@ def crop_roundtrip(bb, image: torch.Tensor, box: Box, upsample: float | str) -> 
 def crop_vs_full(bb, images: torch.Tensor, labels: list[str], fracs, upsamples, seed: int = 0) -> list[dict]:
     """Region PSNR/SSIM/HF ratio of full-image encoding vs crop+upsample encoding, for every image,
     region fraction and upsampling factor; one row per (image, frac, upsample)."""
-    from ..metrics import hf_energy_ratio, psnr, spectrum_distance, ssim
-
     rng = np.random.default_rng(seed)
     rows = []
     for i, (img, label) in enumerate(zip(images, labels)):
