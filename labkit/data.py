@@ -1,4 +1,4 @@
-"""Real images that Python packages ship, rendered text/logos, and LRGI/HRRI/HRGT triplets.
+"""Real images that Python packages ship, rendered text/logos, and (target, reference, draft) triplets.
 
 Images are float32 numpy arrays (H, W, 3) in [0, 1] inside this module; `Triplet` exposes torch
 tensors (3, H, W) in [0, 1]. Everything is deterministic from a seed. Splits are by *source image*.
@@ -487,27 +487,28 @@ def as_references(reference, min_side: int = 1) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# LRGI / HRRI / HRGT triplets (RefGC-SR2), with the true correspondence kept
+# triplets (RefGC-SR2's LRGI / HRRI / HRGT): target, reference, low-res draft, with the true correspondence
 @dataclass
 class Triplet:
-    """HRGT (target), HRRI (reference in another view), LRGI (low-res draft with artifacts in `mask`)."""
+    """A target, a reference of the same content in another view and light, and the low-res damaged image the
+    draft is made from (RefGC-SR2's HRGT, HRRI and LRGI; notebook 02 uses the paper's names)."""
 
-    hrgt: torch.Tensor  # (3, S, S)
-    hrri: torch.Tensor  # (3, S, S)
-    lrgi: torch.Tensor  # (3, S/f, S/f)
-    mask: torch.Tensor  # (1, S, S) object region in HRGT (and upsampled LRGI) coordinates, {0, 1}
-    ref_mask: torch.Tensor  # (1, S, S) the same region in HRRI coordinates (from the warp)
+    target: torch.Tensor  # (3, S, S)  HRGT
+    reference: torch.Tensor  # (3, S, S)  HRRI
+    lowres: torch.Tensor  # (3, S/f, S/f)  LRGI: low-res, with the damage inside `mask`
+    mask: torch.Tensor  # (1, S, S) object region in the target's (and the draft's) coordinates, {0, 1}
+    ref_mask: torch.Tensor  # (1, S, S) the same region in the reference's coordinates (from the warp)
     scribble: torch.Tensor  # (1, S, S) a user-style stroke inside the mask
     bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1) of mask, x1/y1 exclusive
     ref_bbox: tuple[int, int, int, int]
-    warp: np.ndarray  # (3, 3) homography, HRGT pixel (x, y, 1) -> HRRI pixel
+    warp: np.ndarray  # (3, 3) homography, target pixel (x, y, 1) -> reference pixel
     meta: dict = field(default_factory=dict)  # source, content, degradation, factor, seed, split
     extra_refs: list = field(default_factory=list)  # more (3, S, S) views of the same content (multi-reference)
 
     @property
     def draft(self) -> torch.Tensor:
-        """LRGI bicubic-upsampled to HRGT's size (3, S, S): the input every refiner starts from."""
-        return resize(self.lrgi, self.hrgt.shape[-2:])
+        """The low-res image bicubic-upsampled to the target's size (3, S, S): what every refiner starts from."""
+        return resize(self.lowres, self.target.shape[-2:])
 
 
 def bbox_of(mask: np.ndarray | torch.Tensor) -> tuple[int, int, int, int]:
@@ -544,7 +545,7 @@ def random_blob(rng: np.random.Generator, size: int, area: tuple[float, float], 
 
 
 def _view_homography(rng: np.random.Generator, size: int, strength: float) -> np.ndarray:
-    """A random 'other view' A (HRRI pixel -> HRGT pixel): rotation, scale, shift, perspective."""
+    """A random 'other view' A (reference pixel -> target pixel): rotation, scale, shift, perspective."""
     c = size / 2
     th = np.deg2rad(rng.uniform(-20, 20) * strength)
     s = np.exp(rng.uniform(-0.25, 0.25) * strength)
@@ -633,8 +634,8 @@ def make_triplet(
     extra_refs: int = 0,
     failure: str | None = None,
 ) -> Triplet:
-    """One LRGI/HRRI/HRGT triplet, deterministic from (seed, split, params); extra_refs further reference
-    views come from their own RNG streams, so the triplet itself does not change with extra_refs.
+    """One triplet (target, reference, low-res draft), deterministic from (seed, split, params); extra_refs
+    further reference views come from their own RNG streams, so the triplet itself does not change with extra_refs.
     failure (one of FAILURES): the draft is the target itself at full size with that generative failure in
     the region (factor must be 1; the degradation arguments are not used)."""
     if failure is not None and (factor != 1 or failure not in FAILURES):
@@ -649,30 +650,30 @@ def make_triplet(
     for _ in range(20):  # resample until the region stays in view of the reference
         side = rng.uniform(0.35, 0.8) * min(h, w)
         ox, oy = rng.uniform(0, w - side), rng.uniform(0, h - side)
-        t_gt = np.array([[side / size, 0, ox], [0, side / size, oy], [0, 0, 1.0]])  # HRGT px -> source px
-        a = _view_homography(rng, size, view_strength)  # HRRI px -> HRGT px
+        t_gt = np.array([[side / size, 0, ox], [0, side / size, oy], [0, 0, 1.0]])  # target px -> source px
+        a = _view_homography(rng, size, view_strength)  # reference px -> target px
         mask = random_blob(rng, size, area)
         ref_mask = (_warp(mask, a, size, order=1) > 0.5).astype(np.float32)
         if ref_mask.sum() >= 0.9 * mask.sum() * abs(np.linalg.det(np.linalg.inv(a)[:2, :2])):
             break
-    hrgt = np.clip(_warp(img, t_gt, size), 0, 1)
-    hrri = np.clip(_warp(img, t_gt @ a, size), 0, 1)
+    target = np.clip(_warp(img, t_gt, size), 0, 1)
+    reference = np.clip(_warp(img, t_gt @ a, size), 0, 1)
     # photometric change of the reference: gamma, exposure, white balance
-    hrri = relight(rng, hrri)
+    reference = relight(rng, reference)
     if failure is not None:
-        kinds, lrgi = [failure], damage(rng, hrgt, mask, failure)
+        kinds, lowres = [failure], damage(rng, target, mask, failure)
     else:
         kinds = (
             list(rng.choice([d for d in DEGRADATIONS if d != "vae" or vae_roundtrip], 2, replace=False))
             if degradation == "mixed"
             else [degradation]
         )
-        low = resize_np(hrgt, size // factor)
+        low = resize_np(target, size // factor)
         m_low = resize_np(mask[..., None], size // factor, "bilinear")
         bad = low
         for k in kinds:
             bad = degrade(rng, bad, k, vae_roundtrip)
-        lrgi = np.clip(m_low * bad + (1 - m_low) * low, 0, 1)
+        lowres = np.clip(m_low * bad + (1 - m_low) * low, 0, 1)
     scribble = _scribble(rng, mask)
     meta = dict(
         source=name,
@@ -691,9 +692,9 @@ def make_triplet(
         v = np.clip(_warp(img, t_gt @ _view_homography(rk, size, view_strength), size), 0, 1)
         extra.append(t(relight(rk, v)))
     return Triplet(
-        hrgt=t(hrgt),
-        hrri=t(hrri),
-        lrgi=t(lrgi),
+        target=t(target),
+        reference=t(reference),
+        lowres=t(lowres),
         mask=t(mask),
         ref_mask=t(ref_mask),
         scribble=t(scribble),
@@ -726,7 +727,7 @@ def eval_set(
 ) -> list[Triplet]:
     """The fixed evaluation set: n cases × each degradation, built on demand and cached on disk
     (extra_refs > 0: the same cases with more reference views, for multi-reference studies)."""
-    key = dict(n=n, d=list(degradations), size=size, factor=factor, split=split, seed=seed, v=2)
+    key = dict(n=n, d=list(degradations), size=size, factor=factor, split=split, seed=seed, v=3)
     key = json.dumps(key | (dict(extra_refs=extra_refs) if extra_refs else {}))
     path = CACHE_DIR / f"eval_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if cache and (path / "cases.json").exists():
@@ -741,7 +742,7 @@ def eval_set(
     return cases
 
 
-TENSORS = ("hrgt", "hrri", "lrgi", "mask", "ref_mask", "scribble")
+TENSORS = ("target", "reference", "lowres", "mask", "ref_mask", "scribble")
 
 
 def save_triplets(cases: Sequence[Triplet], folder: Path) -> Path:
@@ -787,7 +788,8 @@ CASE_FORMAT = (
 @dataclass
 class Case:
     """One user case: the draft to refine, its reference(s), the mask; target, prompt and split when given.
-    Exposes the Triplet names the evaluators and SFT use (hrgt, hrri, draft, mask, ref_mask, meta)."""
+    Exposes the names a Triplet has (target, reference, extra_refs, draft, mask, ref_mask, meta), so evaluators and
+    SFT take either (`require_targets` first where a target is needed)."""
 
     name: str
     draft: torch.Tensor  # (3, H, W)
@@ -799,16 +801,7 @@ class Case:
     meta: dict = field(default_factory=dict)
 
     @property
-    def hrgt(self) -> torch.Tensor:
-        if self.target is None:
-            raise ValueError(
-                f'case {self.name!r} has no target: scores and SFT need one (add "target" to its line in '
-                "metadata.jsonl)"
-            )
-        return self.target
-
-    @property
-    def hrri(self) -> torch.Tensor:
+    def reference(self) -> torch.Tensor:
         """The first reference at the draft's size (what banks stack; refine packs references at their own size)."""
         return resize(self.references[0], self.draft.shape[-2:])
 
@@ -837,6 +830,16 @@ class Case:
             self.split,
             self.meta,
         )
+
+
+def require_targets(cases: Sequence, why: str = "scores") -> None:
+    """Refuse, before any work, cases without a target where one is needed (scores, SFT)."""
+    for c in cases:
+        if getattr(c, "target", None) is None:
+            raise ValueError(
+                f'case {getattr(c, "name", "?")!r} has no target: {why} need one (add "target" to its line in '
+                "metadata.jsonl)"
+            )
 
 
 def _split_of(key: str) -> str:
@@ -988,8 +991,8 @@ def write_cases(
         while f"case{j:03d}" in taken:
             j += 1
         cid = f"case{j:03d}"
-        refs = c.references if isinstance(c, Case) else [c.hrri, *getattr(c, "extra_refs", [])]
-        target = c.target if isinstance(c, Case) else c.hrgt
+        refs = c.references if isinstance(c, Case) else [c.reference, *getattr(c, "extra_refs", [])]
+        target = c.target
         names = [png(r, f"{cid}_ref.png" if k == 0 else f"{cid}_ref{k}.png") for k, r in enumerate(refs)]
         row = dict(
             id=cid,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import focus as F_
 from . import inference as I
 from . import metrics as Mt
-from .data import load_cases, make_triplet
+from .data import load_cases, make_triplet, require_targets
 from .metrics import bootstrap_ci
 from .presets import check_preset
 from .results import claim, write_results
@@ -69,9 +69,9 @@ def score(out: torch.Tensor, case, draft: torch.Tensor, box=None, perceptual: di
     """One output (3, H, W) of a case as a row of floats: labkit.metrics.case_row (region and whole vs HRGT,
     background vs the
     draft, outside the paste box) plus the perceptual columns that have local weights."""
-    row = Mt.case_row(out, case.hrgt, case.mask, draft, box)
+    row = Mt.case_row(out, case.target, case.mask, draft, box)
     for name, fn in (perceptual or {}).items():
-        row[name] = float(fn(out[None], case.hrgt[None])) if callable(fn) else float("nan")
+        row[name] = float(fn(out[None], case.target[None])) if callable(fn) else float("nan")
     return row
 
 
@@ -314,8 +314,8 @@ def benchmark_cases(
                 raise RuntimeError(f"only {got} {kind!r} cases below the VAE ceiling after {i} draws: lower `room`")
             t = make_triplet(case_seed(seed, i), split, size, 1, failure=kind, view_strength=view_strength)
             i += 1
-            ceil = focus_ceiling(bb, t.hrgt, t.mask)
-            draft_psnr = float(Mt.case_metrics(t.draft, t.hrgt, t.mask)["region_psnr"][0])
+            ceil = focus_ceiling(bb, t.target, t.mask)
+            draft_psnr = float(Mt.case_metrics(t.draft, t.target, t.mask)["region_psnr"][0])
             if draft_psnr < ceil - room:
                 t.meta.update(ceiling=ceil, draft_psnr=draft_psnr)
                 out.append(t)
@@ -334,7 +334,11 @@ def choose_defaults(
     """Each candidate setting of labkit.refine (name -> keyword arguments) on the (val) cases: a table of mean
     region PSNR / background error, and the name of the best by region PSNR."""
     runners = {
-        name: (lambda c, kw=kw: I.refine_tensor(c.draft, c.mask, c.hrri, seed=seed, preset=preset, device=device, **kw))
+        name: (
+            lambda c, kw=kw: I.refine_tensor(
+                c.draft, c.mask, c.reference, seed=seed, preset=preset, device=device, **kw
+            )
+        )
         for name, kw in candidates.items()
     }
     df, _ = run(cases, runners, lambda c: c.draft, progress=progress, keep=[])
@@ -364,7 +368,7 @@ def runners_for(
         return lambda c: I.refine_tensor(
             c.draft,
             c.mask,
-            getattr(c, "references", None) or c.hrri,
+            getattr(c, "references", None) or c.reference,
             method=method,
             adapter=adapter,
             steps=steps,
@@ -378,14 +382,14 @@ def runners_for(
     out = {input_label: lambda c: I.refine_tensor(c.draft, c.mask, method="input")}
     if paste_true_box:
         out["paste (true ref box)"] = lambda c: I.refine_tensor(
-            c.draft, c.mask, c.hrri, method="paste", reference_box=c.ref_bbox
+            c.draft, c.mask, c.reference, method="paste", reference_box=c.ref_bbox
         )
     if pastes:  # the no-model pastes a refiner must beat: the M* box, and the registered warp
         out["paste (M* box)"] = lambda c: I.refine_tensor(
-            c.draft, c.mask, c.hrri, method="paste", preset=preset, seed=seed, device=device
+            c.draft, c.mask, c.reference, method="paste", preset=preset, seed=seed, device=device
         )
         out["paste (registered)"] = lambda c: I.refine_tensor(
-            c.draft, c.mask, c.hrri, method="paste_warp", preset=preset, seed=seed, device=device
+            c.draft, c.mask, c.reference, method="paste_warp", preset=preset, seed=seed, device=device
         )
     for name, folder in adapters.items():
         for m in methods:
@@ -427,8 +431,7 @@ def evaluate_cases(
     others return {})."""
     from . import viz  # pulls matplotlib: imported where used
 
-    for c in cases:
-        c.hrgt  # noqa: B018 - every case needs a target to be scored: fail before any work
+    require_targets(cases, "scores")  # before any work
     adapters = {"frozen": None, **(adapters or {})}
     runners = runners_for(methods, adapters, steps, seed, preset, device)
     shown = distinct_scenes(cases, 4)
@@ -471,7 +474,7 @@ def evaluate_cases(
         render(tab, columns, {}, str(tmp / "table.html"), f"{len(cases)} cases, preset {preset}")
         viz.save(table_figure(tab, columns, f"mean over {len(cases)} cases (best per column shaded)"), "table", tmp)
         show = list(runners)[:6]
-        rows = [[cases[i].hrri] + [samples[m][j] for m in show] + [cases[i].hrgt] for j, i in enumerate(shown)]
+        rows = [[cases[i].reference] + [samples[m][j] for m in show] + [cases[i].target] for j, i in enumerate(shown)]
         viz.save(
             viz.grid(
                 rows, ["reference", *show, "target"], [cases[i].meta.get("source", str(i)) for i in shown], size=1.5

@@ -164,7 +164,9 @@ def task_batch(
             for i in range(b)
         ]
         stack = lambda k: torch.stack([getattr(t, k) for t in trips])  # noqa: E731
-        return dict(target=stack("hrgt"), contexts=[stack("lrgi"), stack("hrri")], mask=stack("mask"), trips=trips)
+        return dict(
+            target=stack("target"), contexts=[stack("lowres"), stack("reference")], mask=stack("mask"), trips=trips
+        )
     x = D.crop_batch(rng, split, b, s)
     if task == "reconstruct":
         ctx = x
@@ -373,8 +375,8 @@ def evaluate_refine(
 
 def oracle_paste(trip) -> torch.Tensor:
     """The degraded context with the true region copied from the reference through the known warp."""
-    ref_in_gt = D.to_tensor(D._warp(D.to_numpy(trip.hrri), trip.warp, trip.hrgt.shape[-1]))
-    return trip.mask * ref_in_gt.clamp(0, 1) + (1 - trip.mask) * trip.lrgi
+    ref_in_gt = D.to_tensor(D._warp(D.to_numpy(trip.reference), trip.warp, trip.target.shape[-1]))
+    return trip.mask * ref_in_gt.clamp(0, 1) + (1 - trip.mask) * trip.lowres
 
 
 @torch.no_grad()

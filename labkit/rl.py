@@ -65,7 +65,7 @@ def make_reward(w_detail: float = 1.0, w_consistency: float = 1.0) -> Callable:
     detail = region PSNR vs HRGT / 10 (inside the mask); consistency = whole-image SSIM vs HRGT."""
 
     def reward(outputs: torch.Tensor, case, draft: torch.Tensor) -> dict[str, torch.Tensor]:
-        gt = case.hrgt[None].expand_as(outputs)
+        gt = case.target[None].expand_as(outputs)
         m = case.mask[None].expand(outputs.shape[0], -1, -1, -1)
         detail = Mt.psnr(outputs, gt, m) / 10
         consistency = Mt.ssim(outputs, gt)
@@ -108,7 +108,7 @@ def swapped_adapter(transformer, state: dict[str, torch.Tensor]):
 # inputs with K references under a pixel budget (SELF)
 def references(case, k: int, budget: int, multiple: int = 16) -> list[torch.Tensor]:
     """The case's first k reference views, resized with one shared scale under `budget` total pixels."""
-    views = [case.hrri, *case.extra_refs][:k]
+    views = [case.reference, *case.extra_refs][:k]
     if len(views) < k:
         raise ValueError(
             f"case has {len(views)} reference views, {k} asked: build it with make_triplet(..., extra_refs={k - 1})"
@@ -130,7 +130,7 @@ def rollout(bb, case, ctx: list[torch.Tensor], cfg: GRPOConfig, reward: Callable
     """G SDE samples for one input: trajectory, old log-probs, decoded outputs and their rewards."""
     g = cfg.group
     ctx_g = [c.expand(g, -1, -1, -1) for c in ctx]
-    h, w = case.hrgt.shape[-2:]
+    h, w = case.target.shape[-2:]
     traj = sde_sample(
         bb,
         ctx_g,
@@ -208,8 +208,8 @@ def evaluate_policy(
     r = Refiner(bb, prompt)
     rows = []
     for i, c in enumerate(tqdm(cases, desc="evaluate policy", leave=False, disable=not progress, mininterval=2)):
-        s = c.hrgt.shape[-1]
-        views = [c.hrri, *c.extra_refs][:k]
+        s = c.target.shape[-1]
+        views = [c.reference, *c.extra_refs][:k]
         out = edit(r, c.draft, views, steps, seed + i, budget=budget or s * s)
         rw = reward(out[None], c, c.draft)
         rows.append(
@@ -221,7 +221,7 @@ def evaluate_policy(
                 reward=float(rw["total"][0]),
                 detail=float(rw["detail"][0]),
                 consistency=float(rw["consistency"][0]),
-                **Mt.case_row(out, c.hrgt, c.mask, c.draft),
+                **Mt.case_row(out, c.target, c.mask, c.draft),
             )
         )
     return rows
@@ -315,7 +315,7 @@ def policy_kl(bb, cases: Sequence, ref_state: dict, cfg: GRPOConfig, seed: int =
     vals = []
     for i, c in enumerate(cases):
         ctx = contexts(bb, c, 1, cfg.size * cfg.size)
-        s = c.hrgt.shape[-1]
+        s = c.target.shape[-1]
         tr = sde_sample(
             bb,
             ctx,

@@ -65,12 +65,14 @@ def bank_of(bb: M.Backbone, cases: list, prompts: list[str], default_prompt: str
         p = getattr(c, "prompt", None) or default_prompt
         if p not in prompts:
             prompts.append(p)
-    ctx = [F_.region_contexts(c.draft, c.mask, [c.hrri], region) for c in cases]  # [draft, (region image), reference]
+    ctx = [
+        F_.region_contexts(c.draft, c.mask, [c.reference], region) for c in cases
+    ]  # [draft, (region image), reference]
     extra = dict(region=enc([x[1] for x in ctx])) if region == "context" else {}
     return extra | dict(
-        target=enc([c.hrgt for c in cases]),
+        target=enc([c.target for c in cases]),
         draft=enc([x[0] for x in ctx]),
-        reference=enc([c.hrri for c in cases]),
+        reference=enc([c.reference for c in cases]),
         mask=torch.stack([c.mask for c in cases]),
         ref_mask=torch.stack([c.ref_mask for c in cases]),
         prompt=torch.tensor([prompts.index(getattr(c, "prompt", None) or default_prompt) for c in cases]),
@@ -88,8 +90,7 @@ def sft_data(cfg: SFTConfig, seed: int) -> tuple[list, list]:
     val = [c.resized(cfg.size) for c in D.load_cases(cfg.data_dir, "val")]
     if not train:
         raise ValueError(f'{cfg.data_dir} has no train cases: mark lines "split": "train" (or leave split out)')
-    for c in train + val:
-        c.hrgt  # noqa: B018 - SFT needs a target in every case: fail before any work
+    D.require_targets(train + val, "SFT cases")  # before any work
     return train, val or train[:4]
 
 
@@ -227,7 +228,7 @@ def save_val_grid(trips: list, outputs: list[torch.Tensor], path: Path, title: s
 
     from . import viz  # pulls matplotlib: imported where used
 
-    rows = [[t.draft, t.hrri, y, t.hrgt] for t, y in zip(trips, outputs)]
+    rows = [[t.draft, t.reference, y, t.target] for t, y in zip(trips, outputs)]
     fig = viz.grid(rows, ["LRGI (bicubic up)", "HRRI", "output", "HRGT"], size=1.4)
     fig.suptitle(title, fontsize=8, y=1.0)
     out = viz.save(fig, path.stem, path.parent)
@@ -250,8 +251,8 @@ def evaluate_refiner(
     prefixed 'draft_', of the draft itself (the no-model baseline); the output images when return_images."""
     rows, images = [], []
     for i, t in enumerate(tqdm(trips, desc="evaluate", leave=False, disable=not progress, mininterval=2)):
-        s = t.hrgt.shape[-1]
-        ctx = [bb.encode(x[None]) for x in F_.region_contexts(t.draft, t.mask, [t.hrri], region)]
+        s = t.target.shape[-1]
+        ctx = [bb.encode(x[None]) for x in F_.region_contexts(t.draft, t.mask, [t.reference], region)]
         z = sample(
             bb,
             ctx,
@@ -265,8 +266,8 @@ def evaluate_refiner(
             dict(
                 case=i,
                 content=t.meta.get("content", "user"),
-                **case_row(y, t.hrgt, t.mask, t.draft),
-                **case_row(t.draft, t.hrgt, t.mask, prefix="draft_"),
+                **case_row(y, t.target, t.mask, t.draft),
+                **case_row(t.draft, t.target, t.mask, prefix="draft_"),
             )
         )
         images.append(y)

@@ -102,7 +102,14 @@ def examples(size: int = 128, seed: int = 0) -> dict[str, D.Case]:
     for i, kind in enumerate(EXAMPLE_KINDS):
         t = D.make_triplet(seed * 1000 + 17 + i, "test", size, 1, failure=kind, view_strength=0.4)
         out[kind] = D.Case(
-            f"example_{kind}", t.draft, [t.hrri], t.mask, t.hrgt, "refine", "test", dict(kind=kind, ref_mask=t.ref_mask)
+            f"example_{kind}",
+            t.draft,
+            [t.reference],
+            t.mask,
+            t.target,
+            "refine",
+            "test",
+            dict(kind=kind, ref_mask=t.ref_mask),
         )  # ref_mask: where the region lies in the reference
     return out
 

@@ -84,13 +84,13 @@ def test_region_encodings_are_images_of_the_region():
 def test_refine_checks_the_new_inputs():
     c = D.make_triplet(0, "test", 64, 1, failure="smear")
     with pytest.raises(ValueError, match="mask size"):
-        I.refine_tensor(c.draft, torch.ones(32, 32), c.hrri, preset="tiny", steps=1)
+        I.refine_tensor(c.draft, torch.ones(32, 32), c.reference, preset="tiny", steps=1)
     with pytest.raises(ValueError, match="at least 16x16"):
         I.refine_tensor(c.draft, c.mask, torch.rand(3, 8, 8), method="focus", preset="tiny", steps=1)
     with pytest.raises(TypeError, match="mask must be a PIL.Image"):
-        I.refine_tensor(c.draft, "region.png", c.hrri, preset="tiny", steps=1)
+        I.refine_tensor(c.draft, "region.png", c.reference, preset="tiny", steps=1)
     with pytest.raises(ValueError, match="unknown region encoding"):
-        I.refine_tensor(c.draft, c.mask, c.hrri, preset="tiny", steps=1, region="paint")
+        I.refine_tensor(c.draft, c.mask, c.reference, preset="tiny", steps=1, region="paint")
 
 
 @pytest.mark.parametrize("kind", D.FAILURES)

@@ -36,7 +36,7 @@ def test_load_cases_reads_splits_prompts_and_pixels(folder):
     assert [c.split for c in cases] == ["train", "train", "train", "val", "test", "test"]
     assert cases[0].prompt == "refine" and cases[1].prompt is None
     t = D.make_triplet(0, "test", 64, 2)
-    assert (cases[0].target - t.hrgt).abs().max() < 1 / 255 and (cases[0].mask == t.mask).all()
+    assert (cases[0].target - t.target).abs().max() < 1 / 255 and (cases[0].mask == t.mask).all()
     assert [c.name for c in D.load_cases(folder, "test")] == ["case004", "case005"]
     rows = _lines(folder)
     for r in rows:

@@ -7,15 +7,15 @@ from labkit import data as D
 
 def test_triplet_deterministic_per_seed():
     a, b, c = D.make_triplet(3, "train"), D.make_triplet(3, "train"), D.make_triplet(4, "train")
-    for k in ("hrgt", "hrri", "lrgi", "mask", "ref_mask", "scribble"):
+    for k in ("target", "reference", "lowres", "mask", "ref_mask", "scribble"):
         assert torch.equal(getattr(a, k), getattr(b, k))
-    assert not torch.equal(a.hrgt, c.hrgt)
+    assert not torch.equal(a.target, c.target)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_triplet_geometry(seed):
     t = D.make_triplet(seed, "test", size=128, factor=4)
-    assert t.hrgt.shape == t.hrri.shape == (3, 128, 128) and t.lrgi.shape == (3, 32, 32)
+    assert t.target.shape == t.reference.shape == (3, 128, 128) and t.lowres.shape == (3, 32, 32)
     x0, y0, x1, y1 = t.bbox
     m = t.mask[0]
     assert m.sum() > 0 and m[:, :x0].sum() == 0 and m[:, x1:].sum() == 0 and m[:y0].sum() == 0 and m[y1:].sum() == 0
@@ -28,16 +28,16 @@ def test_triplet_geometry(seed):
     assert ok.mean() > 0.85
     assert t.ref_mask[0].numpy()[py[ok], px[ok]].mean() > 0.9
     # the reference shows the same content there: HRGT pixels vs HRRI at warped positions correlate
-    a = t.hrgt.numpy()[:, ys[ok], xs[ok]].ravel()
-    b = t.hrri.numpy()[:, py[ok], px[ok]].ravel()
+    a = t.target.numpy()[:, ys[ok], xs[ok]].ravel()
+    b = t.reference.numpy()[:, py[ok], px[ok]].ravel()
     assert np.corrcoef(a, b)[0, 1] > 0.5
 
 
 def test_artifacts_only_inside_mask():
     t = D.make_triplet(11, "val", size=128, factor=2, degradation="noise")
-    low = D.resize(t.hrgt, 64)
+    low = D.resize(t.target, 64)
     m_low = D.resize(t.mask, 64, "bilinear")  # the blend mask the generator uses
-    diff = (t.lrgi - low).abs().sum(0)
+    diff = (t.lowres - low).abs().sum(0)
     assert diff[m_low[0] == 0].max() < 1e-5 and diff[m_low[0] > 0.5].mean() > 0.02
 
 

@@ -24,17 +24,17 @@ def _draft(c):
 def test_refine_rejects_bad_inputs(case):
     img = _draft(case)
     with pytest.raises(ValueError, match="does not match the image"):
-        labkit.refine(img, torch.ones(32, 32), case.hrri, preset="tiny")
+        labkit.refine(img, torch.ones(32, 32), case.reference, preset="tiny")
     with pytest.raises(ValueError, match="empty mask"):
-        labkit.refine(img, torch.zeros(64, 64), case.hrri, preset="tiny")
+        labkit.refine(img, torch.zeros(64, 64), case.reference, preset="tiny")
     with pytest.raises(TypeError, match="reference must be a PIL.Image"):
         labkit.refine(img, case.mask, reference="ref.png", preset="tiny")
     with pytest.raises(ValueError, match="unknown method"):
-        labkit.refine(img, case.mask, case.hrri, method="magic", preset="tiny")
+        labkit.refine(img, case.mask, case.reference, method="magic", preset="tiny")
     with pytest.raises(ValueError, match="needs a reference"):
         labkit.refine(img, case.mask, None, method="align", preset="tiny")
     with pytest.raises(ValueError, match="multiples of 16"):
-        labkit.refine(torch.rand(3, 60, 64), torch.ones(60, 64), case.hrri, method="full", preset="tiny")
+        labkit.refine(torch.rand(3, 60, 64), torch.ones(60, 64), case.reference, method="full", preset="tiny")
     with pytest.raises(FileNotFoundError, match="make figures NB=04_train_freqmole"):
         I.resolve_adapter("no-such-adapter")
 
@@ -43,7 +43,7 @@ def test_refine_rejects_bad_inputs(case):
 def test_refine_returns_pil_of_input_size_from_pil_inputs(case, method):
     img = I.to_pil(_draft(case)).resize((80, 64)) if method != "full" else I.to_pil(_draft(case))
     mask = Image.fromarray((case.mask[0].numpy() * 255).astype(np.uint8)).resize(img.size)
-    out = labkit.refine(img, mask, I.to_pil(case.hrri), method=method, preset="tiny", steps=2)
+    out = labkit.refine(img, mask, I.to_pil(case.reference), method=method, preset="tiny", steps=2)
     assert isinstance(out, Image.Image) and out.size == img.size
 
 
@@ -68,7 +68,7 @@ def test_locate_finds_the_region_in_the_reference_better_than_chance():
     ious, chance = [], []
     for i in range(8):
         c = D.make_triplet(i, "test", 128, 2, degradation="blur")
-        box = I.locate(r, c.draft, c.mask, c.hrri)
+        box = I.locate(r, c.draft, c.mask, c.reference)
         ious.append(A.box_iou(box, c.ref_bbox))
         chance.append(XA.chance_box_iou(box, c.ref_bbox, 128, rng))
     assert np.mean(ious) > 2 * np.mean(chance) and np.mean(ious) > 0.3
@@ -76,7 +76,7 @@ def test_locate_finds_the_region_in_the_reference_better_than_chance():
 
 def test_naive_paste_moves_reference_content_into_the_mask(case):
     img = _draft(case)
-    out, info = I.refine_tensor(img, case.mask, case.hrri, method="paste", reference_box=case.ref_bbox)
+    out, info = I.refine_tensor(img, case.mask, case.reference, method="paste", reference_box=case.ref_bbox)
     assert info["reference_box"] == case.ref_bbox
     far = torch.nn.functional.max_pool2d(case.mask[None], 31, 1, 15)[0, 0] == 0  # well away from the soft edge
     assert torch.equal(out[:, far], img[:, far]) and not torch.equal(out, img)
@@ -86,8 +86,8 @@ def test_table_shape_columns_best_and_cis():
     cases = D.eval_set(n=2, degradations=("blur", "glyph"), size=64, cache=False)
     methods = {
         "input": lambda c: I.refine_tensor(_draft(c), c.mask, method="input"),
-        "paste": lambda c: I.refine_tensor(_draft(c), c.mask, c.hrri, method="paste", reference_box=c.ref_bbox),
-        "target": lambda c: (c.hrgt.clone(), {}),
+        "paste": lambda c: I.refine_tensor(_draft(c), c.mask, c.reference, method="paste", reference_box=c.ref_bbox),
+        "target": lambda c: (c.target.clone(), {}),
     }
     df, samples = E.run(cases, methods, _draft, progress=False)
     assert len(df) == 3 * 4 and set(df.method) == set(methods) and len(samples["input"]) == 4

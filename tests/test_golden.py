@@ -36,7 +36,7 @@ def _case():
 
 def _call(name: str) -> Image.Image:
     c = _case()
-    return labkit.refine(to_pil(c.draft), c.mask[0].numpy(), to_pil(c.hrri), preset="mini", **CALLS[name])
+    return labkit.refine(to_pil(c.draft), c.mask[0].numpy(), to_pil(c.reference), preset="mini", **CALLS[name])
 
 
 def test_fixed_refine_calls_reproduce_the_committed_images():

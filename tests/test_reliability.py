@@ -21,7 +21,7 @@ def case():
 
 
 def _refine(case, **kw):
-    args = dict(image=case.draft, mask=case.mask, reference=case.hrri, preset="tiny", steps=2, method="focus")
+    args = dict(image=case.draft, mask=case.mask, reference=case.reference, preset="tiny", steps=2, method="focus")
     args.update(kw)
     return I.refine_tensor(**args)
 
@@ -44,7 +44,7 @@ def test_non_finite_and_out_of_range_images_are_refused_with_the_fix(case):
     with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
         _refine(case, image=case.draft * 2 - 1)
     with pytest.raises(ValueError, match="reference is float"):
-        _refine(case, reference=case.hrri * 255)
+        _refine(case, reference=case.reference * 255)
 
 
 def test_uint8_arrays_are_read_as_0_255_by_dtype(case):
@@ -60,7 +60,7 @@ def test_seed_none_draws_a_fresh_seed_and_reports_it(case):
     assert isinstance(i1["seed"], int) and i1["seed"] != i2["seed"]
     again, _ = _refine(case, seed=i1["seed"])
     assert torch.equal(again, out1)  # the reported seed reproduces the output bit for bit
-    pil = labkit.refine(case.draft, case.mask, case.hrri, preset="tiny", steps=2, seed=None)
+    pil = labkit.refine(case.draft, case.mask, case.reference, preset="tiny", steps=2, seed=None)
     assert isinstance(pil.info["labkit_seed"], int)
     with pytest.raises(ValueError, match="seed must be an integer"):
         _refine(case, seed="abc")

@@ -79,8 +79,8 @@ def test_budget_schedule_is_progressive():
 
 def test_extra_reference_views_leave_the_triplet_unchanged():
     a, b = D.make_triplet(5, "train", 64, 2), D.make_triplet(5, "train", 64, 2, extra_refs=2)
-    assert torch.equal(a.hrri, b.hrri) and torch.equal(a.lrgi, b.lrgi) and len(b.extra_refs) == 2
-    assert not torch.equal(b.extra_refs[0], b.hrri) and b.extra_refs[0].shape == b.hrri.shape
+    assert torch.equal(a.reference, b.reference) and torch.equal(a.lowres, b.lowres) and len(b.extra_refs) == 2
+    assert not torch.equal(b.extra_refs[0], b.reference) and b.extra_refs[0].shape == b.reference.shape
 
 
 def test_sde_sample_log_probs_score_its_own_steps(tiny):

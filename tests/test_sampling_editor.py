@@ -112,8 +112,8 @@ def test_oracle_paste_copies_the_true_region():
         t = D.make_triplet(s, "val", 128, factor=1, view_strength=1.0, degradation="blur")
         o = E.oracle_paste(t)
         m = t.mask[0] > 0.5
-        assert torch.equal(o[:, ~m], t.lrgi[:, ~m])  # outside the mask: the context, untouched
-        a, b = o[:, m].flatten().numpy(), t.hrgt[:, m].flatten().numpy()
+        assert torch.equal(o[:, ~m], t.lowres[:, ~m])  # outside the mask: the context, untouched
+        a, b = o[:, m].flatten().numpy(), t.target[:, m].flatten().numpy()
         assert np.corrcoef(a, b)[0, 1] > 0.8  # inside: the reference's content through the true warp
 
 
@@ -128,7 +128,7 @@ def test_baseline_claim_says_whether_the_vae_ceiling_leaves_room():
 def test_strong_restore_artifacts_remove_what_only_the_reference_has():
     from labkit import data as D
 
-    img = D.to_numpy(D.make_triplet(3, "val", 128, factor=1, degradation="blur").hrgt)
+    img = D.to_numpy(D.make_triplet(3, "val", 128, factor=1, degradation="blur").target)
     rng = np.random.default_rng(0)
     hf = lambda x: np.abs(np.diff(x, axis=1)).mean()  # noqa: E731  (mean horizontal gradient)
     smear = D.degrade(rng, img, "smear")
@@ -176,8 +176,10 @@ def test_refine_with_strength_and_blend_runs_on_tiny():
     from labkit import inference as I
 
     c = Dd.make_triplet(0, "test", 64, 2)
-    a, _ = I.refine_tensor(c.draft, c.mask, c.hrri, method="full", preset="tiny", steps=4, blend=False)
-    b, _ = I.refine_tensor(c.draft, c.mask, c.hrri, method="full", preset="tiny", steps=4, strength=0.5, blend=True)
+    a, _ = I.refine_tensor(c.draft, c.mask, c.reference, method="full", preset="tiny", steps=4, blend=False)
+    b, _ = I.refine_tensor(
+        c.draft, c.mask, c.reference, method="full", preset="tiny", steps=4, strength=0.5, blend=True
+    )
     far = torch.nn.functional.max_pool2d(c.mask[None], 33, 1, 16)[0, 0] == 0
     rt = I.load_refiner("tiny").bb.roundtrip(c.draft[None])[0]
     assert (b - rt)[:, far].abs().mean() < (a - rt)[

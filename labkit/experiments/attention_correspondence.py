@@ -23,9 +23,9 @@ def triplet_maps(
 ) -> tuple[dict, tuple[int, int]]:
     """M[(query set, t, block)] (N_ref,) for one triplet, on the teacher-forced path (true target noised to
     each t) or on the model's own Euler sampling path from noise (t = the sampler's steps)."""
-    size = trip.hrgt.shape[-1]
+    size = trip.target.shape[-1]
     up = trip.draft[None]
-    z_gt, z_draft, z_ref = bb.encode(trip.hrgt[None]), bb.encode(up), bb.encode(trip.hrri[None])
+    z_gt, z_draft, z_ref = bb.encode(trip.target[None]), bb.encode(up), bb.encode(trip.reference[None])
     patch = bb.multiple
     n_tok = (size // patch) ** 2
     spec = CaptureSpec(

@@ -29,7 +29,9 @@ def triplet_latents(bb, trips) -> dict[str, torch.Tensor]:
     """Normalised latents (N, 16, h, w) of HRGT, HRRI and the bicubic-upsampled LRGI of each triplet."""
     stack = lambda xs: torch.cat([bb.encode(x[None]).cpu().float() for x in xs])  # noqa: E731
     return dict(
-        hrgt=stack([t.hrgt for t in trips]), hrri=stack([t.hrri for t in trips]), lrgi=stack([t.draft for t in trips])
+        hrgt=stack([t.target for t in trips]),
+        hrri=stack([t.reference for t in trips]),
+        lrgi=stack([t.draft for t in trips]),
     )
 
 
