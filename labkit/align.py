@@ -207,13 +207,16 @@ def registered_paste(
 ) -> torch.Tensor:
     """The no-model baseline a registration allows: the warped reference, its light matched to the draft
     (the fitted gain/offset), pasted into the region with a soft seam; outside the dilated region the draft."""
-    warped = warp_reference(reference, reg.matrix, tuple(draft.shape[-2:]))
-    matched = (
-        torch.as_tensor(reg.gain, dtype=torch.float32)[:, None, None] * warped
-        + torch.as_tensor(reg.offset, dtype=torch.float32)[:, None, None]
-    ).clamp(0, 1)
     s = paste_mask(mask, dilate, blur_radius)
-    return s * matched + (1 - s) * draft
+    return s * relit_reference(reference, reg, tuple(draft.shape[-2:])) + (1 - s) * draft
+
+
+def relit_reference(reference: torch.Tensor, reg: Registration, hw: tuple[int, int]) -> torch.Tensor:
+    """The reference warped into the draft's frame (3, H, W) with its light matched to the draft's (the
+    registration's per-channel gain/offset, fitted outside the region)."""
+    warped = warp_reference(reference, reg.matrix, hw)
+    gain = torch.as_tensor(reg.gain, dtype=torch.float32)[:, None, None]
+    return (gain * warped + torch.as_tensor(reg.offset, dtype=torch.float32)[:, None, None]).clamp(0, 1)
 
 
 def paste_mask(mask: torch.Tensor, dilate: int = 5, blur_radius: float = 3.0) -> torch.Tensor:

@@ -71,6 +71,18 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="keep the draft's latents outside the region at every step (default: chosen on val)",
     )
+    ap.add_argument(
+        "--relight",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="align: the warped reference with its light matched to the draft's (default: chosen on val)",
+    )
+    ap.add_argument(
+        "--detail",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="align: add back what the VAE loses of the aligned reference (default: chosen on val)",
+    )
     ap.add_argument("--strength", type=float, default=1.0, help="< 1 starts from the draft noised to that level")
     ap.add_argument(
         "--region",
@@ -115,6 +127,8 @@ def refine_main(argv: list[str] | None = None) -> int:
         preset=a.preset,
         device=a.device,
         blend=a.blend,
+        relight=a.relight,
+        detail=a.detail,
         strength=a.strength,
         region=a.region,
     )

@@ -12,7 +12,11 @@ Methods (the model ones use the frozen editor, or an adapter from 04_train_freqm
     align  Align as a warp, then Focus: the reference is registered into the draft's frame from correspondences
            outside the region (labkit.align: SIFT + RANSAC, refined on the pixels), warped, and cropped by the
            same focus box as the draft, so the editor's contexts line up; a poor fit falls back to the M* box
-           (info["registration"] says which was used, with inliers and residual)
+           (info["registration"] says which was used, with inliers and residual). With the warp, `relight` gives
+           the editor the warped reference with its light matched to the draft's (the registered paste's
+           gain/offset), and `detail` adds back what the VAE loses of that reference, out + (a − decode(encode(a)))
+           (RefineAnything: the VAE, not the editor, caps a region's detail; RefGC-SR2: high frequencies come
+           from the reference)
     align_box  Align→Focus as Refine-by-Align does it: M* locates the region in the reference, the reference
            is cropped around M*'s box and upsampled, then Focus-and-Refine
 The region reaches the model as the editor was trained to read it (`region`: none | context | draw, see
@@ -32,7 +36,7 @@ import torch
 from PIL import Image
 
 from . import focus as F_
-from .align import Registration, register, registered_paste, warp_reference
+from .align import Registration, register, registered_paste, relit_reference, warp_reference
 from .data import as_image_tensor, as_mask_tensor, as_references, bbox_of, to_pil
 from .editor import ADAPTERS, Refiner, edit, load_refiner, resolve_adapter  # noqa: F401  (resolve_adapter: for notebooks)
 from .presets import get
@@ -41,7 +45,7 @@ from .sampling import check_steps
 METHODS = ("input", "paste", "paste_warp", "full", "focus", "align", "align_box")
 # labkit.refine's defaults: the val winner of notebook 05 (its claim defaults_chosen_on_val checks this;
 # the golden test pins it)
-REFINE_DEFAULTS = dict(method="align", blend=True)
+REFINE_DEFAULTS = dict(method="align", blend=True, relight=False, detail=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,9 +219,12 @@ def focus_refine(
     aligned: Sequence[torch.Tensor] = (),
     region: str | None = None,
     callback=None,
+    detail: bool = False,
 ) -> tuple[torch.Tensor, tuple]:
     """Focus-and-Refine: crop + upsample to the working area, refine the crop, soft-paste back into the box.
-    aligned: references already in the draft's frame (a registered warp): cropped by the same box, placed first."""
+    aligned: references already in the draft's frame (a registered warp): cropped by the same box, placed first.
+    detail: add back what the VAE loses of the aligned reference, out + (a − decode(encode(a))), so the output is
+    not capped by the VAE's reconstruction where the editor copies the reference (needs `aligned`)."""
     area = working_area or r.bb.preset.resolution**2  # the preset's working area (mini 128², flux-kontext 1024²)
     c_img, c_mask, box = F_.focus_crop(draft, mask, area, r.bb.multiple, margin)
     refs = [F_.resize(F_.crop(a, box), c_img.shape[-2:]) for a in aligned] + list(references)
@@ -235,6 +242,9 @@ def focus_refine(
         region=region,
         callback=callback,
     )
+    if detail and aligned:
+        a = refs[0]  # (3, h, w): the aligned reference's crop, as the editor saw it
+        out = (out + a - r.bb.roundtrip(a[None].to(r.bb.device))[0].float().cpu()).clamp(0, 1)
     soft = F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
     return F_.paste_back(draft, out, box, soft), box
 
@@ -258,11 +268,17 @@ def refine_tensor(
     blend: bool | None = None,
     region: str | None = None,
     callback=None,
+    relight: bool | None = None,
+    detail: bool | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter, seed,
-    region encoding, registration). callback(i, n, x0) after every sampling step (edit)."""
+    region encoding, registration). callback(i, n, x0) after every sampling step (edit). relight: with a
+    registration (method align), give the editor the warped reference with its light matched to the draft's
+    (the registered paste's gain/offset) instead of the warped reference as it is; other methods ignore it."""
     method = REFINE_DEFAULTS["method"] if method is None else method
     blend = REFINE_DEFAULTS["blend"] if blend is None else bool(blend)
+    relight = REFINE_DEFAULTS["relight"] if relight is None else bool(relight)
+    detail = REFINE_DEFAULTS["detail"] if detail is None else bool(detail)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     steps, seed = check_steps(steps if steps is not None else get(preset).steps), resolve_seed(seed)
@@ -314,7 +330,10 @@ def refine_tensor(
         reg = registration(img, m, refs[0], seed)
         info["registration"] = reg.describe()
         if reg.ok:
-            aligned, refs = [warp_reference(refs[0], reg.matrix, tuple(img.shape[-2:]))], refs[1:]
+            hw = tuple(img.shape[-2:])
+            warped = relit_reference(refs[0], reg, hw) if relight else warp_reference(refs[0], reg.matrix, hw)
+            aligned, refs = [warped], refs[1:]
+            info["relight"] = relight
     if method == "align_box" or (method == "align" and not aligned):
         from .attention import crop_reference
 
@@ -322,7 +341,7 @@ def refine_tensor(
         info["reference_box"] = tuple(int(v) for v in rbox)
         refs = [crop_reference(refs[0], rbox, out_size=None, multiple=r.bb.multiple)] + refs[1:]
     out, box = focus_refine(
-        r, img, m, refs, steps, seed, margin, working_area, prompt, strength, blend, aligned, region, callback
+        r, img, m, refs, steps, seed, margin, working_area, prompt, strength, blend, aligned, region, callback, detail
     )
     info["box"] = tuple(int(v) for v in box)
     return out, info
