@@ -45,7 +45,7 @@ from .sampling import check_steps
 METHODS = ("input", "paste", "paste_warp", "full", "focus", "align", "align_box")
 # labkit.refine's defaults: the val winner of notebook 05 (its claim defaults_chosen_on_val checks this;
 # the golden test pins it)
-REFINE_DEFAULTS = dict(method="align", blend=True, relight=False, detail=False)
+REFINE_DEFAULTS = dict(method="align", blend=True, relight=True, detail=True)
 
 
 # ------------------------------------------------------------------------------------------------
