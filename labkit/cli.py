@@ -65,24 +65,14 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
         choices=I.METHODS,
         help="default: the setting chosen on val (inference.REFINE_DEFAULTS)",
     )
-    ap.add_argument(
-        "--blend",
-        default=None,
-        action=argparse.BooleanOptionalAction,
-        help="keep the draft's latents outside the region at every step (default: chosen on val)",
-    )
-    ap.add_argument(
-        "--relight",
-        default=None,
-        action=argparse.BooleanOptionalAction,
-        help="align: the warped reference with its light matched to the draft's (default: chosen on val)",
-    )
-    ap.add_argument(
-        "--detail",
-        default=None,
-        action=argparse.BooleanOptionalAction,
-        help="align: add back what the VAE loses of the aligned reference (default: chosen on val)",
-    )
+    for flag, what in (
+        ("blend", "keep the draft's latents outside the region at every step"),
+        ("relight", "align: the warped reference with its light matched to the draft's"),
+        ("detail", "align: add back what the VAE loses of the aligned reference"),
+    ):
+        ap.add_argument(
+            f"--{flag}", default=None, action=argparse.BooleanOptionalAction, help=f"{what} (default: chosen on val)"
+        )
     ap.add_argument("--strength", type=float, default=1.0, help="< 1 starts from the draft noised to that level")
     ap.add_argument(
         "--region",

@@ -264,7 +264,7 @@ def test_ctrl_c_prints_one_line_saying_what_was_kept(folder, tmp_path):
             "--preset",
             "tiny",
             "--steps",
-            "50",
+            "3000",  # long enough per case that the interrupt lands mid-run on any machine
         ],
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
