@@ -333,7 +333,7 @@ def refine_tensor(
             hw = tuple(img.shape[-2:])
             warped = relit_reference(refs[0], reg, hw) if relight else warp_reference(refs[0], reg.matrix, hw)
             aligned, refs = [warped], refs[1:]
-            info["relight"] = relight
+            info["relight"], info["detail"] = relight, detail  # with the warp; the box fallback uses neither
     if method == "align_box" or (method == "align" and not aligned):
         from .attention import crop_reference
 

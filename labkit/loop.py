@@ -36,9 +36,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import distribute_tensor
 from tqdm.auto import tqdm
 
 from .util import REPO, NonFiniteError, RunConfigMismatch, atomic_save, dict_diff, seed_everything, write_json  # noqa: F401 (re-exported)
@@ -195,6 +192,10 @@ def shard_with_torch(model: nn.Module, world: int) -> list[nn.Module]:
     stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
     if stray:
         raise ValueError(f"fsdp=True shards the transformer only; these trainable weights live outside it: {stray[:3]}")
+    # heavy (torch.distributed's FSDP: ~0.8 s at import, only for --fsdp): imported where used
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
     for r in roots:
         for m in r.modules():
@@ -423,6 +424,8 @@ class Trainer:
             for n, p in self.named:
                 src = sd[n].to(p.device, p.dtype)
                 if hasattr(p, "device_mesh"):  # a DTensor shard: this rank's piece of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+
                     src = distribute_tensor(src, p.device_mesh, p.placements)
                 p.copy_(src)
         models.clear()
