@@ -207,8 +207,22 @@ def registered_paste(
 ) -> torch.Tensor:
     """The no-model baseline a registration allows: the warped reference, its light matched to the draft
     (the fitted gain/offset), pasted into the region with a soft seam; outside the dilated region the draft."""
+    return soft_paste(draft, mask, relit_reference(reference, reg, tuple(draft.shape[-2:])), dilate, blur_radius)
+
+
+def soft_paste(
+    draft: torch.Tensor, mask: torch.Tensor, aligned: torch.Tensor, dilate: int = 5, blur_radius: float = 3.0
+) -> torch.Tensor:
+    """aligned (3, H, W: already in the draft's frame and light) pasted into the region with a soft seam."""
     s = paste_mask(mask, dilate, blur_radius)
-    return s * relit_reference(reference, reg, tuple(draft.shape[-2:])) + (1 - s) * draft
+    return s * aligned + (1 - s) * draft
+
+
+def match_light(aligned: torch.Tensor, draft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """aligned (3, H, W: in the draft's frame) with the per-channel gain/offset that maps it onto the draft outside
+    the (dilated) region: what relit_reference does with a registration's fitted light."""
+    a, b = _gain_offset(aligned.double(), draft.double(), 1 - paste_mask(mask).double())
+    return (a * aligned + b).float().clamp(0, 1)
 
 
 def relit_reference(reference: torch.Tensor, reg: Registration, hw: tuple[int, int]) -> torch.Tensor:

@@ -69,6 +69,7 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
         ("blend", "keep the draft's latents outside the region at every step"),
         ("relight", "align: the warped reference with its light matched to the draft's"),
         ("detail", "align: add back what the VAE loses of the aligned reference"),
+        ("paste-first", "align: the editor refines the registered paste instead of the draft"),
     ):
         ap.add_argument(
             f"--{flag}", default=None, action=argparse.BooleanOptionalAction, help=f"{what} (default: chosen on val)"
@@ -119,6 +120,7 @@ def refine_main(argv: list[str] | None = None) -> int:
         blend=a.blend,
         relight=a.relight,
         detail=a.detail,
+        paste_first=a.paste_first,
         strength=a.strength,
         region=a.region,
     )

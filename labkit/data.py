@@ -568,6 +568,18 @@ def _warp(img: np.ndarray, inverse: np.ndarray, size: int, order: int = 3) -> np
     return out.astype(np.float32)
 
 
+def displace(rng: np.random.Generator, img: np.ndarray, scale: float, amp: float) -> np.ndarray:
+    """img (H, W, 3) resampled through a smooth random displacement field: Gaussian noise smoothed at `scale`
+    px, each axis scaled to a peak of amp * U(0.6, 1) px (a non-rigid change no homography undoes)."""
+    h, w = img.shape[:2]
+    d = [ndimage.gaussian_filter(rng.normal(size=(h, w)), scale) for _ in range(2)]
+    d = [x / (np.abs(x).max() + 1e-8) * amp * rng.uniform(0.6, 1.0) for x in d]
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    return np.stack(
+        [ndimage.map_coordinates(img[..., k], [yy + d[0], xx + d[1]], order=1, mode="reflect") for k in range(3)], -1
+    )
+
+
 def degrade(rng: np.random.Generator, img: np.ndarray, kind: str, vae_roundtrip: Callable | None = None) -> np.ndarray:
     """One generative-style artifact applied to the whole image (masking is done by the caller)."""
     h = img.shape[0]
@@ -577,14 +589,7 @@ def degrade(rng: np.random.Generator, img: np.ndarray, kind: str, vae_roundtrip:
         gain = rng.uniform(0.7, 1.3, 3)
         return np.clip((img - 0.5) * rng.uniform(0.7, 1.1) + 0.5 + rng.uniform(-0.12, 0.12), 0, 1) * gain
     if kind in ("elastic", "glyph"):  # smooth displacement field; 'glyph' = finer and stronger
-        scale, amp = (h / 6, 1.5) if kind == "elastic" else (h / 16, 1.2)
-        d = [ndimage.gaussian_filter(rng.normal(size=(h, h)), scale) for _ in range(2)]
-        d = [x / (np.abs(x).max() + 1e-8) * amp * rng.uniform(0.6, 1.0) for x in d]
-        yy, xx = np.mgrid[:h, :h].astype(np.float32)
-        return np.stack(
-            [ndimage.map_coordinates(img[..., k], [yy + d[0], xx + d[1]], order=1, mode="reflect") for k in range(3)],
-            -1,
-        )
+        return displace(rng, img, *((h / 6, 1.5) if kind == "elastic" else (h / 16, 1.2)))
     if kind == "noise":
         return img + rng.normal(0, rng.uniform(0.04, 0.1), img.shape).astype(np.float32)
     if (
@@ -633,11 +638,14 @@ def make_triplet(
     vae_roundtrip: Callable | None = None,
     extra_refs: int = 0,
     failure: str | None = None,
+    ref_deform: float = 0.0,
 ) -> Triplet:
     """One triplet (target, reference, low-res draft), deterministic from (seed, split, params); extra_refs
     further reference views come from their own RNG streams, so the triplet itself does not change with extra_refs.
     failure (one of FAILURES): the draft is the target itself at full size with that generative failure in
-    the region (factor must be 1; the degradation arguments are not used)."""
+    the region (factor must be 1; the degradation arguments are not used). ref_deform: the reference's view is
+    also non-planar: a smooth displacement of up to that many px (scale size/6; its own RNG stream, so the rest
+    of the triplet is the same with and without it; ref_mask/ref_bbox ignore it)."""
     if failure is not None and (factor != 1 or failure not in FAILURES):
         raise ValueError(f"failure={failure!r} needs factor=1 and one of {FAILURES}")
     if size % factor:
@@ -658,6 +666,10 @@ def make_triplet(
             break
     target = np.clip(_warp(img, t_gt, size), 0, 1)
     reference = np.clip(_warp(img, t_gt @ a, size), 0, 1)
+    if ref_deform > 0:  # parallax / a non-rigid change: what a registered (planar) paste cannot undo
+        reference = displace(
+            np.random.default_rng([seed, hash_str(split), size, factor, 4201]), reference, size / 6, ref_deform
+        )
     # photometric change of the reference: gamma, exposure, white balance
     reference = relight(rng, reference)
     if failure is not None:
@@ -684,6 +696,7 @@ def make_triplet(
         split=split,
         size=size,
         vae_stand_in="vae" in kinds and vae_roundtrip is None,
+        **({"ref_deform": ref_deform} if ref_deform else {}),
     )
     t = lambda x: to_tensor(x if x.ndim == 3 else x[..., None])  # noqa: E731
     extra = []

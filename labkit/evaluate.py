@@ -28,6 +28,7 @@ from . import focus as F_
 from . import inference as I
 from . import metrics as Mt
 from .data import load_cases, make_triplet, require_targets
+from .frequency import lowpass
 from .metrics import bootstrap_ci
 from .presets import check_preset
 from .results import claim, write_results
@@ -291,6 +292,14 @@ def focus_ceiling(bb, target: torch.Tensor, mask: torch.Tensor, margin: float = 
     return float(Mt.case_metrics(back, target, mask)["region_psnr"][0])
 
 
+def high_frequency_share(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, sigma: float = 3.0) -> float:
+    """Share of the region's squared error (3, H, W) above a Gaussian low-pass at `sigma` px: near 1 when what is
+    left is fine detail or sub-pixel misalignment, near 0 when it is light and colour."""
+    e, m = (out - target)[None], mask[0] > 0.5  # (1, 3, H, W), (H, W)
+    total = float(e[0][:, m].pow(2).sum())
+    return float((e - lowpass(e, sigma))[0][:, m].pow(2).sum()) / max(total, 1e-12)
+
+
 def benchmark_cases(
     bb,
     n_per_kind: int = 8,
@@ -301,18 +310,22 @@ def benchmark_cases(
     view_strength: float = 0.4,
     room: float = 0.5,
     max_tries: int = 20,
+    ref_deform: float = 0.0,
 ) -> list:
     """Benchmark v2: n cases per kind of generative failure (draft = the target with the failure in the region,
     reference = the scene in another view and light), each kept only if its draft lies at least `room` dB
     below the VAE-through-focus ceiling (else the next seed is drawn); meta records the ceiling. Scene seeds
-    follow the one per-case recipe (util.case_seed)."""
+    follow the one per-case recipe (util.case_seed). ref_deform > 0: the reference's view is also non-planar
+    (data.make_triplet), the same scenes and failures otherwise."""
     out = []
     for kind in kinds:
         got, i = 0, 0
         while got < n_per_kind:
             if i >= n_per_kind * max_tries:
                 raise RuntimeError(f"only {got} {kind!r} cases below the VAE ceiling after {i} draws: lower `room`")
-            t = make_triplet(case_seed(seed, i), split, size, 1, failure=kind, view_strength=view_strength)
+            t = make_triplet(
+                case_seed(seed, i), split, size, 1, failure=kind, view_strength=view_strength, ref_deform=ref_deform
+            )
             i += 1
             ceil = focus_ceiling(bb, t.target, t.mask)
             draft_psnr = float(Mt.case_metrics(t.draft, t.target, t.mask)["region_psnr"][0])

@@ -16,7 +16,9 @@ Methods (the model ones use the frozen editor, or an adapter from 04_train_freqm
            the editor the warped reference with its light matched to the draft's (the registered paste's
            gain/offset), and `detail` adds back what the VAE loses of that reference, out + (a − decode(encode(a)))
            (RefineAnything: the VAE, not the editor, caps a region's detail; RefGC-SR2: high frequencies come
-           from the reference)
+           from the reference); `paste_first` gives the editor the registered paste (the draft with the warped,
+           relit reference pasted into the region) as its draft, so it refines a paste instead of redrawing the
+           region (pixels outside the focus box are still the draft's)
     align_box  Align→Focus as Refine-by-Align does it: M* locates the region in the reference, the reference
            is cropped around M*'s box and upsampled, then Focus-and-Refine
 The region reaches the model as the editor was trained to read it (`region`: none | context | draw, see
@@ -45,7 +47,7 @@ from .sampling import check_steps
 METHODS = ("input", "paste", "paste_warp", "full", "focus", "align", "align_box")
 # labkit.refine's defaults: the val winner of notebook 05 (its claim defaults_chosen_on_val checks this;
 # the golden test pins it)
-REFINE_DEFAULTS = dict(method="align", blend=True, relight=True, detail=True)
+REFINE_DEFAULTS = dict(method="align", blend=True, relight=True, detail=True, paste_first=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,13 +222,18 @@ def focus_refine(
     region: str | None = None,
     callback=None,
     detail: bool = False,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple]:
     """Focus-and-Refine: crop + upsample to the working area, refine the crop, soft-paste back into the box.
     aligned: references already in the draft's frame (a registered warp): cropped by the same box, placed first.
     detail: add back what the VAE loses of the aligned reference, out + (a − decode(encode(a))), so the output is
-    not capped by the VAE's reconstruction where the editor copies the reference (needs `aligned`)."""
+    not capped by the VAE's reconstruction where the editor copies the reference (needs `aligned`).
+    start: the image the editor refines instead of the draft (same size, e.g. the registered paste); the
+    result is still pasted back into the draft."""
     area = working_area or r.bb.preset.resolution**2  # the preset's working area (mini 128², flux-kontext 1024²)
     c_img, c_mask, box = F_.focus_crop(draft, mask, area, r.bb.multiple, margin)
+    if start is not None:
+        c_img = F_.resize(F_.crop(start, box), c_img.shape[-2:])
     refs = [F_.resize(F_.crop(a, box), c_img.shape[-2:]) for a in aligned] + list(references)
     out = edit(
         r,
@@ -270,15 +277,18 @@ def refine_tensor(
     callback=None,
     relight: bool | None = None,
     detail: bool | None = None,
+    paste_first: bool | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter, seed,
     region encoding, registration). callback(i, n, x0) after every sampling step (edit). relight: with a
     registration (method align), give the editor the warped reference with its light matched to the draft's
-    (the registered paste's gain/offset) instead of the warped reference as it is; other methods ignore it."""
+    (the registered paste's gain/offset) instead of the warped reference as it is; other methods ignore it, as they
+    ignore detail and paste_first (the editor refines the registered paste instead of the draft)."""
     method = REFINE_DEFAULTS["method"] if method is None else method
     blend = REFINE_DEFAULTS["blend"] if blend is None else bool(blend)
     relight = REFINE_DEFAULTS["relight"] if relight is None else bool(relight)
     detail = REFINE_DEFAULTS["detail"] if detail is None else bool(detail)
+    paste_first = REFINE_DEFAULTS["paste_first"] if paste_first is None else bool(paste_first)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     steps, seed = check_steps(steps if steps is not None else get(preset).steps), resolve_seed(seed)
@@ -325,15 +335,18 @@ def refine_tensor(
             region=region,
             callback=callback,
         ), info
-    aligned = []
+    aligned, start = [], None
     if method == "align":
         reg = registration(img, m, refs[0], seed)
         info["registration"] = reg.describe()
         if reg.ok:
             hw = tuple(img.shape[-2:])
             warped = relit_reference(refs[0], reg, hw) if relight else warp_reference(refs[0], reg.matrix, hw)
+            if paste_first:
+                start = registered_paste(img, m, refs[0], reg)
             aligned, refs = [warped], refs[1:]
-            info["relight"], info["detail"] = relight, detail  # with the warp; the box fallback uses neither
+            # with the warp; the box fallback uses none of them
+            info.update(relight=relight, detail=detail, paste_first=paste_first)
     if method == "align_box" or (method == "align" and not aligned):
         from .attention import crop_reference
 
@@ -341,7 +354,22 @@ def refine_tensor(
         info["reference_box"] = tuple(int(v) for v in rbox)
         refs = [crop_reference(refs[0], rbox, out_size=None, multiple=r.bb.multiple)] + refs[1:]
     out, box = focus_refine(
-        r, img, m, refs, steps, seed, margin, working_area, prompt, strength, blend, aligned, region, callback, detail
+        r,
+        img,
+        m,
+        refs,
+        steps,
+        seed,
+        margin,
+        working_area,
+        prompt,
+        strength,
+        blend,
+        aligned,
+        region,
+        callback,
+        detail,
+        start,
     )
     info["box"] = tuple(int(v) for v in box)
     return out, info

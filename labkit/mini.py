@@ -91,8 +91,11 @@ def train_mini(args) -> Path:
             upscale=args.upscale,  # CLI overrides of the recipe (probes)
             refine_kind_probs=getattr(args, "refine_kind_probs", None),
         )
+        scalars = dict(
+            region=args.region, paste_first=getattr(args, "paste_first", None), deform=getattr(args, "deform", None)
+        )
         ecfg = EditorConfig(
-            **{k: tuple(v) for k, v in over.items() if v}, **({"region": args.region} if args.region else {})
+            **{k: tuple(v) for k, v in over.items() if v}, **{k: v for k, v in scalars.items() if v is not None}
         )
         st = train_editor(bb, ed_loop, ecfg, bank_size=args.bank_size, refine_bank=args.refine_bank)
         prev = _read_card(args.out)

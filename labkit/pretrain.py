@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import align as A
 from . import data as D
 from . import focus as F_
 from . import presets as P
@@ -62,6 +63,10 @@ class EditorConfig:
         "none"  # region encoding: none | context (the mask as an image context) | draw (outlined on the draft)
     )
     text_frac: float = 0.5  # refine targets: rendered text and logos this often, photos otherwise
+    # refine: this fraction gives the editor the registered paste as its draft, as refine(paste_first=True) does
+    # (the aligned reference, its light matched to the draft's outside the region, soft-pasted into the region)
+    paste_first: float = 0.0
+    deform: float = 0.0  # refine: half the examples' aligned reference also bent non-rigidly by up to this many px
 
 
 def aligned_reference(rng: np.random.Generator, img: np.ndarray, misalign: float) -> np.ndarray:
@@ -96,15 +101,20 @@ def refine_example(
     img = D.random_crop(rng, D.load_source(split, c, name), size, zoom=(0.3, 1.0))
     mask = D.random_blob(rng, size, cfg.refine_area)
     draft, ref = D.damage(rng, img, mask, kind), aligned_reference(rng, img, cfg.misalign)
-    t = D.to_tensor
-    c_draft, c_mask, box = F_.focus_crop(t(draft), t(mask[..., None]), work * work, multiple, margin)
+    if cfg.deform and rng.random() < 0.5:  # a non-rigid residual no registration removes (parallax, a bent label)
+        ref = D.displace(rng, ref, size / 6, rng.uniform(0, cfg.deform))
+    t_draft, t_mask, t_ref = D.to_tensor(draft), D.to_tensor(mask[..., None]), D.to_tensor(ref)
+    if cfg.paste_first and rng.random() < cfg.paste_first:  # as refine(paste_first=True, relight=True) builds it
+        t_ref = A.match_light(t_ref, t_draft, t_mask)
+        t_draft = A.soft_paste(t_draft, t_mask, t_ref)
+    c_draft, c_mask, box = F_.focus_crop(t_draft, t_mask, work * work, multiple, margin)
     hw = c_draft.shape[-2:]
-    crop = lambda x: D.resize(F_.crop(t(x), box), hw)  # noqa: E731
+    crop = lambda x: D.resize(F_.crop(x, box), hw)  # noqa: E731
     return dict(
         draft=c_draft,
         mask=c_mask,
-        target=crop(img),
-        reference=crop(ref),
+        target=crop(D.to_tensor(img)),
+        reference=crop(t_ref),
         kind=kind,
         content=c,
         source=name,

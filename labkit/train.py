@@ -85,6 +85,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             help="refine task: how the region reaches the editor",
         )
         q.add_argument(
+            "--paste-first",
+            type=float,
+            default=None,
+            help="refine task: fraction of examples whose draft is the registered paste (refine(paste_first=True))",
+        )
+        q.add_argument(
+            "--deform",
+            type=float,
+            default=None,
+            help="refine task: half the aligned references also bent non-rigidly by up to this many px",
+        )
+        q.add_argument(
             "--eval-every",
             type=int,
             default=500,

@@ -172,3 +172,42 @@ def test_benchmark_cases_sit_below_the_vae_ceiling(tiny):
     assert all(c.meta["draft_psnr"] < c.meta["ceiling"] + 100 for c in cases)
     with pytest.raises(RuntimeError, match="below the VAE ceiling"):
         Ev.benchmark_cases(tiny, n_per_kind=1, kinds=("smear",), size=64, room=100, max_tries=2)
+
+
+def test_paste_first_gives_the_editor_the_registered_paste_and_keeps_the_background(monkeypatch):
+    """refine(paste_first=True): the editor's draft crop is the registered paste's; pixels outside the focus box
+    stay the draft's; with the target as the reference the region ends closer to it than refining the draft."""
+    target, draft, mask, _ = _registered_case()
+    seen = []
+    real_edit = I.edit
+    monkeypatch.setattr(I, "edit", lambda r, img, *a, **k: seen.append(img) or real_edit(r, img, *a, **k))
+    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=True, detail=True)
+    plain, _ = I.refine_tensor(draft, mask, target, paste_first=False, **kw)
+    first, info = I.refine_tensor(draft, mask, target, paste_first=True, **kw)
+    assert info["registration"]["used"] == "warp" and info["paste_first"] is True
+    x0, y0, x1, y1 = info["box"]
+    reg = I.registration(draft, mask, target, 0)
+    pasted = F_.resize(F_.crop(A.registered_paste(draft, mask, target, reg), info["box"]), seen[1].shape[-2:])
+    assert torch.allclose(seen[1], pasted) and not torch.allclose(seen[0], seen[1])  # the paste, not the draft
+    outside = torch.ones(128, 128, dtype=torch.bool)
+    outside[y0:y1, x0:x1] = False
+    assert (first - draft).abs()[:, outside].max() == 0
+    m = mask[0].bool()
+    err = lambda x: float((x[:, m] - target[:, m]).pow(2).mean())  # noqa: E731
+    assert err(first) < err(plain), (err(first), err(plain))
+
+
+def test_a_non_planar_reference_changes_only_the_reference_and_defeats_the_planar_paste():
+    flat, bent = (D.make_triplet(5, "test", 128, 1, failure="smear", view_strength=0.4, ref_deform=d) for d in (0, 3))
+    for k in ("target", "draft", "mask"):
+        assert torch.equal(getattr(flat, k), getattr(bent, k)), k  # the same case, only the reference differs
+    assert (flat.reference - bent.reference).abs().mean() > 1e-3 and bent.meta["ref_deform"] == 3
+    assert "ref_deform" not in flat.meta
+
+    def paste_err(t):
+        out, info = I.refine_tensor(t.draft, t.mask, t.reference, method="paste_warp", preset="tiny")
+        assert info["registration"]["used"] == "warp"
+        m = t.mask[0] > 0.5
+        return float((out - t.target)[:, m].pow(2).mean())
+
+    assert paste_err(bent) > 2 * paste_err(flat)  # a homography cannot undo a non-rigid change
