@@ -176,6 +176,9 @@ def write_card_md(card: dict, path: Path) -> None:
                 ],
                 "",
             ]
+    if card.get("tried"):  # continued runs that were measured and not kept (their budgets, and why)
+        lines += ["## Tried, not kept", ""]
+        lines += [f"- `{k}`: {t.get('steps')} steps, {t.get('why', '')}" for k, t in card["tried"].items()] + [""]
     lines += ["## sha256", *[f"- {k}: `{v}`" for k, v in card.get("sha256", {}).items()], ""]
     path.write_text("\n".join(lines))
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-MINI_WEIGHTS = PACKAGE_DIR / "weights" / "mini"
+# the committed mini weights; LABKIT_MINI_WEIGHTS points every `mini` load at another folder (a continued run)
+MINI_WEIGHTS = Path(os.environ.get("LABKIT_MINI_WEIGHTS") or PACKAGE_DIR / "weights" / "mini")
 
 # The instructions a tiny/mini backbone knows (a learned embedding each; no tokenizer download).
 INSTRUCTIONS = (

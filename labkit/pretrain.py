@@ -304,7 +304,9 @@ def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024,
                 out[f"val_loss_{task}"] = loss
         if refine:
             out["val_loss_refine"] = sum(v * n for v, n in refine) / sum(n for _, n in refine)
-            r = evaluate_refine(bb, n=16, steps=8, split="val", cfg=cfg)["summary"]  # the copy skill, sampled
+            # the copy skill, sampled, on the draft as it is (paste-first drafts would make it easier): comparable
+            # across recipes
+            r = evaluate_refine(bb, n=16, steps=8, split="val", cfg=EditorConfig(region=cfg.region))["summary"]
             out |= {f"val_refine_{k}": v for k, v in r.items()}
         return out
 

@@ -198,7 +198,7 @@ def test_paste_first_gives_the_editor_the_registered_paste_and_keeps_the_backgro
 
 
 def test_a_non_planar_reference_changes_only_the_reference_and_defeats_the_planar_paste():
-    flat, bent = (D.make_triplet(5, "test", 128, 1, failure="smear", view_strength=0.4, ref_deform=d) for d in (0, 3))
+    flat, bent = (D.make_triplet(6, "test", 128, 1, failure="smear", view_strength=0.4, ref_deform=d) for d in (0, 3))
     for k in ("target", "draft", "mask"):
         assert torch.equal(getattr(flat, k), getattr(bent, k)), k  # the same case, only the reference differs
     assert (flat.reference - bent.reference).abs().mean() > 1e-3 and bent.meta["ref_deform"] == 3
@@ -211,3 +211,17 @@ def test_a_non_planar_reference_changes_only_the_reference_and_defeats_the_plana
         return float((out - t.target)[:, m].pow(2).mean())
 
     assert paste_err(bent) > 2 * paste_err(flat)  # a homography cannot undo a non-rigid change
+
+
+def test_paste_first_examples_are_built_as_refine_builds_them():
+    """The recipe's paste-first refine examples: the draft crop is the aligned reference soft-pasted into the region
+    in the draft's light; outside the seam it is still the draft; with both options off the examples are unchanged."""
+    base = E.refine_example(np.random.default_rng(3), "train", E.EditorConfig())
+    first = E.refine_example(np.random.default_rng(3), "train", E.EditorConfig(paste_first=1.0))
+    assert torch.equal(base["target"], first["target"]) and torch.equal(base["mask"], first["mask"])
+    m = first["mask"][0] > 0.5
+    assert (first["draft"] - first["reference"])[:, m].abs().mean() < 0.01  # the region is the pasted reference
+    far = F_.soft_mask(first["mask"], dilate=25, blur_radius=3.0)[0] == 0  # the seam, upsampled with the crop
+    assert torch.allclose(first["draft"][:, far], base["draft"][:, far], atol=1e-3)  # away from the seam: the draft
+    lit_err = (first["reference"] - first["target"])[:, ~m].abs().mean()
+    assert lit_err <= (base["reference"] - base["target"])[:, ~m].abs().mean() + 1e-6  # light matched to the draft
