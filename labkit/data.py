@@ -650,6 +650,8 @@ def make_triplet(
         raise ValueError(f"failure={failure!r} needs factor=1 and one of {FAILURES}")
     if size % factor:
         raise ValueError(f"size {size} must be divisible by the downscale factor {factor}")
+    if not ref_deform >= 0:
+        raise ValueError(f"ref_deform is a displacement in px and must be >= 0 (0 = a planar view); got {ref_deform}")
     rng = np.random.default_rng([seed, hash_str(split), size, factor])
     srcs = sources(split, content)
     kind, name = srcs[int(rng.integers(len(srcs)))]

@@ -231,6 +231,9 @@ def run(
     steps: int | None = None,
     strength: float = 1.0,
     blend: bool | None = None,
+    relight: bool | None = None,
+    detail: bool | None = None,
+    paste_first: bool | None = None,
     seed: int = 0,
     prompt: str | None = None,
     target=None,
@@ -271,6 +274,9 @@ def run(
         strength=strength,
         blend=blend,
         callback=callback,
+        relight=relight,
+        detail=detail,
+        paste_first=paste_first,
     )
     seconds = time.perf_counter() - t0
     att = I.correspondence(r, img, m, refs[0], seed=seed) if show_overlay and refs else None
@@ -443,6 +449,11 @@ class Studio:
         )
         self.strength = W.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="strength")
         self.blend = W.Checkbox(value=bool(I.REFINE_DEFAULTS["blend"]), description="blend (keep outside the region)")
+        # with a registration (method align): labkit.refine's val-chosen switches, each its default
+        self.switches = {
+            k: W.Checkbox(value=bool(I.REFINE_DEFAULTS[k]), description=f"{k.replace('_', ' ')} (align)")
+            for k in ("relight", "detail", "paste_first")
+        }
         self.seed = W.IntText(value=seed, description="seed")
         self.prompt = W.Text(value=prompt, description="prompt")
         # run, output, save
@@ -514,6 +525,7 @@ class Studio:
                 self.steps,
                 self.strength,
                 self.blend,
+                *self.switches.values(),
                 self.seed,
                 self.prompt,
                 W.HBox([self.run_button, self.cancel_button]),
@@ -686,6 +698,7 @@ class Studio:
             steps=self.steps.value,
             strength=self.strength.value,
             blend=self.blend.value,
+            **{k: w.value for k, w in self.switches.items()},
             seed=self.seed.value,
             prompt=self.prompt.value or None,
         )

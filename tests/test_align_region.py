@@ -203,6 +203,8 @@ def test_a_non_planar_reference_changes_only_the_reference_and_defeats_the_plana
         assert torch.equal(getattr(flat, k), getattr(bent, k)), k  # the same case, only the reference differs
     assert (flat.reference - bent.reference).abs().mean() > 1e-3 and bent.meta["ref_deform"] == 3
     assert "ref_deform" not in flat.meta
+    with pytest.raises(ValueError, match="ref_deform .* must be >= 0"):
+        D.make_triplet(6, "test", 128, 1, failure="smear", ref_deform=-1)
 
     def paste_err(t):
         out, info = I.refine_tensor(t.draft, t.mask, t.reference, method="paste_warp", preset="tiny")

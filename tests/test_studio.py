@@ -182,3 +182,18 @@ def test_threaded_run_can_be_cancelled(app, monkeypatch):
     app.cancel_button.click()
     app._thread.join(60)
     assert "cancelled after" in app.status.value and app.result is None and not app.run_button.disabled
+
+
+def test_the_registration_switches_reach_refine(app):
+    """The studio's relight / detail / paste-first boxes start at labkit.refine's defaults and reach refine_tensor
+    (its info records them when the registration holds)."""
+    from labkit.inference import REFINE_DEFAULTS
+
+    assert {k: w.value for k, w in app.switches.items()} == {k: REFINE_DEFAULTS[k] for k in app.switches}
+    app.method.value = "align"
+    for k, w in app.switches.items():
+        w.value = not REFINE_DEFAULTS[k]
+    r = app.run(wait=True)
+    assert r.info["registration"]["used"] == "warp"  # the bundled example registers
+    assert {k: r.info[k] for k in app.switches} == {k: not REFINE_DEFAULTS[k] for k in app.switches}
+    assert app.settings()["paste_first"] is (not REFINE_DEFAULTS["paste_first"])
