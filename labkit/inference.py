@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from . import focus as F_
-from .align import Registration, register, registered_paste, relit_reference, warp_reference
+from .align import Registration, register, registered_paste, relit_reference, soft_paste, warp_reference
 from .data import as_image_tensor, as_mask_tensor, as_references, bbox_of, to_pil
 from .editor import ADAPTERS, Refiner, edit, load_refiner, resolve_adapter  # noqa: F401  (resolve_adapter: for notebooks)
 from .presets import get
@@ -341,9 +341,10 @@ def refine_tensor(
         info["registration"] = reg.describe()
         if reg.ok:
             hw = tuple(img.shape[-2:])
-            warped = relit_reference(refs[0], reg, hw) if relight else warp_reference(refs[0], reg.matrix, hw)
-            if paste_first:
-                start = registered_paste(img, m, refs[0], reg)
+            relit = relit_reference(refs[0], reg, hw) if relight or paste_first else None
+            warped = relit if relight else warp_reference(refs[0], reg.matrix, hw)
+            if paste_first:  # the registered paste (align.registered_paste), from the relit reference at hand
+                start = soft_paste(img, m, relit)
             aligned, refs = [warped], refs[1:]
             # with the warp; the box fallback uses none of them
             info.update(relight=relight, detail=detail, paste_first=paste_first)

@@ -89,11 +89,9 @@ def train_mini(args) -> Path:
         over = dict(
             task_probs=args.task_probs,
             upscale=args.upscale,  # CLI overrides of the recipe (probes)
-            refine_kind_probs=getattr(args, "refine_kind_probs", None),
+            refine_kind_probs=args.refine_kind_probs,
         )
-        scalars = dict(
-            region=args.region, paste_first=getattr(args, "paste_first", None), deform=getattr(args, "deform", None)
-        )
+        scalars = dict(region=args.region, paste_first=args.paste_first, deform=args.deform)
         ecfg = EditorConfig(
             **{k: tuple(v) for k, v in over.items() if v}, **{k: v for k, v in scalars.items() if v is not None}
         )
