@@ -213,16 +213,13 @@ def reference_sizes(sizes: Sequence[tuple[int, int]], pixel_budget: int, multipl
             f"pixel budget {pixel_budget} is below {floor}, the least {len(sizes)} references of "
             f"{multiple}x{multiple} need: raise the budget or pass fewer references"
         )
+    snap = lambda v, s: max(multiple, int(v * s // multiple) * multiple)  # noqa: E731
     s = (pixel_budget / sum(h * w for h, w in sizes)) ** 0.5
-    snap = lambda v: max(multiple, int(v * s // multiple) * multiple)  # noqa: E731
-    out = [(snap(h), snap(w)) for h, w in sizes]
-    while sum(h * w for h, w in out) > pixel_budget:  # clamping tiny sides up can overshoot: shrink the largest
-        i = max(range(len(out)), key=lambda k: out[k][0] * out[k][1])
-        h, w = out[i]
-        out[i] = (
-            (h - multiple, w) if h >= w and h > multiple else (h, w - multiple) if w > multiple else (h - multiple, w)
-        )
-    return out
+    while True:  # clamping tiny sides up to one multiple can overshoot: lower the shared scale (aspects kept)
+        out = [(snap(h, s), snap(w, s)) for h, w in sizes]
+        if sum(h * w for h, w in out) <= pixel_budget:  # ends: at s -> 0 every side is one multiple (checked above)
+            return out
+        s *= 0.98
 
 
 def pack_references(images: Sequence[torch.Tensor], pixel_budget: int, multiple: int = 16) -> list[torch.Tensor]:
