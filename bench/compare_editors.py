@@ -31,7 +31,7 @@ def measure(deform: float = 3.0, n_copy: int = 24) -> dict:
     out = {}
     for name, d in (("planar", 0.0), ("nonplanar", deform)):
         cases = E.benchmark_cases(bb, ref_deform=d, **VAL)
-        psnr = lambda x, c: float(Mt.case_metrics(x, c.target, c.mask)["region_psnr"][0])  # noqa: E731
+        psnr = lambda x, c: Mt.region_psnr(x, c.target, c.mask)  # noqa: E731
         out[f"{name}: labkit.refine"] = np.mean(
             [psnr(I.refine_tensor(c.draft, c.mask, c.reference)[0], c) for c in cases]
         )

@@ -70,6 +70,7 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
         ("relight", "align: the warped reference with its light matched to the draft's"),
         ("detail", "align: add back what the VAE loses of the aligned reference"),
         ("paste-first", "align: the editor refines the registered paste instead of the draft"),
+        ("residual", "align + paste-first: resample only the editor's change to the paste back into the box"),
     ):
         ap.add_argument(
             f"--{flag}", default=None, action=argparse.BooleanOptionalAction, help=f"{what} (default: chosen on val)"
@@ -121,6 +122,7 @@ def refine_main(argv: list[str] | None = None) -> int:
         relight=a.relight,
         detail=a.detail,
         paste_first=a.paste_first,
+        residual=a.residual,
         strength=a.strength,
         region=a.region,
     )

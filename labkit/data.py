@@ -258,15 +258,15 @@ def heldout_crops(split: str, n: int, size: int, seed: int = 1234) -> tuple[torc
     return to_tensor(np.stack(out)), labels
 
 
-def resize(img: torch.Tensor, size: int | tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+def resize(img: torch.Tensor, size: int | tuple[int, int], mode: str = "bicubic", clamp: bool = True) -> torch.Tensor:
     """THE resize: (..., C, H, W) tensor to size (square int or (h, w)), anti-aliased when shrinking,
-    clamped to [0, 1]; mode bicubic | bilinear | nearest | area."""
+    clamped to [0, 1] (clamp=False for signed fields such as differences); mode bicubic | bilinear | nearest | area."""
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     x = img.reshape(-1, *img.shape[-3:]).float()
     shrink = hw[0] < x.shape[-2] or hw[1] < x.shape[-1]
     kw = dict(align_corners=False, antialias=shrink) if mode in ("bicubic", "bilinear") else {}
-    out = F.interpolate(x, size=hw, mode=mode, **kw).clamp(0, 1)
-    return out.reshape(*img.shape[:-2], *hw)
+    out = F.interpolate(x, size=hw, mode=mode, **kw)
+    return (out.clamp(0, 1) if clamp else out).reshape(*img.shape[:-2], *hw)
 
 
 MASK_RULES = ("threshold", "coverage", "touched")

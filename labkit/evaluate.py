@@ -289,7 +289,14 @@ def focus_ceiling(bb, target: torch.Tensor, mask: torch.Tensor, margin: float = 
     back = F_.paste_back(
         target, bb.roundtrip(c[None])[0].cpu(), box, F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
     )
-    return float(Mt.case_metrics(back, target, mask)["region_psnr"][0])
+    return Mt.region_psnr(back, target, mask)
+
+
+def focus_resample(img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int, margin: float = 16):
+    """img (3, H, W) through Focus-and-Refine's crop resampling alone: the focus crop upsampled to the working area,
+    resized back and soft-pasted as refine pastes (no VAE, no editor): what the round trip costs a region's detail."""
+    c, _, box = F_.focus_crop(img, mask, working_area, multiple, margin)
+    return F_.paste_back(img, c, box, F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0))
 
 
 def high_frequency_share(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, sigma: float = 3.0) -> float:
@@ -328,7 +335,7 @@ def benchmark_cases(
             )
             i += 1
             ceil = focus_ceiling(bb, t.target, t.mask)
-            draft_psnr = float(Mt.case_metrics(t.draft, t.target, t.mask)["region_psnr"][0])
+            draft_psnr = Mt.region_psnr(t.draft, t.target, t.mask)
             if draft_psnr < ceil - room:
                 t.meta.update(ceiling=ceil, draft_psnr=draft_psnr)
                 out.append(t)

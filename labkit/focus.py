@@ -70,13 +70,24 @@ def soft_mask(mask: torch.Tensor, dilate: int = 7, blur_radius: float = 5.0) -> 
 
 
 def paste_back(
-    original: torch.Tensor, refined_crop: torch.Tensor, box: Box, soft: torch.Tensor | None = None
+    original: torch.Tensor,
+    refined_crop: torch.Tensor,
+    box: Box,
+    soft: torch.Tensor | None = None,
+    residual_of: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Resize the refined crop back into `box` and blend with the soft mask (box coords); outside the box
-    the result is bit-identical to `original`. soft=None pastes the whole box (hard)."""
+    the result is bit-identical to `original`. soft=None pastes the whole box (hard).
+    residual_of: the box's image (C, y1-y0, x1-x0) the refined crop was upsampled from: only the change
+    (refined − its upsampling) is resized back and added to it, so what the refiner left as it was returns without
+    the up-and-down resampling's loss of detail (identity when the refiner changes nothing)."""
     x0, y0, x1, y1 = box
     hw = (y1 - y0, x1 - x0)
-    back = resize(refined_crop, hw).to(original.dtype)
+    if residual_of is None:
+        back = resize(refined_crop, hw).to(original.dtype)
+    else:
+        up = resize(residual_of, refined_crop.shape[-2:])  # as focus_crop upsampled it
+        back = (residual_of + resize(refined_crop - up, hw, clamp=False)).clamp(0, 1).to(original.dtype)
     orig = crop(original, box)
     if soft is not None:
         s = soft if soft.shape[-2:] == hw else resize(soft.float(), hw, mode="bilinear")

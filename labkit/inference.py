@@ -47,7 +47,7 @@ from .sampling import check_steps
 METHODS = ("input", "paste", "paste_warp", "full", "focus", "align", "align_box")
 # labkit.refine's defaults: the val winner of notebook 05 (its claim defaults_chosen_on_val checks this;
 # the golden test pins it)
-REFINE_DEFAULTS = dict(method="align", blend=True, relight=True, detail=True, paste_first=True)
+REFINE_DEFAULTS = dict(method="align", blend=True, relight=True, detail=True, paste_first=True, residual=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,13 +223,17 @@ def focus_refine(
     callback=None,
     detail: bool = False,
     start: torch.Tensor | None = None,
+    residual: bool = False,
 ) -> tuple[torch.Tensor, tuple]:
     """Focus-and-Refine: crop + upsample to the working area, refine the crop, soft-paste back into the box.
     aligned: references already in the draft's frame (a registered warp): cropped by the same box, placed first.
     detail: add back what the VAE loses of the aligned reference, out + (a − decode(encode(a))), so the output is
     not capped by the VAE's reconstruction where the editor copies the reference (needs `aligned`).
     start: the image the editor refines instead of the draft (same size, e.g. the registered paste); the
-    result is still pasted back into the draft."""
+    result is still pasted back into the draft.
+    residual (with start): paste back only the editor's change to the start's (upsampled) crop (focus.paste_back
+    residual_of), so the start's detail that the editor kept does not pass through the crop's up-and-down resampling
+    (not with the draft as the start: there it would keep the wrong content's fine detail)."""
     area = working_area or r.bb.preset.resolution**2  # the preset's working area (mini 128², flux-kontext 1024²)
     c_img, c_mask, box = F_.focus_crop(draft, mask, area, r.bb.multiple, margin)
     if start is not None:
@@ -253,7 +257,8 @@ def focus_refine(
         a = refs[0]  # (3, h, w): the aligned reference's crop, as the editor saw it
         out = (out + a - r.bb.roundtrip(a[None].to(r.bb.device))[0].float().cpu()).clamp(0, 1)
     soft = F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
-    return F_.paste_back(draft, out, box, soft), box
+    base = F_.crop(start, box) if residual and start is not None else None
+    return F_.paste_back(draft, out, box, soft, residual_of=base), box
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,17 +283,20 @@ def refine_tensor(
     relight: bool | None = None,
     detail: bool | None = None,
     paste_first: bool | None = None,
+    residual: bool | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter, seed,
     region encoding, registration). callback(i, n, x0) after every sampling step (edit). relight: with a
     registration (method align), give the editor the warped reference with its light matched to the draft's
     (the registered paste's gain/offset) instead of the warped reference as it is; other methods ignore it, as they
-    ignore detail and paste_first (the editor refines the registered paste instead of the draft)."""
+    ignore detail, paste_first (the editor refines the registered paste instead of the draft) and residual (with
+    paste_first: only the editor's change to the paste is resampled back into the box)."""
     method = REFINE_DEFAULTS["method"] if method is None else method
     blend = REFINE_DEFAULTS["blend"] if blend is None else bool(blend)
     relight = REFINE_DEFAULTS["relight"] if relight is None else bool(relight)
     detail = REFINE_DEFAULTS["detail"] if detail is None else bool(detail)
     paste_first = REFINE_DEFAULTS["paste_first"] if paste_first is None else bool(paste_first)
+    residual = REFINE_DEFAULTS["residual"] if residual is None else bool(residual)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     steps, seed = check_steps(steps if steps is not None else get(preset).steps), resolve_seed(seed)
@@ -347,7 +355,7 @@ def refine_tensor(
                 start = soft_paste(img, m, relit)
             aligned, refs = [warped], refs[1:]
             # with the warp; the box fallback uses none of them
-            info.update(relight=relight, detail=detail, paste_first=paste_first)
+            info.update(relight=relight, detail=detail, paste_first=paste_first, residual=residual and paste_first)
     if method == "align_box" or (method == "align" and not aligned):
         from .attention import crop_reference
 
@@ -371,6 +379,7 @@ def refine_tensor(
         callback,
         detail,
         start,
+        residual,
     )
     info["box"] = tuple(int(v) for v in box)
     return out, info

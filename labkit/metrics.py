@@ -119,6 +119,11 @@ def case_metrics(
     return row
 
 
+def region_psnr(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """Region PSNR (dB) of one (3, H, W) output against its target inside the mask (case_metrics' region_psnr)."""
+    return float(case_metrics(out, target, mask)["region_psnr"][0])
+
+
 def case_row(
     out: torch.Tensor,
     target: torch.Tensor,

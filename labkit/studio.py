@@ -234,6 +234,7 @@ def run(
     relight: bool | None = None,
     detail: bool | None = None,
     paste_first: bool | None = None,
+    residual: bool | None = None,
     seed: int = 0,
     prompt: str | None = None,
     target=None,
@@ -277,6 +278,7 @@ def run(
         relight=relight,
         detail=detail,
         paste_first=paste_first,
+        residual=residual,
     )
     seconds = time.perf_counter() - t0
     att = I.correspondence(r, img, m, refs[0], seed=seed) if show_overlay and refs else None
@@ -452,7 +454,7 @@ class Studio:
         # with a registration (method align): labkit.refine's val-chosen switches, each its default
         self.switches = {
             k: W.Checkbox(value=bool(I.REFINE_DEFAULTS[k]), description=f"{k.replace('_', ' ')} (align)")
-            for k in ("relight", "detail", "paste_first")
+            for k in ("relight", "detail", "paste_first", "residual")
         }
         self.seed = W.IntText(value=seed, description="seed")
         self.prompt = W.Text(value=prompt, description="prompt")

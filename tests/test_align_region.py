@@ -197,6 +197,22 @@ def test_paste_first_gives_the_editor_the_registered_paste_and_keeps_the_backgro
     assert err(first) < err(plain), (err(first), err(plain))
 
 
+def test_residual_resamples_only_the_editors_change_to_the_paste():
+    """refine(residual=True) with paste_first: the region ends closer to the target (the paste's detail does not go
+    through the focus crop's up-and-down resize); without paste_first it has no effect and the info says so."""
+    target, draft, mask, _ = _registered_case()
+    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=True, detail=True)
+    res, info = I.refine_tensor(draft, mask, target, paste_first=True, residual=True, **kw)
+    plain, _ = I.refine_tensor(draft, mask, target, paste_first=True, residual=False, **kw)
+    assert info["residual"] is True
+    m = mask[0].bool()
+    err = lambda x: float((x[:, m] - target[:, m]).pow(2).mean())  # noqa: E731
+    assert err(res) < err(plain), (err(res), err(plain))
+    a, info_a = I.refine_tensor(draft, mask, target, paste_first=False, residual=True, **kw)
+    b, _ = I.refine_tensor(draft, mask, target, paste_first=False, residual=False, **kw)
+    assert torch.equal(a, b) and info_a["residual"] is False
+
+
 def test_a_non_planar_reference_changes_only_the_reference_and_defeats_the_planar_paste():
     flat, bent = (D.make_triplet(6, "test", 128, 1, failure="smear", view_strength=0.4, ref_deform=d) for d in (0, 3))
     for k in ("target", "draft", "mask"):

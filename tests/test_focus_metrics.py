@@ -46,6 +46,19 @@ def test_paste_back_background_bit_exact():
     assert not torch.equal(out, img)
 
 
+def test_residual_paste_back_returns_what_the_refiner_kept_without_resampling_loss():
+    """paste_back(residual_of=box image): a refiner that returns its upsampled input gives back the box exactly
+    (the plain paste-back blurs it through the up-and-down resize); a uniform change comes back as that change."""
+    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1  # texture: resampling loses it
+    c_img, _, box = focus.focus_crop(img, _mask(), working_area=128 * 128, margin=4)  # upsampled ×~4
+    base = focus.crop(img, box)
+    plain = focus.crop(focus.paste_back(img, c_img, box), box)
+    kept = focus.crop(focus.paste_back(img, c_img, box, residual_of=base), box)
+    assert (kept - base).abs().max() < 1e-5 and (plain - base).abs().mean() > 0.02
+    moved = focus.crop(focus.paste_back(img, c_img + 0.05, box, residual_of=base), box)
+    assert torch.allclose(moved, (base + 0.05).clamp(0, 1), atol=1e-5)
+
+
 def test_soft_mask_covers_and_is_smooth():
     m = _mask()
     s = focus.soft_mask(m, dilate=7, blur_radius=5.0)
