@@ -169,20 +169,31 @@ def refine_fit(
     return (h_mat / h_mat[2, 2]).numpy(), rel, a.flatten().numpy(), b.flatten().numpy()
 
 
+def coverage(matrix: np.ndarray, outside: np.ndarray, ref_hw: tuple[int, int]) -> float:
+    """Share of the draft's pixels outside the region (H, W bool) whose preimage under the homography lies inside
+    the reference: what the photometric residual was measured on."""
+    inside = _inside(torch.as_tensor(matrix, dtype=torch.float64), outside.shape, ref_hw)[0].numpy() > 0
+    return float((inside & outside).sum() / max(outside.sum(), 1))
+
+
 def register(
     draft: torch.Tensor,
     mask: torch.Tensor,
     reference: torch.Tensor,
-    min_inliers: int = 8,
+    min_inliers: int = 3,
     max_residual: float = 0.5,
+    min_coverage: float = 0.5,
     margin: int = 4,
     seed: int = 0,
 ) -> Registration:
     """Estimate the reference -> draft homography from everything outside the (dilated) region.
 
-    ok=False (with the reason) when there are fewer than min_inliers RANSAC inliers or the photometric residual
-    after the fit (RMS, relative to the draft's own spread outside the region: 0 = exact, 1 = no better than a
-    flat image) exceeds max_residual: the caller then crops by the M* box instead."""
+    ok=False (with the reason) when there are fewer than min_inliers RANSAC inliers (3: the fewest that check a
+    similarity), when the warped reference covers less than min_coverage of the draft outside the region, or when
+    the photometric residual after the fit (RMS over that overlap, relative to the draft's own spread there: 0 =
+    exact, 1 = no better than a flat image) exceeds max_residual: the caller then crops by the M* box instead.
+    The direct fit and its residual, not the inlier count, are what verify a fit from few matches (logos on plain
+    ground give a handful)."""
     outside = ~ndimage.binary_dilation(mask[0].numpy() > 0.5, iterations=margin)
     model, inl, nm = feature_fit(to_numpy(draft), to_numpy(reference), outside, seed)
     if model is None or inl < min_inliers:
@@ -190,7 +201,19 @@ def register(
             np.eye(3), False, inl, nm, float("nan"), f"{inl} RANSAC inliers outside the region (< {min_inliers})"
         )
     mat, rms, gain, offset = refine_fit(draft, reference, torch.from_numpy(outside), model.params)
-    if not np.isfinite(mat).all() or rms > max_residual:
+    if not np.isfinite(mat).all():
+        return Registration(mat, False, inl, nm, rms, "the direct fit diverged (non-finite homography)")
+    cov = coverage(mat, outside, tuple(reference.shape[-2:]))
+    if cov < min_coverage:
+        return Registration(
+            mat,
+            False,
+            inl,
+            nm,
+            rms,
+            f"the warped reference covers {cov:.0%} of the draft outside the region (< {min_coverage:.0%})",
+        )
+    if rms > max_residual:
         return Registration(
             mat, False, inl, nm, rms, f"photometric residual {rms:.3f} after the fit (> {max_residual})"
         )

@@ -107,6 +107,18 @@ def test_a_registration_without_texture_fails_and_refine_falls_back_to_the_box()
     assert info["registration"]["used"] == "box" and "reference_box" in info  # the registered paste fell back too
 
 
+def test_a_fit_that_leaves_the_reference_beside_the_draft_is_refused(monkeypatch):
+    """A homography under which the reference covers (almost) nothing outside the region has no residual to check
+    (0 over an empty overlap): register refuses it by its coverage and says so."""
+    target, draft, mask, reference = _registered_case()
+    away = np.array([[1.0, 0, 500], [0, 1, 0], [0, 0, 1]])  # the reference 500 px to the right of the draft
+    outside = np.ones((128, 128), bool)
+    assert A.coverage(np.eye(3), outside, (128, 128)) == 1.0 and A.coverage(away, outside, (128, 128)) == 0.0
+    monkeypatch.setattr(A, "refine_fit", lambda *a, **k: (away, 0.0, np.ones(3), np.zeros(3)))
+    reg = A.register(draft, mask, reference)
+    assert not reg.ok and "covers 0%" in reg.reason, reg.describe()
+
+
 def test_region_encodings_are_images_of_the_region():
     draft = torch.rand(3, 32, 32)
     mask = torch.zeros(1, 32, 32)
