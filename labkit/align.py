@@ -4,8 +4,8 @@ Correspondences come from outside the region (the region is what is wrong in the
 matched with a ratio test and fitted by RANSAC (scikit-image), then refined directly on the pixels (a
 homography that minimises the photometric error outside the region, with a per-channel gain and bias for
 the reference's change of light). The warped reference is cropped by the same focus box as the draft, so
-the editor's contexts line up. A fit that is poor (few inliers, a large residual) is reported, and the
-caller falls back to the M* box crop.
+the editor's contexts line up. A fit that is poor (too few inliers, too little overlap with the draft outside
+the region, a large residual) is reported, and the caller falls back to the M* box crop.
 
 Homographies map reference pixels (x, y, 1) to draft pixels, in pixel units (x right, y down).
 """

@@ -292,7 +292,9 @@ def focus_ceiling(bb, target: torch.Tensor, mask: torch.Tensor, margin: float = 
     return Mt.region_psnr(back, target, mask)
 
 
-def focus_resample(img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int, margin: float = 16):
+def focus_resample(
+    img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int, margin: float = 16
+) -> torch.Tensor:
     """img (3, H, W) through Focus-and-Refine's crop resampling alone: the focus crop upsampled to the working area,
     resized back and soft-pasted as refine pastes (no VAE, no editor): what the round trip costs a region's detail."""
     c, _, box = F_.focus_crop(img, mask, working_area, multiple, margin)
