@@ -48,6 +48,7 @@ METHODS = ("input", "paste", "paste_warp", "full", "focus", "align", "align_box"
 # labkit.refine's defaults: the val winner of notebook 05 (its claim defaults_chosen_on_val checks this;
 # the golden test pins it)
 REFINE_DEFAULTS = dict(method="align", blend=True, relight=True, detail=True, paste_first=True, residual=True)
+ALIGN_SWITCHES = ("relight", "detail", "paste_first", "residual")  # the switches that act only with a registration
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,12 +292,11 @@ def refine_tensor(
     (the registered paste's gain/offset) instead of the warped reference as it is; other methods ignore it, as they
     ignore detail, paste_first (the editor refines the registered paste instead of the draft) and residual (with
     paste_first: only the editor's change to the paste is resampled back into the box)."""
+    given = dict(blend=blend, relight=relight, detail=detail, paste_first=paste_first, residual=residual)
+    blend, relight, detail, paste_first, residual = (
+        REFINE_DEFAULTS[k] if v is None else bool(v) for k, v in given.items()
+    )
     method = REFINE_DEFAULTS["method"] if method is None else method
-    blend = REFINE_DEFAULTS["blend"] if blend is None else bool(blend)
-    relight = REFINE_DEFAULTS["relight"] if relight is None else bool(relight)
-    detail = REFINE_DEFAULTS["detail"] if detail is None else bool(detail)
-    paste_first = REFINE_DEFAULTS["paste_first"] if paste_first is None else bool(paste_first)
-    residual = REFINE_DEFAULTS["residual"] if residual is None else bool(residual)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     steps, seed = check_steps(steps if steps is not None else get(preset).steps), resolve_seed(seed)

@@ -454,7 +454,7 @@ class Studio:
         # with a registration (method align): labkit.refine's val-chosen switches, each its default
         self.switches = {
             k: W.Checkbox(value=bool(I.REFINE_DEFAULTS[k]), description=f"{k.replace('_', ' ')} (align)")
-            for k in ("relight", "detail", "paste_first", "residual")
+            for k in I.ALIGN_SWITCHES
         }
         self.seed = W.IntText(value=seed, description="seed")
         self.prompt = W.Text(value=prompt, description="prompt")
