@@ -8,7 +8,7 @@ import time
 import torch
 
 import labkit
-from labkit import attention as A
+from labkit import attention as AT
 
 
 def bench(bb, side: int, reps: int, chunk: int) -> dict:
@@ -16,8 +16,8 @@ def bench(bb, side: int, reps: int, chunk: int) -> dict:
     n_tok = (side // 16) ** 2
     mask = torch.zeros(1, side, side)
     mask[:, side // 4 : side // 2, side // 4 : side // 2] = 1
-    spec = A.CaptureSpec(
-        queries={"target": A.tokens_in_mask(mask, 16), "draft": A.tokens_in_mask(mask, 16, n_tok)},
+    spec = AT.CaptureSpec(
+        queries={"target": AT.tokens_in_mask(mask, 16), "draft": AT.tokens_in_mask(mask, 16, n_tok)},
         ref=slice(2 * n_tok, 3 * n_tok),
         chunk=chunk,
     )
@@ -27,7 +27,7 @@ def bench(bb, side: int, reps: int, chunk: int) -> dict:
         bb(z, 0.5, [z, z], prompt_embeds=emb)
 
     def captured():
-        with A.capture(bb.transformer, spec, n_image=3 * n_tok):
+        with AT.capture(bb.transformer, spec, n_image=3 * n_tok):
             bb(z, 0.5, [z, z], prompt_embeds=emb)
 
     for f in (plain, captured):

@@ -30,8 +30,8 @@ def main() -> None:
     print(f"{len(cases)} {a.split} cases")
     for name, kw in RULES.items():
         I.register = lambda *x, _kw=kw, **k: real(*x, **{**k, **_kw})  # inference.registration calls it by name
-        I._REGISTRATIONS.clear()
-        ok = [I.registration(c.draft, c.mask, c.reference, 0).ok for c in cases]
+        A.REGISTRATIONS.clear()
+        ok = [A.REGISTRATIONS(c.draft, c.mask, c.reference, 0).ok for c in cases]
         paste = [
             region_psnr(I.refine_tensor(c.draft, c.mask, c.reference, method="paste_warp")[0], c.target, c.mask)
             for c in cases
@@ -42,7 +42,7 @@ def main() -> None:
             f"labkit.refine {np.mean(refine):6.2f} dB"
         )
     I.register = real
-    I._REGISTRATIONS.clear()
+    A.REGISTRATIONS.clear()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Homographies map reference pixels (x, y, 1) to draft pixels, in pixel units (x r
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +23,7 @@ from skimage import color, feature, measure
 from skimage import transform as sktf
 
 from .data import to_numpy
-from .focus import soft_mask
+from .focus import seam_mask
 
 
 @dataclass
@@ -221,30 +222,23 @@ def register(
 
 
 def registered_paste(
-    draft: torch.Tensor,
-    mask: torch.Tensor,
-    reference: torch.Tensor,
-    reg: Registration,
-    dilate: int = 5,
-    blur_radius: float = 3.0,
+    draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, reg: Registration
 ) -> torch.Tensor:
     """The no-model baseline a registration allows: the warped reference, its light matched to the draft
     (the fitted gain/offset), pasted into the region with a soft seam; outside the dilated region the draft."""
-    return soft_paste(draft, mask, relit_reference(reference, reg, tuple(draft.shape[-2:])), dilate, blur_radius)
+    return soft_paste(draft, mask, relit_reference(reference, reg, tuple(draft.shape[-2:])))
 
 
-def soft_paste(
-    draft: torch.Tensor, mask: torch.Tensor, aligned: torch.Tensor, dilate: int = 5, blur_radius: float = 3.0
-) -> torch.Tensor:
-    """aligned (3, H, W: already in the draft's frame and light) pasted into the region with a soft seam."""
-    s = paste_mask(mask, dilate, blur_radius)
+def soft_paste(draft: torch.Tensor, mask: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
+    """aligned (3, H, W: already in the draft's frame and light) pasted into the region with the paste seam."""
+    s = seam_mask(mask)
     return s * aligned + (1 - s) * draft
 
 
 def match_light(aligned: torch.Tensor, draft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """aligned (3, H, W: in the draft's frame) with the per-channel gain/offset that maps it onto the draft outside
     the (dilated) region: what relit_reference does with a registration's fitted light."""
-    a, b = _gain_offset(aligned.double(), draft.double(), 1 - paste_mask(mask).double())
+    a, b = _gain_offset(aligned.double(), draft.double(), 1 - seam_mask(mask).double())
     return (a * aligned + b).float().clamp(0, 1)
 
 
@@ -256,6 +250,26 @@ def relit_reference(reference: torch.Tensor, reg: Registration, hw: tuple[int, i
     return (gain * warped + torch.as_tensor(reg.offset, dtype=torch.float32)[:, None, None]).clamp(0, 1)
 
 
-def paste_mask(mask: torch.Tensor, dilate: int = 5, blur_radius: float = 3.0) -> torch.Tensor:
-    """The registered paste's blend weight (1, H, W): the region dilated, with a soft seam (> 0 where it may change)."""
-    return soft_mask(mask, dilate=dilate, blur_radius=blur_radius)
+class RegistrationCache:
+    """register() memoised on the pixels (the methods of one evaluation register the same case). Explicit:
+    `REGISTRATIONS(draft, mask, reference, seed)`, `REGISTRATIONS.clear()`; holds at most `size` entries."""
+
+    def __init__(self, size: int = 256):
+        self.size, self.entries = size, {}
+
+    def __call__(self, draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> Registration:
+        """The registration of this draft/mask/reference, computed once."""
+        pixels = b"".join(t.contiguous().numpy().tobytes() for t in (draft, mask, reference))
+        key = hashlib.sha1(pixels + bytes([seed % 256])).hexdigest()
+        if key not in self.entries:
+            if len(self.entries) >= self.size:
+                self.entries.clear()
+            self.entries[key] = register(draft, mask, reference, seed=seed)
+        return self.entries[key]
+
+    def clear(self) -> None:
+        """Forget every registration (e.g. after changing align's rule in a benchmark)."""
+        self.entries.clear()
+
+
+REGISTRATIONS = RegistrationCache()

@@ -206,3 +206,38 @@ def score(maps: dict, trip, hw: tuple[int, int], thr: float = 0.5, patch: int = 
         comp, box = map_to_box(to_grid(m, hw), thr, patch)
         out[key] = dict(box_iou=box_iou(box, trip.ref_bbox), mask_iou=mask_iou(comp, gt_tok), box=box)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Refine-by-Align's M* for one draft and reference, and the box it locates
+@torch.no_grad()
+def correspondence(
+    r, draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, timesteps=(0.75, 0.5, 0.25), seed: int = 0
+) -> np.ndarray:
+    """Refine-by-Align's M*: attention of the draft's in-mask queries to the reference's keys, averaged over
+    timesteps and every block: (h, w) on the reference's token grid (h = H_ref // multiple), scaled to [0, 1].
+    r: an editor.Refiner (its backbone and instruction)."""
+    bb, p = r.bb, r.bb.multiple
+    ref = resize(reference, (reference.shape[-2] // p * p or p, reference.shape[-1] // p * p or p))
+    z_d, z_r = bb.encode(draft[None]), bb.encode(ref[None])
+    span = bb.token_spans([z_d.shape[-2:], z_d.shape[-2:], z_r.shape[-2:]], ("target", "draft", "reference"))
+    spec = CaptureSpec(queries={"draft": tokens_in_mask(mask, p, offset=span["draft"].start)}, ref=span["reference"])
+    g = torch.Generator().manual_seed(seed)
+    with capture(bb.transformer, spec, n_image=span["reference"].stop) as rec:
+        for t in timesteps:  # the draft noised to t stands in for the unknown target (SDEdit-style)
+            eps = torch.randn(z_d.shape, generator=g)
+            bb((1 - t) * z_d + t * eps, float(t), [z_d, z_r], prompt=r.prompt)
+    m = torch.stack([v[0] / v[0].sum() for v in rec.maps.values()]).mean(0)
+    return to_grid(m, (ref.shape[-2] // p, ref.shape[-1] // p))
+
+
+def locate(
+    r, draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, timesteps=(0.75, 0.5, 0.25), seed: int = 0
+) -> tuple[int, int, int, int]:
+    """Refine-by-Align: the box of M*'s largest component (threshold 0.5) in the reference's pixels (the average
+    over timesteps and blocks beat any single (t, l) on mini, 01_attention_correspondence)."""
+    p = r.bb.multiple
+    _, box = map_to_box(correspondence(r, draft, mask, reference, timesteps, seed), 0.5, p)
+    sy = reference.shape[-2] / (reference.shape[-2] // p * p or p)
+    sx = reference.shape[-1] / (reference.shape[-1] // p * p or p)  # back to the reference's pixels
+    return int(box[0] * sx), int(box[1] * sy), int(round(box[2] * sx)), int(round(box[3] * sy))

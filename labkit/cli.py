@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from . import evaluate, sweep, train
 from . import inference as I
 from .data import load_cases, read_image
+from .focus import REGION_ENCODINGS
 from .presets import check_preset
 from .util import atomic_save, claim_out_dir, run_cli, write_json
 
@@ -39,6 +41,21 @@ def save_image(img, path: Path) -> Path:
     """A PIL image to path (format from the extension, PNG by default), atomically."""
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
     return atomic_save(lambda p: img.save(p, format=fmt), path)
+
+
+def add_option_flags(ap: argparse.ArgumentParser) -> None:
+    """One flag per field of inference.RefineOptions, its help from the field (switches as --x / --no-x; unset: the
+    option's default, the val winner)."""
+    choices = dict(method=list(I.METHODS), region=list(REGION_ENCODINGS))
+    for f in fields(I.RefineOptions):
+        flag, what = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type == "bool":
+            ap.add_argument(
+                flag, default=None, action=argparse.BooleanOptionalAction, help=f"{what} (default: {f.default})"
+            )
+        else:
+            kind = {"float": float, "int": int}.get(f.type.split(" ")[0], str)
+            ap.add_argument(flag, type=kind, default=f.default, choices=choices.get(f.name), help=f"{what}")
 
 
 def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,37 +76,7 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--fresh", action="store_true", help="--data: start over in --out (deletes what is there)")
     ap.add_argument("--split", choices=["train", "val", "test"], help="--data: only this split")
-    ap.add_argument(
-        "--method",
-        default=None,
-        choices=I.METHODS,
-        help="default: the setting chosen on val (inference.REFINE_DEFAULTS)",
-    )
-    for flag, what in (
-        ("blend", "keep the draft's latents outside the region at every step"),
-        ("relight", "align: the warped reference with its light matched to the draft's"),
-        ("detail", "align: add back what the VAE loses of the aligned reference"),
-        ("paste-first", "align: the editor refines the registered paste instead of the draft"),
-        ("residual", "align + paste-first: resample only the editor's change to the paste back into the box"),
-    ):
-        ap.add_argument(
-            f"--{flag}", default=None, action=argparse.BooleanOptionalAction, help=f"{what} (default: chosen on val)"
-        )
-    ap.add_argument("--strength", type=float, default=1.0, help="< 1 starts from the draft noised to that level")
-    ap.add_argument(
-        "--region",
-        default=None,
-        choices=["none", "context", "draw"],
-        help="how the region reaches the editor (default: as its recipe trained it)",
-    )
-    ap.add_argument("--adapter", default=None, help="adapter folder or committed name (default: the frozen editor)")
-    ap.add_argument(
-        "--prompt", default=None, help="instruction / free text (default: the editor's; a case's own prompt wins)"
-    )
-    ap.add_argument("--preset", default="mini", help="tiny | mini | flux-kontext | a FluxKontextPipeline folder")
-    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    add_option_flags(ap)
     a = ap.parse_args(argv)
     if a.data and (a.draft or a.output):
         ap.error("give either DRAFT MASK [REFERENCE ...] -o OUT, or --data DIR --out OUTDIR")
@@ -111,21 +98,7 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
 def refine_main(argv: list[str] | None = None) -> int:
     """`labkit refine ...`: 0 done, 2 usage or bad input (naming the file and the fix), 1 a failed run."""
     a = parse_refine(argv)
-    kw = dict(
-        method=a.method,
-        adapter=a.adapter,
-        steps=a.steps,
-        seed=a.seed,
-        preset=a.preset,
-        device=a.device,
-        blend=a.blend,
-        relight=a.relight,
-        detail=a.detail,
-        paste_first=a.paste_first,
-        residual=a.residual,
-        strength=a.strength,
-        region=a.region,
-    )
+    kw = {f.name: getattr(a, f.name) for f in fields(I.RefineOptions) if f.name != "prompt"}  # a case's prompt wins
 
     def one():
         imgs = [

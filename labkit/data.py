@@ -605,7 +605,7 @@ def degrade(rng: np.random.Generator, img: np.ndarray, kind: str, vae_roundtrip:
     raise ValueError(f"unknown degradation {kind!r}; choose from {DEGRADATIONS + EDIT_DEGRADATIONS}")
 
 
-def relight(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+def random_light(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     """The reference's change of light: gamma, exposure, white balance (drawn in that order)."""
     return np.clip((img ** rng.uniform(0.8, 1.25)) * rng.uniform(0.85, 1.15) * rng.uniform(0.92, 1.08, 3), 0, 1)
 
@@ -631,6 +631,7 @@ def make_triplet(
     split: str = "train",
     size: int = 128,
     factor: int = 2,
+    *,
     degradation: str = "mixed",
     area: tuple[float, float] = (0.04, 0.25),
     content: str | None = None,
@@ -673,7 +674,7 @@ def make_triplet(
             np.random.default_rng([seed, hash_str(split), size, factor, 4201]), reference, size / 6, ref_deform
         )
     # photometric change of the reference: gamma, exposure, white balance
-    reference = relight(rng, reference)
+    reference = random_light(rng, reference)
     if failure is not None:
         kinds, lowres = [failure], damage(rng, target, mask, failure)
     else:
@@ -705,7 +706,7 @@ def make_triplet(
     for k in range(extra_refs):  # other views of the same crop: own homography and photometric change
         rk = np.random.default_rng([seed, hash_str(split), size, factor, 7919, k])
         v = np.clip(_warp(img, t_gt @ _view_homography(rk, size, view_strength), size), 0, 1)
-        extra.append(t(relight(rk, v)))
+        extra.append(t(random_light(rk, v)))
     return Triplet(
         target=t(target),
         reference=t(reference),

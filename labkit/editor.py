@@ -88,6 +88,7 @@ def edit(
     references: Sequence[torch.Tensor],
     steps: int,
     seed: int,
+    *,
     budget: int | None = None,
     prompt: str | None = None,
     guidance: float | None = None,

@@ -286,9 +286,7 @@ def focus_ceiling(bb, target: torch.Tensor, mask: torch.Tensor, margin: float = 
     can reach."""
     area = bb.preset.resolution**2
     c, _, box = F_.focus_crop(target, mask, area, bb.multiple, margin)
-    back = F_.paste_back(
-        target, bb.roundtrip(c[None])[0].cpu(), box, F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
-    )
+    back = F_.paste_back(target, bb.roundtrip(c[None])[0].cpu(), box, F_.seam_mask(F_.crop(mask, box)))
     return Mt.region_psnr(back, target, mask)
 
 
@@ -298,7 +296,7 @@ def focus_resample(
     """img (3, H, W) through Focus-and-Refine's crop resampling alone: the focus crop upsampled to the working area,
     resized back and soft-pasted as refine pastes (no VAE, no editor): what the round trip costs a region's detail."""
     c, _, box = F_.focus_crop(img, mask, working_area, multiple, margin)
-    return F_.paste_back(img, c, box, F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0))
+    return F_.paste_back(img, c, box, F_.seam_mask(F_.crop(mask, box)))
 
 
 def high_frequency_share(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, sigma: float = 3.0) -> float:
@@ -311,6 +309,7 @@ def high_frequency_share(out: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 def benchmark_cases(
     bb,
+    *,
     n_per_kind: int = 8,
     kinds: Sequence[str] = BENCHMARK_KINDS,
     size: int = 128,
@@ -375,6 +374,7 @@ def runners_for(
     seed: int,
     preset: str,
     device: str = "cpu",
+    *,
     paste_true_box: bool = False,
     prompt: str | None = None,
     input_label: str = "input",
@@ -443,6 +443,7 @@ def evaluate_cases(
     steps: int | None = None,
     seed: int = 0,
     device: str = "cpu",
+    *,
     progress: bool = True,
     params: dict | None = None,
     run_settings: dict | None = None,

@@ -26,7 +26,7 @@ def snap_size(h: int, w: int, area: int, multiple: int = 16) -> tuple[int, int]:
     return max(multiple, round(h * s / multiple) * multiple), max(multiple, round(w * s / multiple) * multiple)
 
 
-def focus_box(mask: torch.Tensor, margin: float = 64, working_area: int = 1024**2, min_side: int = 0) -> Box:
+def focus_box(mask: torch.Tensor, margin: float = 64, working_area: int = 1024**2) -> Box:
     """bbox(mask) grown by margin/s on each side (s = sqrt(working_area / (W·H)), the paper's scaling), clipped.
 
     An empty mask raises (nothing to refine); an all-ones mask gives the whole image (Focus = no crop).
@@ -35,9 +35,6 @@ def focus_box(mask: torch.Tensor, margin: float = 64, working_area: int = 1024**
     x0, y0, x1, y1 = bbox_of(mask)
     m = margin / math.sqrt(working_area / (w * h))
     x0, y0, x1, y1 = math.floor(x0 - m), math.floor(y0 - m), math.ceil(x1 + m), math.ceil(y1 + m)
-    if min_side:  # grow symmetrically to a minimum side (keeps tiny regions from being over-upsampled)
-        gx, gy = max(0, min_side - (x1 - x0)), max(0, min_side - (y1 - y0))
-        x0, x1, y0, y1 = x0 - gx // 2, x1 + gx - gx // 2, y0 - gy // 2, y1 + gy - gy // 2
     return max(0, x0), max(0, y0), min(w, x1), min(h, y1)
 
 
@@ -48,11 +45,11 @@ def crop(img: torch.Tensor, box: Box) -> torch.Tensor:
 
 
 def focus_crop(
-    img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int = 16, margin: float = 64, min_side: int = 0
+    img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int = 16, margin: float = 64
 ) -> tuple[torch.Tensor, torch.Tensor, Box]:
     """Crop image and mask around the mask and upsample to ≈working_area (aspect kept, snapped sides); the
     crop's mask stays {0, 1} (data.resize_mask's 'threshold')."""
-    box = focus_box(mask, margin, working_area, min_side)
+    box = focus_box(mask, margin, working_area)
     c_img, c_mask = crop(img, box), crop(mask, box)
     hw = snap_size(c_img.shape[-2], c_img.shape[-1], working_area, multiple)
     return resize(c_img, hw), resize_mask(c_mask, hw), box
@@ -67,6 +64,22 @@ def soft_mask(mask: torch.Tensor, dilate: int = 7, blur_radius: float = 5.0) -> 
         x = lowpass(x, sigma=blur_radius / 2)
     x = x.clamp(0, 1)
     return x[0] if mask.ndim == 3 else x
+
+
+# the paste seam every soft paste of labkit.refine uses: the region dilated by a 5 px max filter, blurred (σ 1.5 px)
+SEAM_DILATE, SEAM_BLUR = 5, 3.0
+
+
+def seam_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The paste seam's blend weight (1, H, W) for a region: soft_mask at SEAM_DILATE / SEAM_BLUR."""
+    return soft_mask(mask, dilate=SEAM_DILATE, blur_radius=SEAM_BLUR)
+
+
+def naive_paste(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, reference_box: Box) -> torch.Tensor:
+    """The reference's box resized into the mask's bounding box, blended by the soft mask: no model."""
+    box = bbox_of(mask)
+    s = soft_mask(crop(mask, box)) * crop(mask, box).clamp(0, 1)
+    return paste_back(draft, crop(reference, reference_box), box, s)
 
 
 def paste_back(
@@ -101,10 +114,6 @@ def seam_error(result: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, r
     """Mean squared error in a band of ±radius pixels around the mask edge (B,)."""
     m = mask[None] if mask.ndim == 3 else mask
     return mse(result, target, boundary_band(m.float(), radius))
-
-
-# ------------------------------------------------------------------------------------------------
-# RefineAnything Fig. 3, measured: does cropping + upsampling before the VAE reconstruct a region better?
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,31 +28,67 @@ Images: PIL images, (3, H, W) tensors in [0, 1] or (H, W, 3) arrays; masks likew
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import focus as F_
-from .align import Registration, register, registered_paste, relit_reference, soft_paste, warp_reference
-from .data import as_image_tensor, as_mask_tensor, as_references, bbox_of, to_pil
+from .align import REGISTRATIONS, Registration, registered_paste, relit_reference, soft_paste, warp_reference
+from .data import as_image_tensor, as_mask_tensor, as_references, to_pil
 from .editor import ADAPTERS, Refiner, edit, load_refiner, resolve_adapter  # noqa: F401  (resolve_adapter: for notebooks)
 from .presets import get
 from .sampling import check_steps
 
-METHODS = ("input", "paste", "paste_warp", "full", "focus", "align", "align_box")
-# labkit.refine's defaults: the val winner of notebook 05 (its claim defaults_chosen_on_val checks this;
-# the golden test pins it)
-REFINE_DEFAULTS = dict(method="align", blend=True, relight=True, detail=True, paste_first=True, residual=True)
-ALIGN_SWITCHES = ("relight", "detail", "paste_first", "residual")  # the switches that act only with a registration
-
 
 # ------------------------------------------------------------------------------------------------
-# inputs
+# the options
+def _opt(default, help: str, switch: str = ""):
+    """A RefineOptions field with its help text; switch='align' marks one that acts only with a registration."""
+    return field(default=default, metadata=dict(help=help, switch=switch))
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """labkit.refine's options. The method and switches default to notebook 05's val winner (its claim
+    defaults_chosen_on_val checks this; the golden test pins it). The CLI's flags and the studio's checkboxes are
+    made from these fields."""
+
+    method: str = _opt("align", "how to refine (METHOD_DOCS)")
+    blend: bool = _opt(True, "keep the draft's latents outside the region at every step", "model")
+    relight: bool = _opt(True, "the warped reference with its light matched to the draft's", "align")
+    detail: bool = _opt(True, "add back what the VAE loses of the aligned reference", "align")
+    paste_first: bool = _opt(True, "the editor refines the registered paste instead of the draft", "align")
+    residual: bool = _opt(True, "with paste_first: resample only the editor's change to the paste back", "align")
+    strength: float = _opt(1.0, "< 1 starts from the draft noised to that level")
+    region: str | None = _opt(None, "how the region reaches the editor: none | context | draw (default: its recipe)")
+    prompt: str | None = _opt(None, "instruction / free text (default: the editor's)")
+    steps: int | None = _opt(None, "sampler steps (default: the preset's)")
+    seed: int | None = _opt(0, "sampling / RANSAC seed (None: a fresh random one, reported in info)")
+    adapter: str | None = _opt(None, "adapter folder or committed name (default: the frozen editor)")
+    preset: str = _opt("mini", "tiny | mini | flux-kontext | a FluxKontextPipeline folder")
+    device: str = _opt("cpu", "torch device")
+
+    def checked(self) -> RefineOptions:
+        """A copy with steps and seed resolved; a bad option raises ValueError naming the fix."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {tuple(METHODS)}")
+        if self.region is not None and self.region not in F_.REGION_ENCODINGS:
+            raise ValueError(f"unknown region encoding {self.region!r}; choose from {F_.REGION_ENCODINGS}")
+        if not 0 < self.strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        steps = check_steps(self.steps if self.steps is not None else get(self.preset).steps)
+        return replace(self, steps=steps, seed=resolve_seed(self.seed))
+
+
+SWITCHES = tuple(f.name for f in fields(RefineOptions) if f.type == "bool")  # the on/off options
+ALIGN_SWITCHES = tuple(f.name for f in fields(RefineOptions) if f.metadata["switch"] == "align")
+REFINE_DEFAULTS = {k: getattr(RefineOptions(), k) for k in ("method", *SWITCHES)}  # what 05 chooses on val
+
+
 def resolve_seed(seed) -> int:
     """seed=None draws a fresh random seed (reported back in the output's info); else an integer."""
     if seed is None:
@@ -63,22 +99,205 @@ def resolve_seed(seed) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# the pieces
-_REGISTRATIONS: dict = {}
+# one refine: the checked inputs, the options and what was done
+@dataclass
+class Job:
+    """What every method reads: the checked draft (3, H, W), region (1, H, W), references [(3, h, w)], options."""
+
+    img: torch.Tensor
+    mask: torch.Tensor
+    refs: list
+    opts: RefineOptions
+    info: dict
+    reference_box: tuple | None = None  # the region's box in the reference, when known (else M* locates it)
+    callback: Callable | None = None  # callback(i, n, x0) after every sampling step
+
+    def refiner(self, adapter: bool = True) -> Refiner:
+        """The editor (with the options' adapter, or frozen), cached by editor.load_refiner."""
+        return load_refiner(self.opts.preset, self.opts.adapter if adapter else None, self.opts.device)
+
+    def register(self) -> Registration:
+        """The first reference registered into the draft's frame (align.REGISTRATIONS caches it); info records it."""
+        reg = REGISTRATIONS(self.img, self.mask, self.refs[0], self.opts.seed)
+        self.info["registration"] = reg.describe()
+        return reg
+
+    def reference_box_or_locate(self, r: Refiner) -> tuple:
+        """The given reference box, or M*'s (attention.locate); info records it."""
+        from .attention import locate  # pulls diffusers: imported where used
+
+        box = self.reference_box
+        if box is None:
+            box = locate(r, self.img, self.mask, self.refs[0], seed=self.opts.seed)
+        self.info["reference_box"] = tuple(int(v) for v in box)
+        return box
 
 
-def registration(img: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> Registration:
-    """labkit.align.register, memoised on the pixels (several methods of one evaluation register the same case)."""
-    key = hashlib.sha1(
-        b"".join(t.contiguous().numpy().tobytes() for t in (img, mask, reference)) + bytes([seed % 256])
-    ).hexdigest()
-    if key not in _REGISTRATIONS:
-        if len(_REGISTRATIONS) > 256:
-            _REGISTRATIONS.clear()
-        _REGISTRATIONS[key] = register(img, mask, reference, seed=seed)
-    return _REGISTRATIONS[key]
+def fall_back(job: Job, to: str, why: str) -> torch.Tensor:
+    """Run method `to` instead of the one asked; info["fallback"] says to what and why."""
+    job.info["fallback"] = dict(to=to, why=why)
+    return METHODS[to](job)
 
 
+def focus_refine(
+    job: Job, references: list, aligned: list = (), start: torch.Tensor | None = None, margin: float = 16
+) -> torch.Tensor:
+    """Focus-and-Refine: crop + upsample to the preset's working area, refine the crop, soft-paste back into the box.
+    aligned: references in the draft's frame (a registered warp), cropped by the same box and placed first; with
+    `detail`, what the VAE loses of the first is added back, out + (a − decode(encode(a))). start: the image the
+    editor refines instead of the draft (the registered paste); with `residual` only the editor's change to the
+    start's crop is resampled back (focus.paste_back residual_of), so the start's kept detail skips the resampling."""
+    r, o = job.refiner(), job.opts
+    area = r.bb.preset.resolution**2  # the preset's working area (mini 128², flux-kontext 1024²)
+    c_img, c_mask, box = F_.focus_crop(job.img, job.mask, area, r.bb.multiple, margin)
+    if start is not None:
+        c_img = F_.resize(F_.crop(start, box), c_img.shape[-2:])
+    refs = [F_.resize(F_.crop(a, box), c_img.shape[-2:]) for a in aligned] + list(references)
+    out = edit(
+        r,
+        c_img,
+        refs,
+        o.steps,
+        o.seed,
+        budget=area,
+        prompt=o.prompt,
+        strength=o.strength,
+        mask=c_mask,
+        blend=o.blend,
+        region=o.region,
+        callback=job.callback,
+    )
+    if o.detail and aligned:  # refs[0]: the aligned reference's crop, as the editor saw it
+        out = (out + refs[0] - r.bb.roundtrip(refs[0][None].to(r.bb.device))[0].float().cpu()).clamp(0, 1)
+    base = F_.crop(start, box) if o.residual and start is not None else None
+    job.info["box"] = tuple(int(v) for v in box)
+    return F_.paste_back(job.img, out, box, F_.seam_mask(F_.crop(job.mask, box)), residual_of=base)
+
+
+# ------------------------------------------------------------------------------------------------
+# the methods: one short function each (Job -> (3, H, W))
+def run_input(job: Job) -> torch.Tensor:
+    """The draft itself, untouched (no model)."""
+    return job.img.clone()
+
+
+def run_paste(job: Job) -> torch.Tensor:
+    """The reference's region (reference_box, else M*'s box) resized into the mask's box, soft-blended (no model)."""
+    box = job.reference_box_or_locate(job.refiner(adapter=False) if job.reference_box is None else None)
+    return F_.naive_paste(job.img, job.mask, job.refs[0], box)
+
+
+def run_paste_warp(job: Job) -> torch.Tensor:
+    """The registered paste: the reference warped into the draft's frame, relit, pasted with a soft seam."""
+    reg = job.register()
+    if not reg.ok:
+        return fall_back(job, "paste", reg.reason)
+    return registered_paste(job.img, job.mask, job.refs[0], reg)
+
+
+def run_full(job: Job) -> torch.Tensor:
+    """Kontext-style: the whole image regenerated from [draft, references] (RefGC-SR2's setting)."""
+    o = job.opts
+    return edit(
+        job.refiner(),
+        job.img,
+        job.refs,
+        o.steps,
+        o.seed,
+        prompt=o.prompt,
+        strength=o.strength,
+        mask=job.mask,
+        blend=o.blend,
+        region=o.region,
+        callback=job.callback,
+    )
+
+
+def run_focus(job: Job) -> torch.Tensor:
+    """Focus-and-Refine (RefineAnything) from the references as given."""
+    return focus_refine(job, job.refs)
+
+
+def run_align(job: Job) -> torch.Tensor:
+    """Align as a warp, then Focus: the registered reference (relit) is the first context, cropped by the same
+    box; with paste_first the editor refines the registered paste. A failed registration falls back to align_box."""
+    reg, o = job.register(), job.opts
+    if not reg.ok:
+        return fall_back(job, "align_box", reg.reason)
+    hw = tuple(job.img.shape[-2:])
+    relit = relit_reference(job.refs[0], reg, hw) if o.relight or o.paste_first else None
+    warped = relit if o.relight else warp_reference(job.refs[0], reg.matrix, hw)
+    start = soft_paste(job.img, job.mask, relit) if o.paste_first else None  # = align.registered_paste
+    job.info.update({k: getattr(o, k) for k in ALIGN_SWITCHES} | dict(residual=o.residual and o.paste_first))
+    return focus_refine(job, job.refs[1:], aligned=[warped], start=start)
+
+
+def run_align_box(job: Job) -> torch.Tensor:
+    """Align→Focus as Refine-by-Align does it: M* locates the region in the reference, which is cropped around
+    M*'s box and upsampled, then Focus-and-Refine."""
+    from .attention import crop_reference
+
+    r = job.refiner()
+    box = job.reference_box_or_locate(r)
+    return focus_refine(job, [crop_reference(job.refs[0], box, out_size=None, multiple=r.bb.multiple), *job.refs[1:]])
+
+
+METHODS: dict[str, Callable[[Job], torch.Tensor]] = dict(
+    input=run_input,
+    paste=run_paste,
+    paste_warp=run_paste_warp,
+    full=run_full,
+    focus=run_focus,
+    align=run_align,
+    align_box=run_align_box,
+)
+NEEDS_REFERENCE = ("paste", "paste_warp", "align", "align_box")
+METHOD_DOCS = {k: f.__doc__.split("\n")[0] for k, f in METHODS.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# the entry
+def refine_tensor(
+    image, mask, reference=None, opts: RefineOptions | None = None, *, reference_box=None, callback=None, **kw
+) -> tuple[torch.Tensor, dict]:
+    """refine() on tensors: the (3, H, W) result and what was done (method, boxes, registration, fallback, seed...).
+    opts: RefineOptions; kw override its fields (None keeps the option's default, except seed=None: a fresh seed)."""
+    o = replace(opts or RefineOptions(), **{k: v for k, v in kw.items() if v is not None or k == "seed"}).checked()
+    unit = 1 if o.method == "input" else get(o.preset).multiple  # the model methods need one packing unit a side
+    img = as_image_tensor(image, min_side=unit)
+    job = Job(
+        img,
+        as_mask_tensor(mask, img.shape[-2:]),
+        as_references(reference, min_side=unit),
+        o,
+        dict(method=o.method, adapter=o.adapter, seed=o.seed, steps=o.steps),
+        reference_box,
+        callback,
+    )
+    if o.method in NEEDS_REFERENCE and not job.refs:
+        raise ValueError(
+            f"method {o.method!r} needs a reference image; pass reference=... or use 'focus'/'full' (reference-free)"
+        )
+    if o.method not in ("input", "paste", "paste_warp"):
+        r = job.refiner()
+        job.info |= dict(prompt=o.prompt or r.prompt, region=o.region or r.region)
+    return METHODS[o.method](job), job.info
+
+
+def refine(image, mask, reference=None, method: str | None = None, **kw):
+    """Refine the masked region of `image` (optionally from reference image(s)); PIL image of the input's size
+    (.info['labkit_seed'] holds the seed used: seed=None draws a fresh one; .info['labkit_info'] what was done).
+
+    method: one of METHODS (METHOD_DOCS; default the val winner); kw: RefineOptions' fields (adapter: None for the
+    frozen editor, a name under figures/04_train_freqmole/adapters or a folder; steps, seed, preset, prompt ...)."""
+    out, info = refine_tensor(image, mask, reference, method=method, **kw)
+    pil = to_pil(out)
+    pil.info.update(labkit_seed=info["seed"], labkit_method=info["method"], labkit_info=info)
+    return pil
+
+
+# ------------------------------------------------------------------------------------------------
+# Kontext-style whole-image editing (no region)
 def kontext_size(h: int, w: int, preset) -> tuple[int, int]:
     """The context/target size a preset works at: FLUX.1-Kontext's preferred resolution closest in aspect
     (the pipeline's auto-resize, max_area = resolution²), else the image's own sides floored to the multiple."""
@@ -143,270 +362,6 @@ def generate(
     )
     pil = to_pil(out)
     pil.info.update(labkit_seed=seed, labkit_steps=steps)
-    return pil
-
-
-@torch.no_grad()
-def correspondence(
-    r: Refiner,
-    draft: torch.Tensor,
-    mask: torch.Tensor,
-    reference: torch.Tensor,
-    timesteps: Sequence[float] = (0.75, 0.5, 0.25),
-    seed: int = 0,
-) -> np.ndarray:
-    """Refine-by-Align's M*: attention of the draft's in-mask queries to the reference's keys, averaged over
-    timesteps and every block: (h, w) on the reference's token grid (h = H_ref // multiple), scaled to [0, 1]."""
-    from . import attention as A  # pulls diffusers: imported where used
-
-    bb = r.bb
-    p = bb.multiple
-    ref = F_.resize(reference, (reference.shape[-2] // p * p or p, reference.shape[-1] // p * p or p))
-    z_d, z_r = bb.encode(draft[None]), bb.encode(ref[None])
-    n_tok = z_d.shape[-2] * z_d.shape[-1] // 4
-    n_ref = z_r.shape[-2] * z_r.shape[-1] // 4
-    spec = A.CaptureSpec(
-        queries={"draft": A.tokens_in_mask(mask, p, offset=n_tok)}, ref=slice(2 * n_tok, 2 * n_tok + n_ref)
-    )
-    g = torch.Generator().manual_seed(seed)
-    with A.capture(bb.transformer, spec, n_image=2 * n_tok + n_ref) as rec:
-        for t in timesteps:  # the draft noised to t stands in for the unknown target (SDEdit-style)
-            eps = torch.randn(z_d.shape, generator=g)
-            bb((1 - t) * z_d + t * eps, float(t), [z_d, z_r], prompt=r.prompt)
-    m = torch.stack([v[0] / v[0].sum() for v in rec.maps.values()]).mean(0)
-    return A.to_grid(m, (ref.shape[-2] // p, ref.shape[-1] // p))
-
-
-def locate(
-    r: Refiner,
-    draft: torch.Tensor,
-    mask: torch.Tensor,
-    reference: torch.Tensor,
-    timesteps: Sequence[float] = (0.75, 0.5, 0.25),
-    seed: int = 0,
-    thr: float = 0.5,
-) -> tuple[int, int, int, int]:
-    """Refine-by-Align: the box of M*'s largest component in the reference's pixels (correspondence; the
-    average over timesteps and blocks beat any single (t, l) on mini, 01_attention_correspondence)."""
-    from . import attention as A
-
-    p = r.bb.multiple
-    _, box = A.map_to_box(correspondence(r, draft, mask, reference, timesteps, seed), thr, p)
-    sy = reference.shape[-2] / (reference.shape[-2] // p * p or p)
-    sx = reference.shape[-1] / (reference.shape[-1] // p * p or p)  # back to the reference's pixels
-    return int(box[0] * sx), int(box[1] * sy), int(round(box[2] * sx)), int(round(box[3] * sy))
-
-
-def naive_paste(
-    draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, reference_box, soft: bool = True
-) -> torch.Tensor:
-    """The reference's box resized into the mask's bounding box, blended by the (soft) mask: no model."""
-    box = bbox_of(mask)
-    src = F_.crop(reference, reference_box)
-    s = F_.soft_mask(F_.crop(mask, box)) * F_.crop(mask, box).clamp(0, 1) if soft else F_.crop(mask, box)
-    return F_.paste_back(draft, src, box, s if soft else F_.crop(mask, box))
-
-
-def focus_refine(
-    r: Refiner,
-    draft: torch.Tensor,
-    mask: torch.Tensor,
-    references: Sequence[torch.Tensor],
-    steps: int,
-    seed: int,
-    margin: float = 16,
-    working_area: int | None = None,
-    prompt: str | None = None,
-    strength: float = 1.0,
-    blend: bool = False,
-    aligned: Sequence[torch.Tensor] = (),
-    region: str | None = None,
-    callback=None,
-    detail: bool = False,
-    start: torch.Tensor | None = None,
-    residual: bool = False,
-) -> tuple[torch.Tensor, tuple]:
-    """Focus-and-Refine: crop + upsample to the working area, refine the crop, soft-paste back into the box.
-    aligned: references already in the draft's frame (a registered warp): cropped by the same box, placed first.
-    detail: add back what the VAE loses of the aligned reference, out + (a − decode(encode(a))), so the output is
-    not capped by the VAE's reconstruction where the editor copies the reference (needs `aligned`).
-    start: the image the editor refines instead of the draft (same size, e.g. the registered paste); the
-    result is still pasted back into the draft.
-    residual (with start): paste back only the editor's change to the start's (upsampled) crop (focus.paste_back
-    residual_of), so the start's detail that the editor kept does not pass through the crop's up-and-down resampling
-    (not with the draft as the start: there it would keep the wrong content's fine detail)."""
-    area = working_area or r.bb.preset.resolution**2  # the preset's working area (mini 128², flux-kontext 1024²)
-    c_img, c_mask, box = F_.focus_crop(draft, mask, area, r.bb.multiple, margin)
-    if start is not None:
-        c_img = F_.resize(F_.crop(start, box), c_img.shape[-2:])
-    refs = [F_.resize(F_.crop(a, box), c_img.shape[-2:]) for a in aligned] + list(references)
-    out = edit(
-        r,
-        c_img,
-        refs,
-        steps,
-        seed,
-        budget=area,
-        prompt=prompt,
-        strength=strength,
-        mask=c_mask,
-        blend=blend,
-        region=region,
-        callback=callback,
-    )
-    if detail and aligned:
-        a = refs[0]  # (3, h, w): the aligned reference's crop, as the editor saw it
-        out = (out + a - r.bb.roundtrip(a[None].to(r.bb.device))[0].float().cpu()).clamp(0, 1)
-    soft = F_.soft_mask(F_.crop(mask, box), dilate=5, blur_radius=3.0)
-    base = F_.crop(start, box) if residual and start is not None else None
-    return F_.paste_back(draft, out, box, soft, residual_of=base), box
-
-
-# ------------------------------------------------------------------------------------------------
-def refine_tensor(
-    image,
-    mask,
-    reference=None,
-    method: str | None = None,
-    adapter: str | None = None,
-    steps: int | None = None,
-    seed: int | None = 0,
-    preset: str = "mini",
-    device: str = "cpu",
-    reference_box=None,
-    margin: float = 16,
-    working_area: int | None = None,
-    prompt: str | None = None,
-    strength: float = 1.0,
-    blend: bool | None = None,
-    region: str | None = None,
-    callback=None,
-    relight: bool | None = None,
-    detail: bool | None = None,
-    paste_first: bool | None = None,
-    residual: bool | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """refine() on tensors: returns the (3, H, W) result and what was done (boxes, prompt, adapter, seed,
-    region encoding, registration). callback(i, n, x0) after every sampling step (edit). relight: with a
-    registration (method align), give the editor the warped reference with its light matched to the draft's
-    (the registered paste's gain/offset) instead of the warped reference as it is; other methods ignore it, as they
-    ignore detail, paste_first (the editor refines the registered paste instead of the draft) and residual (with
-    paste_first: only the editor's change to the paste is resampled back into the box)."""
-    given = dict(blend=blend, relight=relight, detail=detail, paste_first=paste_first, residual=residual)
-    blend, relight, detail, paste_first, residual = (
-        REFINE_DEFAULTS[k] if v is None else bool(v) for k, v in given.items()
-    )
-    method = REFINE_DEFAULTS["method"] if method is None else method
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    steps, seed = check_steps(steps if steps is not None else get(preset).steps), resolve_seed(seed)
-    unit = 1 if method == "input" else get(preset).multiple  # the model methods need one packing unit a side
-    img = as_image_tensor(image, min_side=unit)
-    m = as_mask_tensor(mask, img.shape[-2:])
-    refs = as_references(reference, min_side=unit)
-    info: dict = dict(method=method, adapter=adapter, seed=seed, steps=steps)
-    if method == "input":
-        return img.clone(), info
-    if region is not None and region not in F_.REGION_ENCODINGS:
-        raise ValueError(f"unknown region encoding {region!r}; choose from {F_.REGION_ENCODINGS}")
-    if method in ("paste", "paste_warp", "align", "align_box") and not refs:
-        raise ValueError(
-            f"method {method!r} needs a reference image; pass reference=... or use 'focus'/'full' (reference-free)"
-        )
-    if method == "paste_warp":
-        reg = registration(img, m, refs[0], seed)
-        info["registration"] = reg.describe()
-        if reg.ok:
-            return registered_paste(img, m, refs[0], reg), info
-        method = "paste"  # the fit was poor: the naive paste (M* box), and the info says so
-    r = load_refiner(preset, adapter, device) if method != "paste" or reference_box is None else None
-    if method == "paste":
-        box = (
-            reference_box
-            if reference_box is not None
-            else locate(load_refiner(preset, None, device), img, m, refs[0], seed=seed)
-        )
-        info["reference_box"] = tuple(int(v) for v in box)
-        return naive_paste(img, m, refs[0], box), info
-    info["prompt"], info["region"] = prompt or r.prompt, region or r.region
-    if method == "full":
-        return edit(
-            r,
-            img,
-            refs,
-            steps,
-            seed,
-            prompt=prompt,
-            strength=strength,
-            mask=m,
-            blend=blend,
-            region=region,
-            callback=callback,
-        ), info
-    aligned, start = [], None
-    if method == "align":
-        reg = registration(img, m, refs[0], seed)
-        info["registration"] = reg.describe()
-        if reg.ok:
-            hw = tuple(img.shape[-2:])
-            relit = relit_reference(refs[0], reg, hw) if relight or paste_first else None
-            warped = relit if relight else warp_reference(refs[0], reg.matrix, hw)
-            if paste_first:  # the registered paste (align.registered_paste), from the relit reference at hand
-                start = soft_paste(img, m, relit)
-            aligned, refs = [warped], refs[1:]
-            # with the warp; the box fallback uses none of them
-            info.update(relight=relight, detail=detail, paste_first=paste_first, residual=residual and paste_first)
-    if method == "align_box" or (method == "align" and not aligned):
-        from .attention import crop_reference
-
-        rbox = reference_box if reference_box is not None else locate(r, img, m, refs[0], seed=seed)
-        info["reference_box"] = tuple(int(v) for v in rbox)
-        refs = [crop_reference(refs[0], rbox, out_size=None, multiple=r.bb.multiple)] + refs[1:]
-    out, box = focus_refine(
-        r,
-        img,
-        m,
-        refs,
-        steps,
-        seed,
-        margin,
-        working_area,
-        prompt,
-        strength,
-        blend,
-        aligned,
-        region,
-        callback,
-        detail,
-        start,
-        residual,
-    )
-    info["box"] = tuple(int(v) for v in box)
-    return out, info
-
-
-def refine(
-    image,
-    mask,
-    reference=None,
-    method: str | None = None,
-    adapter: str | None = None,
-    steps: int | None = None,
-    seed: int | None = 0,
-    preset: str = "mini",
-    prompt: str | None = None,
-    **kw,
-):
-    """Refine the masked region of `image` (optionally from reference image(s)); PIL image of the input's size
-    (its .info['labkit_seed'] holds the seed used: seed=None draws a fresh one).
-
-    method: input | paste | full | focus | align (module docstring); adapter: None (frozen editor), a name
-    under figures/04_train_freqmole/adapters (lora, freqmole, freqmole+freq, freqmole+boundary) or a folder."""
-    out, info = refine_tensor(image, mask, reference, method, adapter, steps, seed, preset, prompt=prompt, **kw)
-    pil = to_pil(out)
-    pil.info.update(
-        labkit_seed=info["seed"], labkit_method=info["method"], labkit_info=info
-    )  # seed=None: the seed that was drawn
     return pil
 
 

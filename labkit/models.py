@@ -138,6 +138,16 @@ class Backbone(nn.Module):
         ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
         return ids.reshape(-1, 3)
 
+    @staticmethod
+    def token_spans(grids, names) -> dict:
+        """Named spans of the image-token sequence [target | context 1 | ...] for latent grids (h, w) in that order:
+        {name: slice}, e.g. token_spans([z.shape[-2:]] * 2, ("target", "draft"))["draft"]."""
+        spans, start = {}, 0
+        for name, (h, w) in zip(names, grids, strict=True):
+            spans[name] = slice(start, start + int(h) * int(w) // 4)
+            start = spans[name].stop
+        return spans
+
     def sequence(
         self, target: torch.Tensor, contexts: Sequence[torch.Tensor] = ()
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -69,13 +69,13 @@ class EditorConfig:
     deform: float = 0.0  # refine: half the examples' aligned reference also bent non-rigidly by up to this many px
 
 
-def aligned_reference(rng: np.random.Generator, img: np.ndarray, misalign: float) -> np.ndarray:
+def registered_view(rng: np.random.Generator, img: np.ndarray, misalign: float) -> np.ndarray:
     """The target seen again after a registration: a residual warp of view strength <= misalign (none 30% of
     the time) and a photometric change (gamma, exposure, white balance), as make_triplet's reference has."""
     s = img.shape[0]
     strength = 0.0 if rng.random() < 0.3 else rng.uniform(0, misalign)
     ref = np.clip(D._warp(img, D._view_homography(rng, s, strength), s), 0, 1) if strength else img
-    return D.relight(rng, ref).astype(np.float32)
+    return D.random_light(rng, ref).astype(np.float32)
 
 
 def refine_example(
@@ -100,7 +100,7 @@ def refine_example(
     c, name = srcs[int(rng.integers(len(srcs)))]
     img = D.random_crop(rng, D.load_source(split, c, name), size, zoom=(0.3, 1.0))
     mask = D.random_blob(rng, size, cfg.refine_area)
-    draft, ref = D.damage(rng, img, mask, kind), aligned_reference(rng, img, cfg.misalign)
+    draft, ref = D.damage(rng, img, mask, kind), registered_view(rng, img, cfg.misalign)
     if cfg.deform and rng.random() < 0.5:  # a non-rigid residual no registration removes (parallax, a bent label)
         ref = D.displace(rng, ref, size / 6, rng.uniform(0, cfg.deform))
     t_draft, t_mask, t_ref = D.to_tensor(draft), D.to_tensor(mask[..., None]), D.to_tensor(ref)
@@ -320,6 +320,7 @@ def train_editor(bb, loop: LoopConfig, cfg: EditorConfig, bank_size: int = 1024,
 @torch.no_grad()
 def evaluate_refine(
     bb,
+    *,
     n: int = 24,
     steps: int = 8,
     seed: int = 0,

@@ -199,6 +199,7 @@ def evaluate_policy(
     reward: Callable,
     steps: int = 8,
     seed: int = 0,
+    *,
     k: int = 1,
     budget: int | None = None,
     prompt: str = "refine",

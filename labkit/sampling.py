@@ -58,6 +58,7 @@ def sample(
     contexts: Sequence[torch.Tensor],
     prompt: str | None,
     shape: tuple[int, ...],
+    *,
     steps: int = 8,
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,

@@ -14,7 +14,7 @@ import html
 import io
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,8 @@ from . import data as D
 from . import focus as F_
 from . import inference as I
 from . import presets as P
-from .align import paste_mask, warp_reference
-from .attention import crop_reference
+from .align import REGISTRATIONS, warp_reference
+from .attention import correspondence, crop_reference
 from .metrics import case_metrics
 
 REFERENCE_METHODS = ("paste", "paste_warp", "align", "align_box")  # the methods that copy from a reference
@@ -77,7 +77,7 @@ class StudioResult:
             min(self.draft.shape[-2], y1 + margin),
         )
         out = dict(before=F_.crop(self.draft, b), after=F_.crop(self.output, b))
-        ref = aligned_reference(self.info, self.draft, self.mask, self.references)
+        ref = reference_as_seen(self.info, self.draft, self.mask, self.references)
         if ref is not None:
             out["reference"] = F_.crop(ref, b) if ref.shape[-2:] == self.draft.shape[-2:] else ref
         return out
@@ -172,7 +172,7 @@ def box_of(info: dict, mask: torch.Tensor) -> tuple[int, int, int, int]:
     if info.get("method") == "full":
         return 0, 0, mask.shape[-1], mask.shape[-2]
     if (info.get("registration") or {}).get("used") == "warp" and info.get("method") == "paste_warp":
-        return D.bbox_of(paste_mask(mask) > 0)
+        return D.bbox_of(F_.seam_mask(mask) > 0)
     return D.bbox_of(mask)
 
 
@@ -184,13 +184,13 @@ def changed_outside(r: StudioResult) -> int:
     return int((c > 0).sum())
 
 
-def aligned_reference(info: dict, draft: torch.Tensor, mask: torch.Tensor, references: list) -> torch.Tensor | None:
+def reference_as_seen(info: dict, draft: torch.Tensor, mask: torch.Tensor, references: list) -> torch.Tensor | None:
     """The first reference as the editor saw it: warped into the draft's frame (the registration, memoised),
     cropped by M*'s box, or as given."""
     if not references:
         return None
     if (info.get("registration") or {}).get("used") == "warp":
-        reg = I.registration(draft, mask, references[0], info.get("seed", 0))
+        reg = REGISTRATIONS(draft, mask, references[0], info.get("seed", 0))
         return warp_reference(references[0], reg.matrix, tuple(draft.shape[-2:]))
     if "reference_box" in info:
         return crop_reference(references[0], info["reference_box"], out_size=None, multiple=1)
@@ -230,11 +230,6 @@ def run(
     adapter: str | None = None,
     steps: int | None = None,
     strength: float = 1.0,
-    blend: bool | None = None,
-    relight: bool | None = None,
-    detail: bool | None = None,
-    paste_first: bool | None = None,
-    residual: bool | None = None,
     seed: int = 0,
     prompt: str | None = None,
     target=None,
@@ -242,9 +237,11 @@ def run(
     cancel: threading.Event | None = None,
     filmstrip: bool = True,
     show_overlay: bool = True,
+    **switches,
 ) -> StudioResult:
     """One refine as the studio runs it: labkit.refine_tensor plus the panels (filmstrip of x0 predictions,
-    M* overlay). on_step(i, n) after every step; cancel.set() stops between steps (raises Cancelled)."""
+    M* overlay). on_step(i, n) after every step; cancel.set() stops between steps (raises Cancelled).
+    switches: inference.SWITCHES (blend, relight, ...), each None or absent for labkit.refine's default."""
     img = D.as_image_tensor(draft)
     drawn = mask is not None and np.asarray(mask, dtype=np.float32).any()  # an empty region: the studio's own message
     m = D.as_mask_tensor(mask, img.shape[-2:]) if drawn else None
@@ -262,26 +259,13 @@ def run(
             on_step(i + 1, n)
 
     t0 = time.perf_counter()
-    out, info = I.refine_tensor(
-        img,
-        m,
-        refs or None,
-        method,
-        adapter,
-        steps,
-        seed,
-        str(preset),
-        prompt=prompt,
-        strength=strength,
-        blend=blend,
-        callback=callback,
-        relight=relight,
-        detail=detail,
-        paste_first=paste_first,
-        residual=residual,
-    )
+    unknown = set(switches) - set(I.SWITCHES)
+    if unknown:
+        raise StudioError(f"unknown switch(es) {sorted(unknown)}: choose from {I.SWITCHES}")
+    opts = dict(method=method, adapter=adapter, steps=steps, seed=seed, preset=str(preset), prompt=prompt)
+    out, info = I.refine_tensor(img, m, refs or None, strength=strength, callback=callback, **opts, **switches)
     seconds = time.perf_counter() - t0
-    att = I.correspondence(r, img, m, refs[0], seed=seed) if show_overlay and refs else None
+    att = correspondence(r, img, m, refs[0], seed=seed) if show_overlay and refs else None
     tgt = D.as_image_tensor(target) if target is not None else None
     return StudioResult(
         img,
@@ -452,9 +436,12 @@ class Studio:
         self.strength = W.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="strength")
         self.blend = W.Checkbox(value=bool(I.REFINE_DEFAULTS["blend"]), description="blend (keep outside the region)")
         # with a registration (method align): labkit.refine's val-chosen switches, each its default
-        self.switches = {
-            k: W.Checkbox(value=bool(I.REFINE_DEFAULTS[k]), description=f"{k.replace('_', ' ')} (align)")
-            for k in I.ALIGN_SWITCHES
+        self.switches = {  # made from inference.RefineOptions: its align switches, their help as the tooltip
+            f.name: W.Checkbox(
+                value=f.default, description=f"{f.name.replace('_', ' ')} (align)", tooltip=f.metadata["help"]
+            )
+            for f in fields(I.RefineOptions)
+            if f.name in I.ALIGN_SWITCHES
         }
         self.seed = W.IntText(value=seed, description="seed")
         self.prompt = W.Text(value=prompt, description="prompt")

@@ -8,7 +8,7 @@ from labkit import align as A
 from labkit import data as D
 from labkit import focus as F_
 from labkit import inference as I
-from labkit import pretrain as E
+from labkit import pretrain as PT
 
 
 def _photo(size=128):
@@ -159,8 +159,8 @@ def test_every_failure_changes_only_the_region(kind):
 
 
 def test_refine_examples_are_built_as_refine_feeds_the_editor():
-    cfg = E.EditorConfig(misalign=0.0)
-    e = E.refine_example(np.random.default_rng(1), "train", cfg, kind="occlude")
+    cfg = PT.EditorConfig(misalign=0.0)
+    e = PT.refine_example(np.random.default_rng(1), "train", cfg, kind="occlude")
     h, w = e["draft"].shape[-2:]
     assert h % 16 == 0 and w % 16 == 0 and abs(h * w - 128 * 128) / (128 * 128) < 0.2  # snapped to the working area
     assert e["mask"].shape == (1, h, w) and e["target"].shape == e["reference"].shape == (3, h, w)
@@ -177,13 +177,13 @@ def test_training_fonts_and_held_out_fonts_are_disjoint():
 
 
 def test_benchmark_cases_sit_below_the_vae_ceiling(tiny):
-    from labkit import evaluate as Ev
+    from labkit import evaluate as E
 
-    cases = Ev.benchmark_cases(tiny, n_per_kind=1, kinds=("wrong", "smear"), size=64, room=-100)
+    cases = E.benchmark_cases(tiny, n_per_kind=1, kinds=("wrong", "smear"), size=64, room=-100)
     assert [c.meta["degradation"] for c in cases] == ["wrong", "smear"]
     assert all(c.meta["draft_psnr"] < c.meta["ceiling"] + 100 for c in cases)
     with pytest.raises(RuntimeError, match="below the VAE ceiling"):
-        Ev.benchmark_cases(tiny, n_per_kind=1, kinds=("smear",), size=64, room=100, max_tries=2)
+        E.benchmark_cases(tiny, n_per_kind=1, kinds=("smear",), size=64, room=100, max_tries=2)
 
 
 def test_paste_first_gives_the_editor_the_registered_paste_and_keeps_the_background(monkeypatch):
@@ -198,7 +198,7 @@ def test_paste_first_gives_the_editor_the_registered_paste_and_keeps_the_backgro
     first, info = I.refine_tensor(draft, mask, target, paste_first=True, **kw)
     assert info["registration"]["used"] == "warp" and info["paste_first"] is True
     x0, y0, x1, y1 = info["box"]
-    reg = I.registration(draft, mask, target, 0)
+    reg = A.REGISTRATIONS(draft, mask, target, 0)
     pasted = F_.resize(F_.crop(A.registered_paste(draft, mask, target, reg), info["box"]), seen[1].shape[-2:])
     assert torch.allclose(seen[1], pasted) and not torch.allclose(seen[0], seen[1])  # the paste, not the draft
     outside = torch.ones(128, 128, dtype=torch.bool)
@@ -246,8 +246,8 @@ def test_a_non_planar_reference_changes_only_the_reference_and_defeats_the_plana
 def test_paste_first_examples_are_built_as_refine_builds_them():
     """The recipe's paste-first refine examples: the draft crop is the aligned reference soft-pasted into the region
     in the draft's light; outside the seam it is still the draft; with both options off the examples are unchanged."""
-    base = E.refine_example(np.random.default_rng(3), "train", E.EditorConfig())
-    first = E.refine_example(np.random.default_rng(3), "train", E.EditorConfig(paste_first=1.0))
+    base = PT.refine_example(np.random.default_rng(3), "train", PT.EditorConfig())
+    first = PT.refine_example(np.random.default_rng(3), "train", PT.EditorConfig(paste_first=1.0))
     assert torch.equal(base["target"], first["target"]) and torch.equal(base["mask"], first["mask"])
     m = first["mask"][0] > 0.5
     assert (first["draft"] - first["reference"])[:, m].abs().mean() < 0.01  # the region is the pasted reference

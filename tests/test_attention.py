@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from labkit import attention as A
+from labkit import attention as AT
 from labkit.experiments import attention_correspondence as XA
 
 
@@ -37,9 +37,9 @@ def _setup(tiny):
     x, c1, c2 = (torch.randn(2, 16, 8, 8, generator=g) for _ in range(3))
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:40, 8:40] = 1
-    q_target = A.tokens_in_mask(mask, 16)  # target tokens come first among image tokens
-    q_draft = A.tokens_in_mask(mask, 16, offset=16)  # context-1 tokens
-    spec = A.CaptureSpec(queries={"target": q_target, "draft": q_draft}, ref=slice(32, 48), chunk=3)
+    q_target = AT.tokens_in_mask(mask, 16)  # target tokens come first among image tokens
+    q_draft = AT.tokens_in_mask(mask, 16, offset=16)  # context-1 tokens
+    spec = AT.CaptureSpec(queries={"target": q_target, "draft": q_draft}, ref=slice(32, 48), chunk=3)
     return x, [c1, c2], spec
 
 
@@ -47,11 +47,11 @@ def _setup(tiny):
 def test_streaming_equals_naive(tiny, renorm):
     x, ctx, spec = _setup(tiny)
     spec.renorm = renorm
-    with A.capture(tiny.transformer, spec, n_image=48) as rec:
+    with AT.capture(tiny.transformer, spec, n_image=48) as rec:
         out = tiny(x, 0.7, ctx)
     store = {}
     original = dict(tiny.transformer.attn_processors)
-    tiny.transformer.set_attn_processor({n: NaiveProcessor(store, A.block_of(n)) for n in original})
+    tiny.transformer.set_attn_processor({n: NaiveProcessor(store, AT.block_of(n)) for n in original})
     try:
         ref_out = tiny(x, 0.7, ctx)
     finally:
@@ -71,14 +71,14 @@ def test_processors_restored_and_memory_independent_of_heads(tiny):
     x, ctx, spec = _setup(tiny)
     before = {n: type(p) for n, p in tiny.transformer.attn_processors.items()}
     plain = tiny(x, 0.7, ctx)
-    with A.capture(tiny.transformer, spec, n_image=48) as rec:
+    with AT.capture(tiny.transformer, spec, n_image=48) as rec:
         captured = tiny(x, 0.7, ctx)
         tiny(x, 0.3, ctx)
     assert torch.allclose(captured, plain, atol=1e-5)  # capturing does not change what the model computes
     assert {n: type(p) for n, p in tiny.transformer.attn_processors.items()} == before
     assert torch.equal(tiny(x, 0.7, ctx), plain)  # and the default processors are back
     # what is kept is one (B, N_ref) row per (query set, t, block): no head or query dimension
-    assert {k[1] for k in rec.maps} == {0.7, 0.3} and {k[2] for k in rec.maps} == {A.block_of(n) for n in before}
+    assert {k[1] for k in rec.maps} == {0.7, 0.3} and {k[2] for k in rec.maps} == {AT.block_of(n) for n in before}
     assert rec.stored_numel() == sum(v.numel() for v in rec.maps.values()) and all(
         v.shape == (2, 16) for v in rec.maps.values()
     )
@@ -88,9 +88,9 @@ def test_postprocessing_and_iou():
     grid = np.zeros((8, 8))
     grid[2:4, 3:6] = 1.0
     grid[7, 7] = 0.9  # a smaller, separate component is dropped
-    comp, box = A.map_to_box(grid, thr=0.5, patch=16)
+    comp, box = AT.map_to_box(grid, thr=0.5, patch=16)
     assert box == (48, 32, 96, 64) and comp.sum() == 6
-    assert A.box_iou(box, box) == 1.0 and A.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert AT.box_iou(box, box) == 1.0 and AT.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
     rng = np.random.default_rng(0)
     assert 0 < XA.chance_box_iou(box, box, 128, rng) < 0.5
 
@@ -101,7 +101,7 @@ def test_crop_reference_returns_the_box_content_upsampled():
 
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 128), torch.linspace(0, 1, 128), indexing="ij")
     ref = torch.stack([yy, xx, (yy * xx)])  # every pixel different: a crop of the wrong place cannot match
-    out = A.crop_reference(ref, (32, 40, 64, 88), margin=0.0, out_size=128)
+    out = AT.crop_reference(ref, (32, 40, 64, 88), margin=0.0, out_size=128)
     assert out.shape[-2] % 16 == 0 and out.shape[-1] % 16 == 0 and out.shape[-2] * out.shape[-1] >= 0.8 * 128 * 128
     assert abs(out.shape[-2] / out.shape[-1] - 48 / 32) < 0.15  # aspect of the box kept
     back = resize(out, (48, 32))

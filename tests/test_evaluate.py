@@ -62,14 +62,14 @@ def test_reference_free_mode_and_background_exact_outside_the_box(case):
 def test_locate_finds_the_region_in_the_reference_better_than_chance():
     """Refine-by-Align's M* on the trained mini editor: the located box overlaps the true region of the
     (rotated, rescaled) reference well above a random box of the same size, on held-out test triplets."""
-    from labkit import attention as A
+    from labkit import attention as AT
 
     r, rng = I.load_refiner("mini"), np.random.default_rng(0)
     ious, chance = [], []
     for i in range(8):
         c = D.make_triplet(i, "test", 128, 2, degradation="blur")
-        box = I.locate(r, c.draft, c.mask, c.reference)
-        ious.append(A.box_iou(box, c.ref_bbox))
+        box = AT.locate(r, c.draft, c.mask, c.reference)
+        ious.append(AT.box_iou(box, c.ref_bbox))
         chance.append(XA.chance_box_iou(box, c.ref_bbox, 128, rng))
     assert np.mean(ious) > 2 * np.mean(chance) and np.mean(ious) > 0.3
 

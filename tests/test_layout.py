@@ -136,3 +136,26 @@ def test_the_rules_catch_a_violation(tmp_path, monkeypatch):
         test_imports_at_the_top_except_heavy_ones_commented_once()
     with pytest.raises(pytest.fail.Exception, match="import circle"):
         test_no_import_circle()
+
+
+def positional_params(source: str) -> dict[str, int]:
+    """function name -> how many parameters it takes positionally (self/cls not counted)."""
+    out = {}
+    for n in ast.walk(ast.parse(source)):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names = [a.arg for a in n.args.posonlyargs + n.args.args]
+            out[n.name] = len(names) - (names[:1] in (["self"], ["cls"]))
+    return out
+
+
+def test_no_function_takes_more_than_eight_positional_parameters():
+    """Past eight, a call reads as a row of values (focus_refine once took 17): the rest are keyword-only."""
+    assert positional_params("def f(a, b, c, d, e, f, g, h, i): pass") == {"f": 9}  # the counter counts
+    assert positional_params("def f(self, a, *, b, c, d, e, f, g, h, i): pass") == {"f": 1}
+    wide = {
+        f"{p.relative_to(ROOT)}:{name}": k
+        for p in modules().values()
+        for name, k in positional_params(p.read_text()).items()
+        if k > 8
+    }
+    assert not wide, f"functions with more than 8 positional parameters (make the rest keyword-only): {wide}"

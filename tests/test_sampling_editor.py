@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from labkit import data as D
-from labkit import pretrain as E
+from labkit import pretrain as PT
 from labkit.experiments import mini_backbone as XM
 from labkit.sampling import sample, times
 
@@ -78,12 +78,12 @@ def test_sampler_uses_the_scheduler_as_the_flux_kontext_pipeline_does():
 
 
 def test_task_batches_shapes():
-    cfg = E.EditorConfig(batch=2, size=64)
+    cfg = PT.EditorConfig(batch=2, size=64)
     rng = np.random.default_rng(0)
     for task in [
-        t for t in E.TASKS if t != "refine"
+        t for t in PT.TASKS if t != "refine"
     ]:  # refine examples vary in shape: pretrain.refine_example (own test)
-        b = E.task_batch(task, rng, "train", cfg)
+        b = PT.task_batch(task, rng, "train", cfg)
         assert b["target"].shape == (2, 3, 64, 64)
         assert b["contexts"][0].shape == (2, 3, 64, 64)  # every context on the target's grid
         if task == "restore":
@@ -91,11 +91,11 @@ def test_task_batches_shapes():
 
 
 def test_upscale_context_is_the_bicubic_draft_of_the_target():
-    cfg = E.EditorConfig(batch=3, size=64)
+    cfg = PT.EditorConfig(batch=3, size=64)
     for f in (2, 4):
-        b = E.task_batch("upscale", np.random.default_rng(1), "train", cfg, factor=f)
+        b = PT.task_batch("upscale", np.random.default_rng(1), "train", cfg, factor=f)
         assert torch.allclose(b["contexts"][0], D.bicubic_draft(b["target"], f))
-    b = E.task_batch("upscale", np.random.default_rng(1), "train", E.EditorConfig(batch=16, size=64))
+    b = PT.task_batch("upscale", np.random.default_rng(1), "train", PT.EditorConfig(batch=16, size=64))
     used = [
         f
         for i in range(16)
@@ -110,7 +110,7 @@ def test_oracle_paste_copies_the_true_region():
 
     for s in range(4):
         t = D.make_triplet(s, "val", 128, factor=1, view_strength=1.0, degradation="blur")
-        o = E.oracle_paste(t)
+        o = PT.oracle_paste(t)
         m = t.mask[0] > 0.5
         assert torch.equal(o[:, ~m], t.lowres[:, ~m])  # outside the mask: the context, untouched
         a, b = o[:, m].flatten().numpy(), t.target[:, m].flatten().numpy()
@@ -138,14 +138,14 @@ def test_strong_restore_artifacts_remove_what_only_the_reference_has():
 
 
 def test_restore_batches_use_the_requested_artifacts():
-    cfg = E.EditorConfig(batch=4, size=64)
+    cfg = PT.EditorConfig(batch=4, size=64)
     kinds = ["smear", "occlude", "blur", "occlude"]
-    b = E.task_batch("restore", np.random.default_rng(0), "train", cfg, degradations=kinds)
+    b = PT.task_batch("restore", np.random.default_rng(0), "train", cfg, degradations=kinds)
     assert [t.meta["degradation"] for t in b["trips"]] == kinds
     m = b["mask"] > 0.5
     occluded = b["contexts"][0][1][:, m[1, 0]]  # inside the mask of the occluded example: (nearly) one colour
     assert occluded.std(dim=1).max() < 0.05
-    drawn = E.task_batch("restore", np.random.default_rng(0), "train", E.EditorConfig(batch=32, size=64))
+    drawn = PT.task_batch("restore", np.random.default_rng(0), "train", PT.EditorConfig(batch=32, size=64))
     assert {t.meta["degradation"] for t in drawn["trips"]} <= set(cfg.restore_degradations)
 
 
@@ -172,10 +172,10 @@ def test_inpainting_blend_keeps_the_latents_outside_the_mask():
 
 
 def test_refine_with_strength_and_blend_runs_on_tiny():
-    from labkit import data as Dd
+    from labkit import data as D
     from labkit import inference as I
 
-    c = Dd.make_triplet(0, "test", 64, 2)
+    c = D.make_triplet(0, "test", 64, 2)
     a, _ = I.refine_tensor(c.draft, c.mask, c.reference, method="full", preset="tiny", steps=4, blend=False)
     b, _ = I.refine_tensor(
         c.draft, c.mask, c.reference, method="full", preset="tiny", steps=4, strength=0.5, blend=True
