@@ -40,6 +40,8 @@ class Registration:
         default_factory=lambda: np.ones(3)
     )  # per-channel light change: draft ≈ gain·(warped - mean) + mean'
     offset: np.ndarray = field(default_factory=lambda: np.zeros(3))  # draft ≈ gain·warped + offset
+    scope: str = "scene"  # scene: fitted on everything outside the region; object: on the ring around it
+    flow: np.ndarray | None = None  # (2, H, W) non-rigid correction (x, y) in reference px, added after the homography
 
     def describe(self) -> dict:
         """What the output's info records."""
@@ -49,6 +51,8 @@ class Registration:
             matches=self.matches,
             residual=round(self.residual, 4),
             reason=self.reason,
+            scope=self.scope,
+            nonrigid=self.flow is not None,
         )
 
 
@@ -85,21 +89,33 @@ def feature_fit(draft: np.ndarray, reference: np.ndarray, outside: np.ndarray, s
     return model, int(inl.sum()), len(m)
 
 
-def _grid(h_mat: torch.Tensor, hw: tuple[int, int], ref_hw: tuple[int, int]) -> torch.Tensor:
-    """grid_sample grid (1, H, W, 2) that samples the reference at H^-1(draft pixel)."""
+def reference_coords(h_mat: torch.Tensor, hw: tuple[int, int], flow: torch.Tensor | None = None) -> torch.Tensor:
+    """(H·W, 2) the reference pixel (x, y) each draft pixel samples: H^-1(draft pixel) + flow (2, H, W) if given."""
     h, w = hw
     ys, xs = torch.meshgrid(torch.arange(h, dtype=h_mat.dtype), torch.arange(w, dtype=h_mat.dtype), indexing="ij")
     p = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3) @ torch.linalg.inv(h_mat).T  # draft px -> ref px
     p = p[:, :2] / p[:, 2:].clamp_min(1e-6)
+    return p if flow is None else p + flow.to(p).reshape(2, -1).T
+
+
+def _grid(
+    h_mat: torch.Tensor, hw: tuple[int, int], ref_hw: tuple[int, int], flow: torch.Tensor | None = None
+) -> torch.Tensor:
+    """grid_sample grid (1, H, W, 2) that samples the reference at H^-1(draft pixel) (+ flow)."""
+    h, w = hw
+    p = reference_coords(h_mat, hw, flow)
     rh, rw = ref_hw
     g = torch.stack([(p[:, 0] + 0.5) / rw * 2 - 1, (p[:, 1] + 0.5) / rh * 2 - 1], -1)
     return g.reshape(1, h, w, 2)
 
 
-def warp_reference(reference: torch.Tensor, matrix: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
-    """The reference (3, h, w) warped into the draft's frame (3, H, W); pixels that fall outside it repeat its
-    border."""
-    g = _grid(torch.as_tensor(matrix, dtype=torch.float64), hw, tuple(reference.shape[-2:])).float()
+def warp_reference(
+    reference: torch.Tensor, matrix: np.ndarray, hw: tuple[int, int], flow: np.ndarray | None = None
+) -> torch.Tensor:
+    """The reference (3, h, w) warped into the draft's frame (3, H, W) by the homography (and a registration's
+    non-rigid flow); pixels that fall outside it repeat its border."""
+    fl = None if flow is None else torch.as_tensor(flow, dtype=torch.float64)
+    g = _grid(torch.as_tensor(matrix, dtype=torch.float64), hw, tuple(reference.shape[-2:]), fl).float()
     return F.grid_sample(reference[None].float(), g, mode="bilinear", padding_mode="border", align_corners=False)[
         0
     ].clamp(0, 1)
@@ -127,6 +143,30 @@ def _photometric(warped: torch.Tensor, draft: torch.Tensor, w: torch.Tensor) -> 
     return (a * warped + b - draft) * w.sqrt()
 
 
+def _robust(res: torch.Tensor, c: float = 0.1) -> torch.Tensor:
+    """Geman-McClure-like loss of a residual image: squared near 0, flat for outliers (another background)."""
+    r2 = res.pow(2).sum(0)
+    return (r2 / (r2 + c**2)).mean()
+
+
+def _relative_residual(warped: torch.Tensor, draft: torch.Tensor, w: torch.Tensor, keep: float = 1.0) -> float:
+    """RMS of the gain/offset fit's residual over the weighted pixels, relative to the draft's spread there
+    (0 exact, 1 no better than a flat image); keep < 1 scores only that share of pixels with the smallest residual."""
+    res = _photometric(warped, draft, w).pow(2).sum(0)
+    spread = _photometric(torch.zeros_like(draft), draft, w).pow(2).sum(0)
+    if keep < 1:
+        sel = w[0] > 0
+        cut = torch.quantile(res[sel], keep) if sel.any() else res.new_tensor(0.0)
+        sel &= res <= cut
+        res, spread = res[sel], spread[sel]
+    return float(res.sum() / spread.sum().clamp_min(1e-12)) ** 0.5
+
+
+def _blurred(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x (3, H, W) under a Gaussian blur of sigma px (none at 0)."""
+    return torch.from_numpy(ndimage.gaussian_filter(x.numpy(), (0, sigma, sigma))) if sigma else x
+
+
 def refine_fit(
     draft: torch.Tensor,
     reference: torch.Tensor,
@@ -134,10 +174,12 @@ def refine_fit(
     init: np.ndarray,
     iters: int = 60,
     blurs: tuple[float, ...] = (2.0, 0.0),
+    robust: bool = False,
 ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """Direct refinement of a homography on the pixels outside the region that the reference covers (coarse
-    to fine), with a gain and offset per channel: (matrix, residual relative to the draft's own spread there,
-    gain (3,), offset (3,))."""
+    """Direct refinement of a homography on the pixels `outside` (H, W) that the reference covers (coarse to fine),
+    with a gain and offset per channel: (matrix, residual relative to the draft's own spread there, gain (3,),
+    offset (3,)). robust: a loss flat for outliers (the object path: a ring that may cross into another background),
+    and the residual scored on its best 80% of pixels."""
     hw, ref_hw = tuple(draft.shape[-2:]), tuple(reference.shape[-2:])
     s = max(hw)
     norm = torch.tensor([[1 / s, 0, 0], [0, 1 / s, 0], [0, 0, 1]], dtype=torch.float64)  # optimise in unit coords
@@ -145,15 +187,15 @@ def refine_fit(
     delta = torch.zeros(8, dtype=torch.float64, requires_grad=True)
     w = outside.float()[None] * _inside(torch.as_tensor(init, dtype=torch.float64), hw, ref_hw)
     for sigma in blurs:
-        d = torch.from_numpy(ndimage.gaussian_filter(draft.numpy(), (0, sigma, sigma))) if sigma else draft
-        r = torch.from_numpy(ndimage.gaussian_filter(reference.numpy(), (0, sigma, sigma))) if sigma else reference
+        d, r = _blurred(draft, sigma), _blurred(reference, sigma)
         opt = torch.optim.Adam([delta], lr=1e-3)
         for _ in range(iters):
             h_mat = torch.linalg.inv(norm) @ (base + torch.cat([delta, delta.new_zeros(1)]).reshape(3, 3)) @ norm
             warped = F.grid_sample(
                 r[None].double(), _grid(h_mat, hw, ref_hw), mode="bilinear", padding_mode="border", align_corners=False
             )[0]
-            loss = _photometric(warped, d.double(), w).pow(2).mean()
+            res = _photometric(warped, d.double(), w)
+            loss = _robust(res) if robust else res.pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -161,13 +203,50 @@ def refine_fit(
         h_mat = torch.linalg.inv(norm) @ (base + torch.cat([delta, delta.new_zeros(1)]).reshape(3, 3)) @ norm
         w = outside.float()[None] * _inside(h_mat, hw, ref_hw)
         warped = warp_reference(reference, h_mat.numpy(), hw).double()
-        res = _photometric(warped, draft.double(), w)
-        spread = _photometric(
-            torch.zeros_like(draft, dtype=torch.float64), draft.double(), w
-        )  # the draft about its mean
-        rel = float(res.pow(2).sum() / spread.pow(2).sum().clamp_min(1e-12)) ** 0.5
+        rel = _relative_residual(warped, draft.double(), w, 0.8 if robust else 1.0)
         a, b = _gain_offset(warped, draft.double(), w)
     return (h_mat / h_mat[2, 2]).numpy(), rel, a.flatten().numpy(), b.flatten().numpy()
+
+
+def refine_flow(
+    draft: torch.Tensor,
+    reference: torch.Tensor,
+    ring: torch.Tensor,
+    matrix: np.ndarray,
+    grid: int = 8,
+    iters: int = 80,
+    smooth: float = 0.005,
+    blurs: tuple[float, ...] = (2.0, 0.0),
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """A non-rigid correction after the homography (a label bent around a cylinder): a smooth displacement (x, y) in
+    reference px on a grid×grid lattice, bicubically upsampled, fitted photometrically on the ring (robust loss, a
+    second-difference smoothness penalty that also carries it into the region): (flow (2, H, W), residual, gain,
+    offset)."""
+    hw, ref_hw = tuple(draft.shape[-2:]), tuple(reference.shape[-2:])
+    h_mat = torch.as_tensor(matrix, dtype=torch.float64)
+    ctrl = torch.zeros(1, 2, grid, grid, dtype=torch.float64, requires_grad=True)
+    w = ring.float()[None].double() * _inside(h_mat, hw, ref_hw)
+    up = lambda c: F.interpolate(c, size=hw, mode="bicubic", align_corners=True)[0]  # noqa: E731
+    for sigma in blurs:
+        d, r = _blurred(draft, sigma).double(), _blurred(reference, sigma).double()
+        opt = torch.optim.Adam([ctrl], lr=0.1)
+        for _ in range(iters):
+            warped = F.grid_sample(
+                r[None], _grid(h_mat, hw, ref_hw, up(ctrl)), mode="bilinear", padding_mode="border", align_corners=False
+            )[0]
+            bend = (ctrl[..., 2:, :] - 2 * ctrl[..., 1:-1, :] + ctrl[..., :-2, :]).pow(2).mean() + (
+                ctrl[..., 2:] - 2 * ctrl[..., 1:-1] + ctrl[..., :-2]
+            ).pow(2).mean()
+            loss = _robust(_photometric(warped, d, w)) + smooth * bend
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        flow = up(ctrl)
+        warped = warp_reference(reference, matrix, hw, flow.numpy()).double()
+        rel = _relative_residual(warped, draft.double(), w, 0.8)
+        a, b = _gain_offset(warped, draft.double(), w)
+    return flow.numpy(), rel, a.flatten().numpy(), b.flatten().numpy()
 
 
 def coverage(matrix: np.ndarray, outside: np.ndarray, ref_hw: tuple[int, int]) -> float:
@@ -177,48 +256,74 @@ def coverage(matrix: np.ndarray, outside: np.ndarray, ref_hw: tuple[int, int]) -
     return float((inside & outside).sum() / max(outside.sum(), 1))
 
 
+def ring_of(mask: torch.Tensor, margin: int = 4, width: int = 8) -> np.ndarray:
+    """(H, W) bool: the band from `margin` to margin + width px around the region, where the draft is right and
+    close to it: where a registration of the object is verified."""
+    region = mask[0].numpy() > 0.5
+    return ndimage.binary_dilation(region, iterations=margin + width) & ~ndimage.binary_dilation(
+        region, iterations=margin
+    )
+
+
 def register(
     draft: torch.Tensor,
     mask: torch.Tensor,
     reference: torch.Tensor,
+    *,
     min_inliers: int = 3,
     max_residual: float = 0.5,
     min_coverage: float = 0.5,
+    max_ring_residual: float = 0.5,
+    min_ring_coverage: float = 0.9,
     margin: int = 4,
+    ring: int = 8,
+    nonrigid: bool = True,
     seed: int = 0,
 ) -> Registration:
-    """Estimate the reference -> draft homography from everything outside the (dilated) region.
+    """Estimate the reference -> draft warp from SIFT matches anywhere outside the (dilated) region.
 
-    ok=False (with the reason) when there are fewer than min_inliers RANSAC inliers (3: the fewest that check a
-    similarity), when the warped reference covers less than min_coverage of the draft outside the region, or when
-    the photometric residual after the fit (RMS over that overlap, relative to the draft's own spread there: 0 =
-    exact, 1 = no better than a flat image) exceeds max_residual: the caller then crops by the M* box instead.
-    The direct fit and its residual, not the inlier count, are what verify a fit from few matches (logos on plain
-    ground give a handful)."""
+    Two scopes, tried in order. **scene** (the reference shares the draft's background): the homography refined on
+    every pixel outside the region; it holds when the warped reference covers min_coverage of them and the
+    photometric residual (RMS relative to the draft's own spread: 0 exact, 1 no better than flat) is at most
+    max_residual. **object** (a product shot: only the object's own unmasked parts match): the homography refined
+    on the ring around the region (ring_of) with a robust loss, then (nonrigid) a smooth flow for a curved surface,
+    kept when it lowers the ring residual by 5%; it holds when the warped reference covers min_ring_coverage of the
+    ring and the ring's residual (its best 80% of pixels) is at most max_ring_residual. Fewer than min_inliers
+    RANSAC inliers (3: the fewest that check a similarity) fail at once. ok=False carries the reason; the caller then
+    falls back (inference: align -> align_box, paste_warp -> paste)."""
     outside = ~ndimage.binary_dilation(mask[0].numpy() > 0.5, iterations=margin)
     model, inl, nm = feature_fit(to_numpy(draft), to_numpy(reference), outside, seed)
     if model is None or inl < min_inliers:
         return Registration(
             np.eye(3), False, inl, nm, float("nan"), f"{inl} RANSAC inliers outside the region (< {min_inliers})"
         )
+    ref_hw = tuple(reference.shape[-2:])
     mat, rms, gain, offset = refine_fit(draft, reference, torch.from_numpy(outside), model.params)
+    cov = coverage(mat, outside, ref_hw) if np.isfinite(mat).all() else 0.0
+    if cov >= min_coverage and rms <= max_residual:
+        return Registration(mat, True, inl, nm, rms, gain=gain, offset=offset)
+    scene = (
+        f"scene: the warped reference covers {cov:.0%} of the draft outside the region (< {min_coverage:.0%})"
+        if cov < min_coverage
+        else f"scene: photometric residual {rms:.3f} after the fit (> {max_residual})"
+    )
+    band = ring_of(mask, margin, ring)
+    mat, rms, gain, offset = refine_fit(draft, reference, torch.from_numpy(band), model.params, robust=True)
     if not np.isfinite(mat).all():
-        return Registration(mat, False, inl, nm, rms, "the direct fit diverged (non-finite homography)")
-    cov = coverage(mat, outside, tuple(reference.shape[-2:]))
-    if cov < min_coverage:
-        return Registration(
-            mat,
-            False,
-            inl,
-            nm,
-            rms,
-            f"the warped reference covers {cov:.0%} of the draft outside the region (< {min_coverage:.0%})",
-        )
-    if rms > max_residual:
-        return Registration(
-            mat, False, inl, nm, rms, f"photometric residual {rms:.3f} after the fit (> {max_residual})"
-        )
-    return Registration(mat, True, inl, nm, rms, gain=gain, offset=offset)
+        return Registration(mat, False, inl, nm, rms, f"{scene}; object: the fit diverged", scope="object")
+    cov = coverage(mat, band, ref_hw)
+    if cov < min_ring_coverage:
+        why = f"{scene}; object: the warped reference covers {cov:.0%} of the ring (< {min_ring_coverage:.0%})"
+        return Registration(mat, False, inl, nm, rms, why, scope="object")
+    flow = None
+    if nonrigid:
+        fl, rms_nr, gain_nr, offset_nr = refine_flow(draft, reference, torch.from_numpy(band), mat)
+        if rms_nr < 0.95 * rms:
+            flow, rms, gain, offset = fl, rms_nr, gain_nr, offset_nr
+    if rms > max_ring_residual:
+        why = f"{scene}; object: ring residual {rms:.3f} after the fit (> {max_ring_residual})"
+        return Registration(mat, False, inl, nm, rms, why, scope="object", flow=flow)
+    return Registration(mat, True, inl, nm, rms, gain=gain, offset=offset, scope="object", flow=flow)
 
 
 def registered_paste(
@@ -245,7 +350,7 @@ def match_light(aligned: torch.Tensor, draft: torch.Tensor, mask: torch.Tensor) 
 def relit_reference(reference: torch.Tensor, reg: Registration, hw: tuple[int, int]) -> torch.Tensor:
     """The reference warped into the draft's frame (3, H, W) with its light matched to the draft's (the
     registration's per-channel gain/offset, fitted outside the region)."""
-    warped = warp_reference(reference, reg.matrix, hw)
+    warped = warp_reference(reference, reg.matrix, hw, reg.flow)
     gain = torch.as_tensor(reg.gain, dtype=torch.float32)[:, None, None]
     return (gain * warped + torch.as_tensor(reg.offset, dtype=torch.float32)[:, None, None]).clamp(0, 1)
 

@@ -34,12 +34,23 @@ from . import inference as I
 from .data import load_cases, read_image
 from .focus import REGION_ENCODINGS
 from .presets import check_preset
-from .util import atomic_save, claim_out_dir, run_cli, write_json
+from .util import atomic_save, check_not_an_input, check_writable, claim_out_dir, run_cli, write_json
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF"}  # fmt: skip
+
+
+def image_format(path: str | Path) -> str:
+    """The PIL format an output path's extension names; an extension PIL is not asked to write is refused."""
+    ext = Path(path).suffix.lower()
+    if ext not in IMAGE_FORMATS:
+        raise ValueError(f"-o {path}: unknown image extension {ext!r}; use one of {sorted(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[ext]
 
 
 def save_image(img, path: Path) -> Path:
-    """A PIL image to path (format from the extension, PNG by default), atomically."""
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    """A PIL image to path in the format its extension names, atomically."""
+    fmt = image_format(path)
     return atomic_save(lambda p: img.save(p, format=fmt), path)
 
 
@@ -74,7 +85,11 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--out", help="output folder for --data (its run.json records the settings: the same settings resume)"
     )
-    ap.add_argument("--fresh", action="store_true", help="--data: start over in --out (deletes what is there)")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="--data: start over in --out (only a folder labkit wrote: its run.json or marker)",
+    )
     ap.add_argument("--split", choices=["train", "val", "test"], help="--data: only this split")
     add_option_flags(ap)
     a = ap.parse_args(argv)
@@ -101,6 +116,9 @@ def refine_main(argv: list[str] | None = None) -> int:
     kw = {f.name: getattr(a, f.name) for f in fields(I.RefineOptions) if f.name != "prompt"}  # a case's prompt wins
 
     def one():
+        check_not_an_input(a.output, [a.draft, a.mask, *a.references], "-o")
+        image_format(a.output)
+        check_writable(a.output, "-o")
         imgs = [
             read_image(a.draft, "draft"),
             read_image(a.mask, "mask"),
@@ -114,7 +132,7 @@ def refine_main(argv: list[str] | None = None) -> int:
         cases = load_cases(a.data, a.split, preset=a.preset)  # every case (files, sizes, prompts) validated first
         out_dir = Path(a.out)
         settings = dict(kw, data=str(Path(a.data).resolve()), split=a.split, prompt=a.prompt)
-        claim_out_dir(out_dir, settings, a.fresh)
+        claim_out_dir(out_dir, settings, a.fresh, inputs=[a.data])
         write_json(settings, out_dir / "run.json")
         todo = [c for c in cases if not (out_dir / f"{c.name}.png").exists()]
         print(f"{len(cases)} cases, {len(cases) - len(todo)} already done in {out_dir}")

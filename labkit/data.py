@@ -10,6 +10,7 @@ import functools
 import hashlib
 import importlib.resources
 import json
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -640,13 +641,15 @@ def make_triplet(
     extra_refs: int = 0,
     failure: str | None = None,
     ref_deform: float = 0.0,
+    source: np.ndarray | None = None,
 ) -> Triplet:
     """One triplet (target, reference, low-res draft), deterministic from (seed, split, params); extra_refs
     further reference views come from their own RNG streams, so the triplet itself does not change with extra_refs.
     failure (one of FAILURES): the draft is the target itself at full size with that generative failure in
     the region (factor must be 1; the degradation arguments are not used). ref_deform: the reference's view is
     also non-planar: a smooth displacement of up to that many px (scale size/6; its own RNG stream, so the rest
-    of the triplet is the same with and without it; ref_mask/ref_bbox ignore it)."""
+    of the triplet is the same with and without it; ref_mask/ref_bbox ignore it). source (H, W, 3): this image
+    instead of the split's source drawn (the draw still happens, so the rest of the triplet's randomness is kept)."""
     if failure is not None and (factor != 1 or failure not in FAILURES):
         raise ValueError(f"failure={failure!r} needs factor=1 and one of {FAILURES}")
     if size % factor:
@@ -656,7 +659,7 @@ def make_triplet(
     rng = np.random.default_rng([seed, hash_str(split), size, factor])
     srcs = sources(split, content)
     kind, name = srcs[int(rng.integers(len(srcs)))]
-    img = load_source(split, kind, name)
+    img = load_source(split, kind, name) if source is None else source
     h, w = img.shape[:2]
     for _ in range(20):  # resample until the region stays in view of the reference
         side = rng.uniform(0.35, 0.8) * min(h, w)
@@ -873,6 +876,26 @@ def _read_case_file(folder: Path, problems: list[str], rel: str, what: str, kind
         problems.append(msg + (f" in {folder} (paths are relative to the folder)" if msg.endswith("not found") else ""))
 
 
+def case_id_problem(name) -> str:
+    """What is wrong with a case id as an output file name ('' when it is fine): it must be a non-empty string or
+    integer, without path separators, not '.'/'..' and not hidden, so outputs stay inside --out, one file per case."""
+    if isinstance(name, bool) or not isinstance(name, (str, int)):
+        return f"must be a string or an integer, not {type(name).__name__}"
+    name = str(name)
+    if not name.strip():
+        return "is empty"
+    if "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+        return "holds a path separator: an id names one output file inside --out"
+    if name.startswith("."):
+        return "starts with '.': it would be a hidden file (or leave --out)"
+    return ""
+
+
+def case_id_key(name: str) -> str:
+    """An id as a file system sees it (Unicode-normalised, case-folded): two ids with the same key collide."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def load_cases(folder: str | Path, split: str | None = None, preset: str | None = None) -> list[Case]:
     """Every case of a case folder (or those of one split), validated before any work starts: an error
     names the line, the file and the fix, listing every problem found (all of a line's, too). With a preset,
@@ -942,7 +965,16 @@ def load_cases(folder: str | Path, split: str | None = None, preset: str | None 
         if problems:
             errors += [f"{where}: {e}" for e in problems]
             continue
-        name = str(row.get("id") or Path(row["draft"]).with_suffix("").as_posix().replace("/", "__"))
+        given = row.get("id")
+        name = Path(row["draft"]).with_suffix("").as_posix().replace("/", "__") if given is None else given
+        why = case_id_problem(name)
+        if why:
+            errors.append(
+                f"{where}: case id {name!r} {why}"
+                + ("" if given is not None else ' (from the draft\'s file name): give the line an "id"')
+            )
+            continue
+        name = str(name)
         cases.append(
             Case(
                 name,
@@ -962,10 +994,10 @@ def load_cases(folder: str | Path, split: str | None = None, preset: str | None 
                 ),
             )
         )
-    names = [c.name for c in cases]
-    dup = sorted({x for x in names if names.count(x) > 1})
+    keys = [case_id_key(c.name) for c in cases]  # ids that name the same file on a case-insensitive disk collide
+    dup = sorted({c.name for c, k in zip(cases, keys) if keys.count(k) > 1})
     if dup:
-        errors.append(f'{meta}: case names {dup[:3]} repeat (from the draft file names): give those lines an "id"')
+        errors.append(f'{meta}: case ids {dup[:4]} name the same output file: give those lines distinct "id"s')
     if errors:
         raise ValueError(f"{len(errors)} problem(s) in {meta}:\n  " + "\n  ".join(errors))
     if not cases:

@@ -539,7 +539,9 @@ def parse_args(argv: list[str] | None = None):
         help="output folder (per_case.csv, table.csv/html/png, qualitative.png, results.json, "
         "run.json); a finished one with the same settings is kept, other settings refused",
     )
-    ap.add_argument("--fresh", action="store_true", help="start over in --out (deletes what is there)")
+    ap.add_argument(
+        "--fresh", action="store_true", help="start over in --out (only a folder labkit wrote: its run.json or marker)"
+    )
     ap.add_argument(
         "--split", default=None, choices=["train", "val", "test"], help="only this split (default: every case)"
     )
@@ -587,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=a.steps,
             seed=a.seed,
         )
-        resumed = [claim_out_dir(a.out, settings, a.fresh) if state.is_main_process else None]
+        resumed = [claim_out_dir(a.out, settings, a.fresh, inputs=[a.data]) if state.is_main_process else None]
         resumed = broadcast_object_list(resumed)[0] if state.num_processes > 1 else resumed[0]
         if resumed and (Path(a.out) / "results.json").exists():
             print(f"{a.out} already holds this evaluation (same settings); pass --fresh to run it again")

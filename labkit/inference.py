@@ -226,7 +226,7 @@ def run_align(job: Job) -> torch.Tensor:
         return fall_back(job, "align_box", reg.reason)
     hw = tuple(job.img.shape[-2:])
     relit = relit_reference(job.refs[0], reg, hw) if o.relight or o.paste_first else None
-    warped = relit if o.relight else warp_reference(job.refs[0], reg.matrix, hw)
+    warped = relit if o.relight else warp_reference(job.refs[0], reg.matrix, hw, reg.flow)
     start = soft_paste(job.img, job.mask, relit) if o.paste_first else None  # = align.registered_paste
     job.info.update({k: getattr(o, k) for k in ALIGN_SWITCHES} | dict(residual=o.residual and o.paste_first))
     return focus_refine(job, job.refs[1:], aligned=[warped], start=start)

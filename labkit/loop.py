@@ -38,7 +38,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .util import REPO, NonFiniteError, RunConfigMismatch, atomic_save, dict_diff, seed_everything, write_json  # noqa: F401 (re-exported)
+from .util import (  # noqa: F401 (re-exported)
+    REPO,
+    NonFiniteError,
+    RunConfigMismatch,
+    atomic_save,
+    dict_diff,
+    labkit_wrote,
+    seed_everything,
+    write_json,
+)
 
 RUNS = REPO / "runs"
 VOLATILE = ("out_dir", "progress", "max_minutes", "fresh", "ckpt_every", "eval_every")  # may change on resume
@@ -149,9 +158,22 @@ def _finite(x) -> bool:
     return bool(torch.isfinite(torch.as_tensor(x, dtype=torch.float64)).all())
 
 
+def check_run_folder(out: str | Path) -> None:
+    """Refuse a file, or a non-empty folder labkit did not write, as a run's folder (before any work)."""
+    out = Path(out)
+    if out.is_file():
+        raise FileExistsError(f"{out} is a file: give a folder for the run (checkpoints, metrics, the adapter)")
+    if out.exists() and any(out.iterdir()) and not labkit_wrote(out):
+        raise RunConfigMismatch(
+            f"{out} is not empty and labkit did not write it (no run.json): choose another output folder "
+            "(--fresh only replaces labkit's own run folders)"
+        )
+
+
 def _check_run_dir(out: Path, config: dict, fresh: bool, main: bool) -> None:
-    """Refuse to resume a run made with another config; `fresh` wipes the folder's run state first."""
+    """check_run_folder, then refuse a run made with another config; `fresh` wipes the folder's run state first."""
     run_json = out / "run.json"
+    check_run_folder(out)
     if fresh and main:
         for name in ("ckpt", "ckpt.tmp", "ckpt.old", "run.json", "metrics.csv"):
             p = out / name

@@ -18,7 +18,7 @@ from . import presets as P
 from .loop import LoopConfig
 from .pretrain import EditorConfig, evaluate, evaluate_refine, train_editor
 from .results import git_commit, versions
-from .util import atomic_save, write_json
+from .util import RunConfigMismatch, atomic_save, labkit_wrote, write_json
 from .vae import VAEConfig, train_vae
 
 # ------------------------------------------------------------------------------------------------
@@ -33,8 +33,10 @@ def weights_hash(folder: str | Path) -> dict[str, str]:
 def train_mini(args) -> Path:
     """Stage 1 VAE, stage 2 editor; each resumable from <run_dir>/<stage>/ckpt/."""
     run = Path(args.run_dir)
-    if args.fresh and run.exists():
-        shutil.rmtree(run)  # every stage starts over (the loop's own `fresh` covers one run folder)
+    if args.fresh and run.exists():  # every stage starts over (the loop's own `fresh` covers one run folder)
+        if any(run.iterdir()) and not any(labkit_wrote(p) for p in (run, run / "vae", run / "editor")):
+            raise RunConfigMismatch(f"--fresh replaces only labkit's run folders; {run} is not one: choose another")
+        shutil.rmtree(run)
     preset = P.get(args.preset, weights=None)
     bb = M.build(preset)
     card = dict(

@@ -191,7 +191,7 @@ def reference_as_seen(info: dict, draft: torch.Tensor, mask: torch.Tensor, refer
         return None
     if (info.get("registration") or {}).get("used") == "warp":
         reg = REGISTRATIONS(draft, mask, references[0], info.get("seed", 0))
-        return warp_reference(references[0], reg.matrix, tuple(draft.shape[-2:]))
+        return warp_reference(references[0], reg.matrix, tuple(draft.shape[-2:]), reg.flow)
     if "reference_box" in info:
         return crop_reference(references[0], info["reference_box"], out_size=None, multiple=1)
     return references[0]

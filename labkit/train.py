@@ -20,7 +20,7 @@ from dataclasses import fields
 
 from . import presets as P
 from .data import FAILURES
-from .loop import RUNS, LoopConfig
+from .loop import RUNS, LoopConfig, check_run_folder
 from .mini import train_mini
 from .models import load
 from .sft import SFTConfig, train_sft
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd in ("mini", "editor"):
             train_mini(args)
         else:
+            check_run_folder(args.out)  # a folder labkit did not write is refused before the data loads
             cfg = SFTConfig(**{f_.name: getattr(args, f_.name) for f_ in fields(SFTConfig)})
             train_sft(load(args.preset), args.loop, cfg)
 

@@ -9,7 +9,7 @@ import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,8 @@ def run_cli(prog: str, body: Callable[[], int | None], kept: str = "") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted{'; ' + kept if kept else ''}", file=sys.stderr)
         return INTERRUPTED
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:  # fmt: skip
         print(f"{prog}: error: {e}", file=sys.stderr)
         return USAGE
     except NonFiniteError as e:
@@ -117,14 +118,61 @@ def dict_diff(a: dict, b: dict, prefix: str = "") -> str:
     return "; ".join(out[:4])
 
 
-def claim_out_dir(out: str | os.PathLike, settings: dict, fresh: bool = False) -> bool:
-    """Check an output folder against a command's settings before any work: a file is refused; a folder with
-    run.json resumes with the same settings (True) and is refused with the difference otherwise; a non-empty
-    folder without run.json is refused; fresh=True clears it first. Writes nothing."""
+OUTPUT_MARKER = ".labkit-output"  # written into every folder a labkit command claims: what --fresh may replace
+
+
+def labkit_wrote(folder: str | os.PathLike) -> bool:
+    """Whether a labkit command wrote this folder (its run.json or the output marker is there)."""
+    folder = Path(folder)
+    return (folder / "run.json").is_file() or (folder / OUTPUT_MARKER).is_file()
+
+
+def _holds(outer: Path, inner: Path) -> bool:
+    """Whether path `inner` is `outer` or lies inside it (both resolved)."""
+    return inner == outer or outer in inner.parents
+
+
+def check_not_an_input(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], flag: str = "--out") -> None:
+    """Refuse an output path that is one of the inputs or a folder holding one (it would overwrite or delete them)."""
+    o = Path(out).resolve()
+    for i in inputs:
+        if _holds(o, Path(i).resolve()):
+            raise FileExistsError(f"{flag} {out} is (or holds) the input {i}: write the output somewhere else")
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Refuse an output path that cannot be written (a folder given for a file, a read-only or missing place),
+    before any work."""
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder: give a file name (e.g. {p / 'out.png'})")
+    parent = p.parent if str(p.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: {probe} is not a writable folder; choose another place")
+
+
+def claim_out_dir(
+    out: str | os.PathLike, settings: dict, fresh: bool = False, inputs: Sequence[str | os.PathLike] = ()
+) -> bool:
+    """Check an output folder against a command's settings before any work: a file, an input (or a folder holding
+    one) and an unwritable place are refused; a folder with run.json resumes with the same settings (True) and is
+    refused with the difference otherwise; a non-empty folder labkit did not write is refused; fresh=True replaces
+    only a folder labkit wrote (labkit_wrote). Writes the output marker into a new or empty folder, nothing else."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: give a folder path (several files are written there)")
-    if fresh and out.exists():
+    check_not_an_input(out, inputs)
+    check_writable(out / OUTPUT_MARKER, "--out")
+    ours = out.exists() and labkit_wrote(out)
+    if fresh and out.exists() and any(out.iterdir()):
+        if not ours:
+            raise RunConfigMismatch(
+                f"--fresh replaces only a folder labkit wrote (with run.json or {OUTPUT_MARKER}); {out} is neither: "
+                "choose another --out"
+            )
         shutil.rmtree(out)
     rj = out / "run.json"
     if rj.exists():
@@ -135,11 +183,13 @@ def claim_out_dir(out: str | os.PathLike, settings: dict, fresh: bool = False) -
                 "pass --fresh to start over there, or choose another --out"
             )
         return True
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != OUTPUT_MARKER for p in out.iterdir()):
         raise RunConfigMismatch(
-            f"{out} is not empty and holds no run.json (not a labkit output): choose another --out, "
-            "or pass --fresh to replace it"
+            f"{out} is not empty and labkit did not write it (no run.json): choose another --out (--fresh only "
+            "replaces labkit's own folders)"
         )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUTPUT_MARKER).touch()
     return False
 
 
