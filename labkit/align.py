@@ -13,7 +13,7 @@ Homographies map reference pixels (x, y, 1) to draft pixels, in pixel units (x r
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from scipy import ndimage
 from skimage import color, feature, measure
 from skimage import transform as sktf
 
-from .data import to_numpy
+from .data import resize, resize_mask, to_numpy
 from .focus import seam_mask
 
 
@@ -86,6 +86,7 @@ def feature_fit(draft: np.ndarray, reference: np.ndarray, outside: np.ndarray, s
     model, inl = measure.ransac((src, dst), kind, min_samples=n, residual_threshold=2.0, max_trials=1000, rng=seed)
     if model is None or inl is None:
         return None, 0, len(m)
+    model.inlier_points = (src[inl], dst[inl])  # (x, y) reference -> draft: what a refined fit must still agree with
     return model, int(inl.sum()), len(m)
 
 
@@ -202,9 +203,10 @@ def refine_fit(
     with torch.no_grad():
         h_mat = torch.linalg.inv(norm) @ (base + torch.cat([delta, delta.new_zeros(1)]).reshape(3, 3)) @ norm
         w = outside.float()[None] * _inside(h_mat, hw, ref_hw)
-        warped = warp_reference(reference, h_mat.numpy(), hw).double()
-        rel = _relative_residual(warped, draft.double(), w, 0.8 if robust else 1.0)
-        a, b = _gain_offset(warped, draft.double(), w)
+        a, b = _gain_offset(warp_reference(reference, h_mat.numpy(), hw).double(), draft.double(), w)
+        sigma = blurs[-1]  # scored at the last stage's scale (the object path keeps a blur: the two views alias apart)
+        warped = warp_reference(_blurred(reference, sigma), h_mat.numpy(), hw).double()
+        rel = _relative_residual(warped, _blurred(draft, sigma).double(), w, 0.8 if robust else 1.0)
     return (h_mat / h_mat[2, 2]).numpy(), rel, a.flatten().numpy(), b.flatten().numpy()
 
 
@@ -249,6 +251,20 @@ def refine_flow(
     return flow.numpy(), rel, a.flatten().numpy(), b.flatten().numpy()
 
 
+def reprojection(matrix: np.ndarray, src: np.ndarray, dst: np.ndarray, flow: np.ndarray | None = None) -> float:
+    """Median distance (reference px) between the matched reference points src (N, 2) and where the warp (the
+    homography, and a flow (2, H, W)) samples the reference at their draft points dst: how far a refined fit moved
+    from the matches it started from."""
+    if not len(src):
+        return 0.0
+    p = np.c_[dst, np.ones(len(dst))] @ np.linalg.inv(np.asarray(matrix)).T
+    p = p[:, :2] / p[:, 2:]
+    if flow is not None:
+        ix = np.clip(np.round(dst).astype(int), 0, [flow.shape[2] - 1, flow.shape[1] - 1])
+        p = p + flow[:, ix[:, 1], ix[:, 0]].T
+    return float(np.median(np.linalg.norm(p - src, axis=1)))
+
+
 def coverage(matrix: np.ndarray, outside: np.ndarray, ref_hw: tuple[int, int]) -> float:
     """Share of the draft's pixels outside the region (H, W bool) whose preimage under the homography lies inside
     the reference: what the photometric residual was measured on."""
@@ -265,6 +281,25 @@ def ring_of(mask: torch.Tensor, margin: int = 4, width: int = 8) -> np.ndarray:
     )
 
 
+REGISTRATION_BUDGET = 768 * 768  # pixels per image SIFT and the fit see (larger images are registered downscaled)
+
+
+def _scaled(draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, sd: float, sr: float) -> tuple:
+    """The draft, its region and the reference downscaled by sd / sr (the region kept {0, 1})."""
+    hw = lambda x, s: (max(16, round(x.shape[-2] * s)), max(16, round(x.shape[-1] * s)))  # noqa: E731
+    return resize(draft, hw(draft, sd)), resize_mask(mask, hw(draft, sd)), resize(reference, hw(reference, sr))
+
+
+def _full_size(reg: Registration, sd: float, sr: float, hw: tuple[int, int]) -> Registration:
+    """A registration found on downscaled copies, in full-size pixels (homography conjugated, flow upsampled)."""
+    m = np.diag([1 / sd, 1 / sd, 1.0]) @ reg.matrix @ np.diag([sr, sr, 1.0])
+    flow = None
+    if reg.flow is not None:
+        flow = F.interpolate(torch.from_numpy(reg.flow)[None], size=hw, mode="bilinear", align_corners=False)[0]
+        flow = (flow / sr).numpy()
+    return replace(reg, matrix=m / m[2, 2], flow=flow, reason=(reg.reason + " (registered downscaled)").strip())
+
+
 def register(
     draft: torch.Tensor,
     mask: torch.Tensor,
@@ -275,10 +310,12 @@ def register(
     min_coverage: float = 0.5,
     max_ring_residual: float = 0.5,
     min_ring_coverage: float = 0.9,
+    max_reprojection: float = 3.0,
     margin: int = 4,
     ring: int = 8,
     nonrigid: bool = True,
     seed: int = 0,
+    budget: int = REGISTRATION_BUDGET,
 ) -> Registration:
     """Estimate the reference -> draft warp from SIFT matches anywhere outside the (dilated) region.
 
@@ -286,11 +323,18 @@ def register(
     every pixel outside the region; it holds when the warped reference covers min_coverage of them and the
     photometric residual (RMS relative to the draft's own spread: 0 exact, 1 no better than flat) is at most
     max_residual. **object** (a product shot: only the object's own unmasked parts match): the homography refined
-    on the ring around the region (ring_of) with a robust loss, then (nonrigid) a smooth flow for a curved surface,
-    kept when it lowers the ring residual by 5%; it holds when the warped reference covers min_ring_coverage of the
-    ring and the ring's residual (its best 80% of pixels) is at most max_ring_residual. Fewer than min_inliers
+    on the ring around the region (ring_of) with a robust loss - of the fits from RANSAC's and from the scene path's,
+    refined or not, the one with the lowest ring residual among those within max_reprojection px of the RANSAC
+    inliers - then (nonrigid) a smooth flow for a curved surface, kept when it lowers the ring residual by 5% and
+    stays within max_reprojection px; it holds when the warped reference covers min_ring_coverage of the ring and
+    the ring's residual (its best 80% of pixels) is at most max_ring_residual. Fewer than min_inliers
     RANSAC inliers (3: the fewest that check a similarity) fail at once. ok=False carries the reason; the caller then
     falls back (inference: align -> align_box, paste_warp -> paste)."""
+    sd, sr = (min(1.0, (budget / (x.shape[-2] * x.shape[-1])) ** 0.5) for x in (draft, reference))
+    if sd < 1 or sr < 1:  # registration under a pixel budget: fit on downscaled copies, map the warp back
+        small = register(*_scaled(draft, mask, reference, sd, sr), margin=margin, ring=ring, nonrigid=nonrigid,
+                         seed=seed, min_inliers=min_inliers, budget=budget)  # fmt: skip
+        return _full_size(small, sd, sr, tuple(draft.shape[-2:]))
     outside = ~ndimage.binary_dilation(mask[0].numpy() > 0.5, iterations=margin)
     model, inl, nm = feature_fit(to_numpy(draft), to_numpy(reference), outside, seed)
     if model is None or inl < min_inliers:
@@ -308,7 +352,14 @@ def register(
         else f"scene: photometric residual {rms:.3f} after the fit (> {max_residual})"
     )
     band = ring_of(mask, margin, ring)
-    mat, rms, gain, offset = refine_fit(draft, reference, torch.from_numpy(band), model.params, robust=True)
+    ring_t = torch.from_numpy(band)
+    starts = [model.params] + ([mat] if np.isfinite(mat).all() else [])  # RANSAC's fit, and the scene path's
+    fits = [refine_fit(draft, reference, ring_t, h, robust=True, iters=n) for h in starts for n in (60, 0)]
+    agree = [f for f in fits if reprojection(f[0], *model.inlier_points) <= max_reprojection]  # a periodic text can
+    mat, rms, gain, offset = min(agree or fits, key=lambda f: f[1] if np.isfinite(f[1]) else np.inf)  # lure it away
+    if not agree:
+        why = f"{scene}; object: every ring fit moved > {max_reprojection} px from the RANSAC inliers"
+        return Registration(mat, False, inl, nm, rms, why, scope="object")
     if not np.isfinite(mat).all():
         return Registration(mat, False, inl, nm, rms, f"{scene}; object: the fit diverged", scope="object")
     cov = coverage(mat, band, ref_hw)
@@ -318,7 +369,8 @@ def register(
     flow = None
     if nonrigid:
         fl, rms_nr, gain_nr, offset_nr = refine_flow(draft, reference, torch.from_numpy(band), mat)
-        if rms_nr < 0.95 * rms:
+        small = float(np.abs(fl[:, band]).max()) <= max_reprojection  # a bend, not a jump to the next line of text
+        if rms_nr < 0.95 * rms and small and reprojection(mat, *model.inlier_points, fl) <= max_reprojection:
             flow, rms, gain, offset = fl, rms_nr, gain_nr, offset_nr
     if rms > max_ring_residual:
         why = f"{scene}; object: ring residual {rms:.3f} after the fit (> {max_ring_residual})"

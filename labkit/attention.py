@@ -18,6 +18,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from scipy import ndimage
 
+from .data import resize_mask
 from .focus import resize, snap_size
 
 
@@ -218,6 +219,9 @@ def correspondence(
     timesteps and every block: (h, w) on the reference's token grid (h = H_ref // multiple), scaled to [0, 1].
     r: an editor.Refiner (its backbone and instruction)."""
     bb, p = r.bb, r.bb.multiple
+    hw = (max(p, draft.shape[-2] // p * p), max(p, draft.shape[-1] // p * p))  # the draft snapped as focus snaps it
+    if hw != tuple(draft.shape[-2:]):
+        draft, mask = resize(draft, hw), resize_mask(mask, hw)
     ref = resize(reference, (reference.shape[-2] // p * p or p, reference.shape[-1] // p * p or p))
     z_d, z_r = bb.encode(draft[None]), bb.encode(ref[None])
     span = bb.token_spans([z_d.shape[-2:], z_d.shape[-2:], z_r.shape[-2:]], ("target", "draft", "reference"))

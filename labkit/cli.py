@@ -88,7 +88,7 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--fresh",
         action="store_true",
-        help="--data: start over in --out (only a folder labkit wrote: its run.json or marker)",
+        help="--data: start over in --out (only a folder labkit wrote: one with its run.json)",
     )
     ap.add_argument("--split", choices=["train", "val", "test"], help="--data: only this split")
     add_option_flags(ap)

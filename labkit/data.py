@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 from skimage import transform as sktf
@@ -360,18 +360,32 @@ def as_image_tensor(x, name: str = "image", min_side: int = 1) -> torch.Tensor:
     if isinstance(x, Image.Image):
         x = _pil_pixels(x)
     a = _array(x, name)
+    given = tuple(a.shape)
+    wide = (isinstance(a, np.ndarray) and a.dtype == np.uint16) or (torch.is_tensor(a) and a.dtype == torch.uint16)
+    n = a.numel() if torch.is_tensor(a) else a.size
+    top = (int(a.to(torch.int32).max()) if torch.is_tensor(a) else int(a.max())) if wide and n else 0
+    if 0 < top <= 255:
+        raise ValueError(
+            f"{name} is uint16 with values up to {top}: 8-bit pixels in a 16-bit array (read as 0..65535 "
+            "they would be nearly black); cast it to uint8 (x.astype(np.uint8)) or scale it to 0..65535"
+        )
     if isinstance(a, np.ndarray) and a.dtype == np.uint16:
         a = a.astype(np.float32) / 65535.0
     t = torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a.detach().cpu()
     if t.dtype == torch.uint16:
         t = t.to(torch.float32) / 65535.0
+    if isinstance(a, np.ndarray) and t.ndim == 4 and t.shape[0] == 1 and t.shape[-1] == 3:
+        t = t[0]  # a (1, H, W, 3) batch of one array
     if isinstance(a, np.ndarray) and t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
         t = t.permute(2, 0, 1)  # (H, W, 3) arrays
     t = t[0] if t.ndim == 4 and t.shape[0] == 1 else t
     if t.ndim != 3 or t.shape[0] != 3:
+        hint = "convert grey or RGBA images with PIL's .convert('RGB')"
+        if torch.is_tensor(a) and len(given) in (3, 4) and given[-1] == 3:
+            hint = "a tensor is channels-first: pass x.permute(2, 0, 1) (or x[0].permute(2, 0, 1) for a batch of one)"
         raise ValueError(
-            f"{name} must be RGB: (3, H, W) tensor or (H, W, 3) array / PIL image; got shape {tuple(t.shape)} "
-            "(convert grey or RGBA images with PIL's .convert('RGB'))"
+            f"{name} must be RGB: a (3, H, W) or (1, 3, H, W) tensor, an (H, W, 3) array or a PIL image; got a "
+            f"{type(a).__name__} of shape {given} ({hint})"
         )
     h, w = t.shape[-2:]
     if h < min_side or w < min_side:
@@ -473,9 +487,13 @@ def read_image(path: str | Path, what: str = "image") -> Image.Image:
     try:
         img = Image.open(p)
         img.load()
-        return img
     except Exception as e:  # noqa: BLE001 - PIL raises several kinds (UnidentifiedImageError, OSError, SyntaxError)
         raise ValueError(f"cannot read {what} {str(p)!r} ({type(e).__name__}: {e}): save it as PNG/JPEG") from None
+    if getattr(img, "n_frames", 1) > 1:
+        raise ValueError(
+            f"{what} {str(p)!r} has {img.n_frames} frames (an animation): save the one frame to use as PNG"
+        )
+    return ImageOps.exif_transpose(img)  # a camera's EXIF orientation applied: the pixels as the photo is seen
 
 
 def as_references(reference, min_side: int = 1) -> list[torch.Tensor]:
@@ -905,10 +923,20 @@ def load_cases(folder: str | Path, split: str | None = None, preset: str | None 
     meta = folder / "metadata.jsonl"
     if not meta.exists():
         raise FileNotFoundError(f"no metadata.jsonl in {folder}: write {CASE_FORMAT}")
+    if not meta.is_file():
+        raise ValueError(f"{meta} is a folder, not a file: write the case lines into a file named metadata.jsonl")
+    raw = meta.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (what Notepad writes) is read, not refused
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{meta} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}): save the file as UTF-8"
+        ) from None
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     cases, errors, seen = [], [], {}
-    for n, line in enumerate(meta.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{meta} line {n}"
@@ -921,6 +949,12 @@ def load_cases(folder: str | Path, split: str | None = None, preset: str | None 
             errors.append(f"{where}: needs draft, reference and mask; write {CASE_FORMAT}")
             continue
         refs = row["reference"] if isinstance(row["reference"], list) else [row["reference"]]
+        kinds = [("draft", row["draft"]), ("mask", row["mask"])] + [("reference", r) for r in refs]
+        bad = [f"{k} {v!r} is a {type(v).__name__}" for k, v in kinds if not isinstance(v, str) or not v]
+        if bad or not refs:
+            why = "; ".join(bad) or "reference is an empty list"
+            errors.append(f"{where}: {why}: give file paths (strings), reference one path or a non-empty list of them")
+            continue
         key = (row["draft"], row["mask"], tuple(refs))
         if key in seen:
             errors.append(f"{where}: duplicates line {seen[key]} (same draft, mask and reference): remove one of them")
@@ -1025,7 +1059,12 @@ def write_cases(
     folder.mkdir(parents=True, exist_ok=True)
     meta = folder / "metadata.jsonl"
     old = meta.read_text().splitlines() if append and meta.exists() else []
-    taken = {json.loads(x).get("id") for x in old if x.strip()}
+    taken = set()
+    for n, line in enumerate(old, 1):
+        try:
+            taken.add(json.loads(line).get("id") if line.strip() else None)
+        except (json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{meta} line {n} is not a JSON object ({line[:40]!r}): fix or remove it first") from None
     start = len(old)
 
     def png(x, rel):

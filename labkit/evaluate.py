@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import focus as F_
 from . import inference as I
 from . import metrics as Mt
+from . import objects as O
 from .data import load_cases, make_triplet, require_targets
 from .frequency import lowpass
 from .metrics import bootstrap_ci
@@ -307,6 +308,22 @@ def high_frequency_share(out: torch.Tensor, target: torch.Tensor, mask: torch.Te
     return float((e - lowpass(e, sigma))[0][:, m].pow(2).sum()) / max(total, 1e-12)
 
 
+BENCHMARK_SETS = ("scene", "object", "shift")  # v2's planar scenes; v3: an object on its own, held-out styles
+
+
+def benchmark_case(kind: str, seed: int, split: str, size: int, failure: str, **kw):
+    """One case of a benchmark set: scene (data.make_triplet: the scene in another view, labkit's styles), object
+    (objects.object_case: a product shot as the reference; odd seeds curved) or shift (objects.shift_case: the scene
+    setting in held-out appearance families)."""
+    if kind == "scene":
+        return make_triplet(seed, split, size, 1, failure=failure, **kw)
+    if kind == "object":
+        return O.object_case(seed, split, size, failure, curved=seed % 2 == 1)
+    if kind == "shift":
+        return O.shift_case(seed, split, size, failure, **kw)
+    raise ValueError(f"unknown benchmark set {kind!r}; choose from {BENCHMARK_SETS}")
+
+
 def benchmark_cases(
     bb,
     *,
@@ -319,26 +336,25 @@ def benchmark_cases(
     room: float = 0.5,
     max_tries: int = 20,
     ref_deform: float = 0.0,
+    which: str = "scene",
 ) -> list:
-    """Benchmark v2: n cases per kind of generative failure (draft = the target with the failure in the region,
-    reference = the scene in another view and light), each kept only if its draft lies at least `room` dB
-    below the VAE-through-focus ceiling (else the next seed is drawn); meta records the ceiling. Scene seeds
-    follow the one per-case recipe (util.case_seed). ref_deform > 0: the reference's view is also non-planar
-    (data.make_triplet), the same scenes and failures otherwise."""
+    """Benchmark v2/v3: n cases per kind of generative failure of one set (`which`, benchmark_case), each kept only
+    if its draft lies at least `room` dB below the VAE-through-focus ceiling (else the next seed is drawn); meta
+    records the ceiling and the set. Scene seeds follow the one per-case recipe (util.case_seed). ref_deform > 0
+    (scene): the reference's view is also non-planar (data.make_triplet), the same scenes and failures otherwise."""
+    kw = dict(view_strength=view_strength) | (dict(ref_deform=ref_deform) if which == "scene" else {})
     out = []
     for kind in kinds:
         got, i = 0, 0
         while got < n_per_kind:
             if i >= n_per_kind * max_tries:
                 raise RuntimeError(f"only {got} {kind!r} cases below the VAE ceiling after {i} draws: lower `room`")
-            t = make_triplet(
-                case_seed(seed, i), split, size, 1, failure=kind, view_strength=view_strength, ref_deform=ref_deform
-            )
+            t = benchmark_case(which, case_seed(seed, i), split, size, kind, **({} if which == "object" else kw))
             i += 1
             ceil = focus_ceiling(bb, t.target, t.mask)
             draft_psnr = Mt.region_psnr(t.draft, t.target, t.mask)
             if draft_psnr < ceil - room:
-                t.meta.update(ceiling=ceil, draft_psnr=draft_psnr)
+                t.meta.update(ceiling=ceil, draft_psnr=draft_psnr, set=which)
                 out.append(t)
                 got += 1
     return out
@@ -540,7 +556,7 @@ def parse_args(argv: list[str] | None = None):
         "run.json); a finished one with the same settings is kept, other settings refused",
     )
     ap.add_argument(
-        "--fresh", action="store_true", help="start over in --out (only a folder labkit wrote: its run.json or marker)"
+        "--fresh", action="store_true", help="start over in --out (only a folder labkit wrote: one with its run.json)"
     )
     ap.add_argument(
         "--split", default=None, choices=["train", "val", "test"], help="only this split (default: every case)"

@@ -37,9 +37,10 @@ import torch
 from PIL import Image
 
 from . import focus as F_
-from .align import REGISTRATIONS, Registration, registered_paste, relit_reference, soft_paste, warp_reference
+from .align import REGISTRATIONS, Registration, registered_paste, relit_reference, ring_of, soft_paste, warp_reference
 from .data import as_image_tensor, as_mask_tensor, as_references, to_pil
 from .editor import ADAPTERS, Refiner, edit, load_refiner, resolve_adapter  # noqa: F401  (resolve_adapter: for notebooks)
+from .metrics import psnr, region_psnr
 from .presets import get
 from .sampling import check_steps
 
@@ -63,6 +64,9 @@ class RefineOptions:
     detail: bool = _opt(True, "add back what the VAE loses of the aligned reference", "align")
     paste_first: bool = _opt(True, "the editor refines the registered paste instead of the draft", "align")
     residual: bool = _opt(True, "with paste_first: resample only the editor's change to the paste back", "align")
+    accept: bool = _opt(
+        False, "do no harm: keep the editor's output, the registered paste or the draft (accept_check)", "model"
+    )
     strength: float = _opt(1.0, "< 1 starts from the draft noised to that level")
     region: str | None = _opt(None, "how the region reaches the editor: none | context | draw (default: its recipe)")
     prompt: str | None = _opt(None, "instruction / free text (default: the editor's)")
@@ -81,7 +85,7 @@ class RefineOptions:
         if not 0 < self.strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         steps = check_steps(self.steps if self.steps is not None else get(self.preset).steps)
-        return replace(self, steps=steps, seed=resolve_seed(self.seed))
+        return replace(self, steps=steps, seed=resolve_seed(self.seed), device=check_device(self.device))
 
 
 SWITCHES = tuple(f.name for f in fields(RefineOptions) if f.type == "bool")  # the on/off options
@@ -93,9 +97,26 @@ def resolve_seed(seed) -> int:
     """seed=None draws a fresh random seed (reported back in the output's info); else an integer."""
     if seed is None:
         return int(np.random.SeedSequence().entropy % 2**31)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, or None for a fresh random one; got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(
+            f"seed (--seed) must be an integer in 0..2**32-1, or None for a fresh random one; got {seed!r}"
+        )
     return int(seed)
+
+
+def check_device(device: str) -> str:
+    """A torch device this machine has: 'cpu', or 'cuda[:i]' / 'mps' when available; else ValueError naming --device."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device (--device) {device!r} is not a torch device: use cpu, cuda or cuda:0") from None
+    ok = d.type == "cpu" or (
+        d.type == "cuda" and torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()
+    )
+    ok = ok or (d.type == "mps" and torch.backends.mps.is_available())
+    if not ok:
+        raise ValueError(f"device (--device) {device!r} is not available on this machine: use --device cpu")
+    return device
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,6 +196,29 @@ def focus_refine(
 
 
 # ------------------------------------------------------------------------------------------------
+# do no harm: a target-free choice among the editor's output, the registered paste and the draft
+ACCEPT_AGREE_DB = 20.0  # keep the editor's output when it agrees with the aligned reference in the region this well
+ACCEPT_SEAM_DB = 30.0  # without a registration, keep it only when it agrees with the draft on the ring this well
+
+
+def accept_check(out: torch.Tensor, draft: torch.Tensor, mask: torch.Tensor, aligned: torch.Tensor | None,
+                 paste: torch.Tensor | None) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """Choose what to return from evidence available at inference (no target): with a registration (aligned: the
+    relit warped reference, paste: the registered paste) the editor's output if its region agrees with the aligned
+    reference to ACCEPT_AGREE_DB (else the paste); without one, the output if it agrees with the draft on the ring
+    just outside the region (what the region's surroundings say it should continue) to ACCEPT_SEAM_DB, else the
+    draft. Returns (image, why: the kept candidate and the evidence)."""
+    near = torch.from_numpy(ring_of(mask, margin=1, width=3))[None].float()
+    seam = float(psnr(out[None], draft[None], near[None])[0])
+    if aligned is not None:
+        agree = region_psnr(out, aligned, mask)
+        kept = "editor" if agree >= ACCEPT_AGREE_DB else "paste"
+        return (out if kept == "editor" else paste), dict(kept=kept, agree_db=round(agree, 2), seam_db=round(seam, 2))
+    kept = "editor" if seam >= ACCEPT_SEAM_DB else "draft"
+    return (out if kept == "editor" else draft.clone()), dict(kept=kept, seam_db=round(seam, 2), registration=False)
+
+
+# ------------------------------------------------------------------------------------------------
 # the methods: one short function each (Job -> (3, H, W))
 def run_input(job: Job) -> torch.Tensor:
     """The draft itself, untouched (no model)."""
@@ -229,7 +273,13 @@ def run_align(job: Job) -> torch.Tensor:
     warped = relit if o.relight else warp_reference(job.refs[0], reg.matrix, hw, reg.flow)
     start = soft_paste(job.img, job.mask, relit) if o.paste_first else None  # = align.registered_paste
     job.info.update({k: getattr(o, k) for k in ALIGN_SWITCHES} | dict(residual=o.residual and o.paste_first))
-    return focus_refine(job, job.refs[1:], aligned=[warped], start=start)
+    out = focus_refine(job, job.refs[1:], aligned=[warped], start=start)
+    if not o.accept:
+        return out
+    relit = relit if relit is not None else relit_reference(job.refs[0], reg, hw)
+    paste = start if start is not None else soft_paste(job.img, job.mask, relit)
+    out, job.info["accept"] = accept_check(out, job.img, job.mask, relit, paste)
+    return out
 
 
 def run_align_box(job: Job) -> torch.Tensor:
@@ -239,7 +289,11 @@ def run_align_box(job: Job) -> torch.Tensor:
 
     r = job.refiner()
     box = job.reference_box_or_locate(r)
-    return focus_refine(job, [crop_reference(job.refs[0], box, out_size=None, multiple=r.bb.multiple), *job.refs[1:]])
+    out = focus_refine(job, [crop_reference(job.refs[0], box, out_size=None, multiple=r.bb.multiple), *job.refs[1:]])
+    if not job.opts.accept:
+        return out
+    out, job.info["accept"] = accept_check(out, job.img, job.mask, None, None)
+    return out
 
 
 METHODS: dict[str, Callable[[Job], torch.Tensor]] = dict(

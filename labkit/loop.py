@@ -163,7 +163,8 @@ def check_run_folder(out: str | Path) -> None:
     out = Path(out)
     if out.is_file():
         raise FileExistsError(f"{out} is a file: give a folder for the run (checkpoints, metrics, the adapter)")
-    if out.exists() and any(out.iterdir()) and not labkit_wrote(out):
+    own = [p for p in out.iterdir() if not p.match("bank_*.safetensors")] if out.is_dir() else []  # banks: labkit's
+    if own and not labkit_wrote(out):
         raise RunConfigMismatch(
             f"{out} is not empty and labkit did not write it (no run.json): choose another output folder "
             "(--fresh only replaces labkit's own run folders)"

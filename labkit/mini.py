@@ -94,6 +94,7 @@ def train_mini(args) -> Path:
             refine_kind_probs=args.refine_kind_probs,
         )
         scalars = dict(region=args.region, paste_first=args.paste_first, deform=args.deform)
+        scalars |= {k: getattr(args, k, None) for k in ("identity", "unaligned", "objects")}
         ecfg = EditorConfig(
             **{k: tuple(v) for k, v in over.items() if v}, **{k: v for k, v in scalars.items() if v is not None}
         )

@@ -203,17 +203,19 @@ def object_case(seed: int, split: str = "test", size: int = 128, failure: str = 
     rfg, ralpha = _render(obj, to_ref, size)
     reference = D.random_light(rng, ralpha[..., None] * rfg + (1 - ralpha[..., None]) * backdrop(rng, size))
     # the region: a blob on the object, leaving most of the object visible around it
-    core = ndimage.binary_erosion(alpha > 0.99, iterations=6)
+    core = ndimage.binary_erosion(alpha > 0.99, iterations=12)  # the ring around the region stays on the object
     for _ in range(50):
-        mask = D.random_blob(rng, size, (0.03, 0.1)) * core
-        if mask.sum() > 0.025 * size * size:
+        mask = D.random_blob(rng, size, (0.02, 0.08)) * core
+        if mask.sum() > 0.015 * size * size:
             break
     else:
         raise RuntimeError(f"object case {seed}: no region fits on the object")
     draft = D.damage(rng, target.astype(np.float32), mask, failure)
     t = lambda x: D.to_tensor(np.ascontiguousarray(x if x.ndim == 3 else x[..., None], dtype=np.float32))  # noqa: E731
     meta = dict(set="object", kind=kind, curved=curved, bend=k, failure=failure, seed=seed, split=split, size=size)
-    meta |= dict(to_scene=to_scene.tolist(), to_ref=to_ref.tolist(), obj_hw=list(obj_hw), content=kind)
+    meta |= dict(
+        to_scene=to_scene.tolist(), to_ref=to_ref.tolist(), obj_hw=list(obj_hw), content=kind, degradation=failure
+    )
     return D.Triplet(
         target=t(target), reference=t(reference), lowres=t(draft), mask=t(mask), ref_mask=t((ralpha > 0.5) * 1.0),
         scribble=t(mask), bbox=D.bbox_of(mask), ref_bbox=D.bbox_of(ralpha > 0.5),

@@ -24,10 +24,13 @@ def shift_mu(config, n_tokens: int) -> float:
     return lo + (hi - lo) * (n_tokens - a) / (b - a)
 
 
+MAX_STEPS = 1000  # more sampler steps than any schedule needs (FLUX.1-Kontext: 28)
+
+
 def check_steps(steps) -> int:
     """Sampler steps: an integer >= 1 (numpy integers accepted)."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1 (the number of sampler steps); got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer in 1..{MAX_STEPS} (the number of sampler steps); got {steps!r}")
     return int(steps)
 
 
@@ -40,7 +43,7 @@ def prepare(bb, steps: int, n_tokens: int, strength: float = 1.0):
     sch = scheduler(bb)
     mu = shift_mu(sch.config, n_tokens) if sch.config.use_dynamic_shifting else None
     sch.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), mu=mu, device="cpu")
-    start = steps - min(steps, int(steps * strength))  # as the img2img/inpaint pipelines' get_timesteps
+    start = steps - min(steps, max(1, int(steps * strength)))  # the pipelines' get_timesteps, at least one step
     if start:
         sch.set_begin_index(start)
     return sch, start

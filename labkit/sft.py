@@ -54,6 +54,23 @@ class SFTConfig:
     val_images: int = 4  # val triplets sampled at a fixed seed and saved as out/val/step_*.png at each eval
     val_steps: int = 4
 
+    def check(self) -> SFTConfig:
+        """Refuse settings that would fail later (a usage error naming the flag), before anything is written."""
+        rules = {
+            "adapter": self.adapter in ("freqmole", "lora"), "rank": self.rank >= 1, "size": self.size >= 16,
+            "factor": self.factor >= 1 and self.size % max(self.factor, 1) == 0, "batch": self.batch >= 1,
+            "bank": self.bank >= 1, "frozen_dtype": self.frozen_dtype in ("float32", "bfloat16"),
+            "region": self.region in ("auto", "none", "context", "draw"), "val_steps": self.val_steps >= 1,
+            "val_images": self.val_images >= 0, "sigma": self.sigma > 0, "boundary_radius": self.boundary_radius >= 1,
+        }  # fmt: skip
+        allowed = dict(adapter="freqmole | lora", frozen_dtype="float32 | bfloat16", size=">= 16",
+                       region="auto | none | context | draw", factor="a divisor of --size")  # fmt: skip
+        for name, ok in rules.items():
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {getattr(self, name)!r} is not allowed: use {allowed.get(name, '>= 1')}")
+        return self
+
 
 @torch.no_grad()
 def bank_of(bb: M.Backbone, cases: list, prompts: list[str], default_prompt: str, region: str = "none") -> dict:
@@ -91,6 +108,8 @@ def sft_data(cfg: SFTConfig, seed: int) -> tuple[list, list]:
     if not train:
         raise ValueError(f'{cfg.data_dir} has no train cases: mark lines "split": "train" (or leave split out)')
     D.require_targets(train + val, "SFT cases")  # before any work
+    if not val:
+        print(f"{cfg.data_dir} has no val split: the 'val' numbers are computed on 4 of its train cases", flush=True)
     return train, val or train[:4]
 
 

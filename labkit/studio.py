@@ -245,8 +245,13 @@ def run(
     img = D.as_image_tensor(draft)
     drawn = mask is not None and np.asarray(mask, dtype=np.float32).any()  # an empty region: the studio's own message
     m = D.as_mask_tensor(mask, img.shape[-2:]) if drawn else None
-    refs = D.as_references(list(references)) if references else []
+    one = references is not None and not isinstance(references, (list, tuple))  # one image, as labkit.refine takes
+    refs = D.as_references(references if one else list(references or []))
     check_inputs(img, m, refs, method, preset)
+    tgt = D.as_image_tensor(target, "target") if target is not None else None
+    if tgt is not None and tgt.shape != img.shape:
+        size = f"the target is {tuple(tgt.shape[-2:])} but the image is {tuple(img.shape[-2:])}"
+        raise StudioError(f"{size}: give the target at the image's size")
     r = load(preset, adapter)
     frames: list = []
 
@@ -266,7 +271,6 @@ def run(
     out, info = I.refine_tensor(img, m, refs or None, strength=strength, callback=callback, **opts, **switches)
     seconds = time.perf_counter() - t0
     att = correspondence(r, img, m, refs[0], seed=seed) if show_overlay and refs else None
-    tgt = D.as_image_tensor(target) if target is not None else None
     return StudioResult(
         img,
         m,

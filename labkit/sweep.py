@@ -17,6 +17,7 @@ same way. A YAML `cluster: local` runs that path on this machine with submitit's
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import json
 import math
@@ -294,6 +295,33 @@ def slurm_config(path: str | None, flags: dict) -> dict:
     return cfg | {k: v for k, v in flags.items() if v is not None}
 
 
+def notebook_parameters(path: str | os.PathLike) -> set[str]:
+    """The names a notebook's `parameters` cell assigns (what papermill can set)."""
+    cells = json.loads(Path(path).read_text())["cells"]
+    src = "".join(next(c["source"] for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])))
+    return {
+        t.id
+        for node in ast.parse(src).body
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    }
+
+
+def parse_grid(items: list[str], nb: Path) -> dict[str, list]:
+    """--param name=v1,v2 ... -> {name: [values]}: every name one of the notebook's parameters, every value given
+    (a typo such as sed=0,1 would run every point with the default and report them all "ok")."""
+    known, params = notebook_parameters(nb), {}
+    for item in items:
+        name, eq, values = item.partition("=")
+        if not eq or not name.strip() or not values or any(v == "" for v in values.split(",")):
+            raise ValueError(f"--param {item!r}: write name=v1,v2,... (e.g. --param seed=0,1,2)")
+        if name not in known:
+            raise ValueError(f"--param {name}: {nb.stem} has no parameter {name!r}; its parameters: {sorted(known)}")
+        params[name] = [_parse_value(v) for v in values.split(",")]
+    return params
+
+
 def _parse_value(v: str):
     for cast in (int, float):
         try:
@@ -364,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
 
+    if a.cmd == "figures" and a.only == []:
+        ap.error("--only needs notebook names (e.g. --only 03_vae_crop_vs_full); leave it out to run every notebook")
+
     def body():
         if a.cmd == "figures":
             figures(a.preset, a.only)
@@ -372,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import pandas as pd
 
-            params = {k: [_parse_value(v) for v in vs.split(",")] for k, vs in (p.split("=", 1) for p in a.param)}
+            params = parse_grid(a.param, notebooks([a.notebook])[0])
             cluster = (
                 slurm_config(
                     a.slurm_config,

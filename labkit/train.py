@@ -96,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             default=None,
             help="refine task: half the aligned references also bent non-rigidly by up to this many px",
         )
+        for flag, what in (
+            ("identity", "a start that is already right (it must come back unchanged)"),
+            ("unaligned", "a reference at another scale and pose, cropped around the region (Refine-by-Align)"),
+            ("objects", "an object on its own as the reference (labkit.objects, seen appearance families)"),
+        ):
+            q.add_argument(f"--{flag}", type=float, default=None, help=f"refine task: fraction of examples with {what}")
         q.add_argument(
             "--eval-every",
             type=int,
@@ -158,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 fresh=args.fresh,
                 fsdp=args.fsdp,
             ).check()
+            SFTConfig(**{f_.name: getattr(args, f_.name) for f_ in fields(SFTConfig)}).check()
         else:
             for k in ("vae_steps", "editor_steps", "bank_size", "refine_bank", "eval_every"):
                 if getattr(args, k) < 1:

@@ -118,13 +118,9 @@ def dict_diff(a: dict, b: dict, prefix: str = "") -> str:
     return "; ".join(out[:4])
 
 
-OUTPUT_MARKER = ".labkit-output"  # written into every folder a labkit command claims: what --fresh may replace
-
-
 def labkit_wrote(folder: str | os.PathLike) -> bool:
-    """Whether a labkit command wrote this folder (its run.json or the output marker is there)."""
-    folder = Path(folder)
-    return (folder / "run.json").is_file() or (folder / OUTPUT_MARKER).is_file()
+    """Whether a labkit command wrote this folder: every command records its settings in the folder's run.json."""
+    return (Path(folder) / "run.json").is_file()
 
 
 def _holds(outer: Path, inner: Path) -> bool:
@@ -160,17 +156,17 @@ def claim_out_dir(
     """Check an output folder against a command's settings before any work: a file, an input (or a folder holding
     one) and an unwritable place are refused; a folder with run.json resumes with the same settings (True) and is
     refused with the difference otherwise; a non-empty folder labkit did not write is refused; fresh=True replaces
-    only a folder labkit wrote (labkit_wrote). Writes the output marker into a new or empty folder, nothing else."""
+    only a folder labkit wrote (labkit_wrote). Writes nothing (the caller writes run.json once the inputs check out)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: give a folder path (several files are written there)")
     check_not_an_input(out, inputs)
-    check_writable(out / OUTPUT_MARKER, "--out")
+    check_writable(out / "run.json", "--out")
     ours = out.exists() and labkit_wrote(out)
     if fresh and out.exists() and any(out.iterdir()):
         if not ours:
             raise RunConfigMismatch(
-                f"--fresh replaces only a folder labkit wrote (with run.json or {OUTPUT_MARKER}); {out} is neither: "
+                f"--fresh replaces only a folder labkit wrote (it holds a run.json); {out} does not: "
                 "choose another --out"
             )
         shutil.rmtree(out)
@@ -183,13 +179,11 @@ def claim_out_dir(
                 "pass --fresh to start over there, or choose another --out"
             )
         return True
-    if out.exists() and any(p.name != OUTPUT_MARKER for p in out.iterdir()):
+    if out.exists() and any(out.iterdir()):
         raise RunConfigMismatch(
             f"{out} is not empty and labkit did not write it (no run.json): choose another --out (--fresh only "
             "replaces labkit's own folders)"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / OUTPUT_MARKER).touch()
     return False
 
 

@@ -287,3 +287,171 @@ def test_uint16_tensors_and_other_wide_ints_say_how_to_pass_them():
     assert float(t.min()) == 1.0
     with pytest.raises(ValueError, match="expected 0..255 .*uint16"):
         D.as_image_tensor(np.full((4, 4, 3), 1000, np.int32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 37: the last tracebacks and silent wrong outputs, each now a usage error naming the fix (or working)
+def test_sweep_grid_refuses_a_parameter_the_notebook_does_not_have_and_malformed_ones():
+    from labkit.sweep import main as sweep_main
+
+    for bad in (["--param", "sed=0,1"], ["--param", "=1,2"], ["--param", "seed="], ["--param", "seed"]):
+        assert sweep_main(["grid", "00_tour", "--preset", "tiny", *bad]) == 2, bad
+    with pytest.raises(SystemExit) as e:
+        sweep_main(["figures", "--preset", "tiny", "--only"])
+    assert e.value.code == 2
+
+
+def test_exif_orientation_is_applied_on_read(tmp_path):
+    img = Image.fromarray(np.zeros((96, 160, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: the camera held upright
+    img.save(tmp_path / "photo.jpg", exif=exif)
+    assert D.read_image(tmp_path / "photo.jpg", "draft").size == (96, 160)  # (W, H) as the photo is seen
+
+
+def test_an_animated_gif_is_refused_not_cut_to_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(ValueError, match="2 frames"):
+        D.read_image(tmp_path / "anim.gif", "draft")
+
+
+def test_eight_bit_values_in_a_uint16_array_are_refused_not_darkened():
+    with pytest.raises(ValueError, match="cast it to uint8"):
+        D.as_image_tensor(np.full((16, 16, 3), 200, np.uint16))
+
+
+def test_a_batch_of_one_array_is_read_and_a_channels_last_tensor_is_told_to_permute():
+    a = np.random.default_rng(0).random((1, 16, 16, 3)).astype(np.float32)
+    assert D.as_image_tensor(a).shape == (3, 16, 16)
+    with pytest.raises(ValueError, match=r"permute\(2, 0, 1\)") as e:
+        D.as_image_tensor(torch.rand(16, 16, 3))
+    assert "(16, 16, 3)" in str(e.value) and "got a Tensor" in str(e.value)
+
+
+@pytest.mark.parametrize("ext, magic", [(".bmp", b"BM"), (".tif", b"II"), (".png", b"\x89PNG")])
+def test_the_output_format_follows_the_extension(tmp_path, ext, magic):
+    from labkit.cli import save_image
+
+    save_image(Image.new("RGB", (8, 8)), tmp_path / f"out{ext}")
+    assert (tmp_path / f"out{ext}").read_bytes().startswith(magic)
+
+
+def test_an_unknown_output_extension_a_folder_or_an_unwritable_place_is_refused_before_the_model_runs(folder, tmp_path):
+    row = _rows(folder)[0]
+    inputs = [str(folder / row[k]) for k in ("draft", "mask", "reference")]
+    (tmp_path / "afolder").mkdir()
+    for out in (tmp_path / "out.xyz", tmp_path / "afolder", "/proc/nope/out.png"):
+        assert refine_main([*inputs, "-o", str(out), "--preset", "tiny", "--steps", "1"]) == 2, out
+
+
+def test_the_mstar_box_fallback_takes_a_draft_of_any_size():
+    from labkit import inference as I
+
+    rng = np.random.default_rng(0)
+    draft = rng.random((127, 333, 3)).astype(np.float32)
+    mask = np.zeros((127, 333), np.float32)
+    mask[40:80, 100:180] = 1
+    out, info = I.refine_tensor(
+        draft, mask, np.full((64, 64, 3), 0.5, np.float32), method="align", preset="tiny", steps=1
+    )
+    assert out.shape == (3, 127, 333) and info["fallback"]["to"] == "align_box"
+
+
+def test_a_tiny_strength_still_takes_one_step(case=None):
+    from labkit import inference as I
+
+    c = D.make_triplet(0, "test", 64, 2)
+    out, _ = I.refine_tensor(c.draft, c.mask, None, method="focus", preset="tiny", steps=8, strength=0.01)
+    assert out.shape == c.draft.shape
+
+
+@pytest.mark.parametrize(
+    "kw, flag",
+    [(dict(steps=10**10), "steps"), (dict(device="bogus"), "--device"), (dict(seed=-1), "--seed"),
+     (dict(seed=10**23), "--seed")],
+)  # fmt: skip
+def test_out_of_range_steps_seeds_and_devices_name_the_option(kw, flag):
+    from labkit import inference as I
+
+    c = D.make_triplet(0, "test", 64, 2)
+    with pytest.raises(ValueError, match=flag):
+        I.refine_tensor(c.draft, c.mask, None, **{"method": "focus", "preset": "tiny", "steps": 1, **kw})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available"):
+            I.refine_tensor(c.draft, c.mask, None, method="focus", preset="tiny", steps=1, device="cuda")
+
+
+def test_registration_under_a_pixel_budget_matches_the_full_size_fit():
+    from labkit import align as A
+
+    t = D.make_triplet(3, "test", 128, 1, failure="wrong", view_strength=0.4)
+    full = A.register(t.draft, t.mask, t.reference)
+    small = A.register(t.draft, t.mask, t.reference, budget=96 * 96)
+    corners = np.array([[0, 0, 1], [127, 0, 1], [0, 127, 1], [127, 127, 1.0]]).T
+    f, s = full.matrix @ corners, small.matrix @ corners
+    assert full.ok and small.ok and "downscaled" in small.reason
+    assert np.abs(f[:2] / f[2] - s[:2] / s[2]).max() < 3.0
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (dict(reference=[]), "empty list"),
+        (dict(draft=5), "is a int"),
+        (dict(reference={}), "is a dict"),
+    ],
+)
+def test_case_fields_of_the_wrong_kind_name_the_line(folder, change, expect):
+    rows = _rows(folder)
+    rows[1].update(change)
+    _write(folder, rows)
+    with pytest.raises(ValueError, match=f"line 2: .*{expect}"):
+        D.load_cases(folder)
+
+
+def test_case_files_in_latin1_a_bom_or_a_folder_are_handled(folder):
+    meta = folder / "metadata.jsonl"
+    text = meta.read_text()
+    meta.write_bytes(b"\xef\xbb\xbf" + text.encode())  # Notepad's UTF-8 with a BOM: read
+    assert len(D.load_cases(folder)) == 3
+    rows = _rows_text(text)
+    rows[1]["prompt"] = "café"
+    meta.write_bytes("\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("latin-1"))
+    with pytest.raises(ValueError, match="line 2: not UTF-8"):
+        D.load_cases(folder)
+    meta.unlink()
+    meta.mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        D.load_cases(folder)
+
+
+def _rows_text(text):
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--batch", "0"], ["--batch", "-1"], ["--size", "0"], ["--frozen-dtype", "bogus"], ["--rank", "0"]],
+)
+def test_train_sft_flags_out_of_range_are_usage_errors_naming_the_flag(tmp_path, capsys, bad):
+    out = tmp_path / "sft"
+    with pytest.raises(SystemExit) as e:
+        train_main(["sft", "--preset", "tiny", "--out", str(out), *bad])
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+    assert not out.exists()  # no run.json left behind
+
+
+def test_the_studio_takes_one_reference_checks_the_target_and_names_a_bad_line(tmp_path):
+    from labkit import studio as S
+
+    c = S.examples()["wrong"]
+    r = S.run(c.draft, c.mask, c.references[0], preset="tiny", method="focus", steps=1, show_overlay=False)
+    assert len(r.references) == 1
+    with pytest.raises(S.StudioError, match="target"):
+        S.run(c.draft, c.mask, c.references, preset="tiny", method="focus", steps=1, target=torch.rand(3, 32, 32))
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    (folder / "metadata.jsonl").write_text("# my notes\n")
+    with pytest.raises(ValueError, match="line 1 is not a JSON object"):
+        S.save(r, folder)

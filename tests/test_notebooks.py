@@ -25,6 +25,9 @@ SMALL = {  # small sizes per notebook so the suite stays in minutes on 2 cores
         adapter_source="train",
         adapter_steps=2,
         adapters=["lora", "freqmole", "freqmole+boundary"],
+        n_object_per_kind=1,
+        n_shift_per_kind=1,
+        n_val_v3_per_kind=1,
     ),
     "07_studio": dict(steps=2),
     "06_reward_finetune": dict(
