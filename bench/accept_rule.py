@@ -29,7 +29,7 @@ def cases(split: str, n: int) -> dict[str, list]:
 
 def measure(c) -> dict:
     """Region PSNR of the draft, the registered paste and the defaults' output, and the target-free evidence."""
-    out, info = I.refine_tensor(c.draft, c.mask, c.reference)
+    out, info = I.refine_tensor(c.draft, c.mask, c.reference, accept=False)  # the editor; the check is simulated
     paste = I.refine_tensor(c.draft, c.mask, c.reference, method="paste_warp")[0]
     reg = info.get("registration", {}).get("used") == "warp"
     near = torch.from_numpy(I.ring_of(c.mask, margin=1, width=3))[None].float()

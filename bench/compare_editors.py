@@ -1,5 +1,6 @@
 """Mini editor weights side by side on what decides whether a continued editor is kept: labkit.refine with its
-defaults on notebook 05's val sets (planar and non-planar reference view) beside the registered paste, and the copy
+defaults (the editor: no do-no-harm check) on notebook 05's val sets (planar and non-planar reference view; v3's
+object-centric and appearance-shift sets) beside the registered paste, and the copy
 test of notebook 00 (pretrain.evaluate_refine on val: the draft as it is, the target crop as the reference).
 Each folder is measured in its own interpreter with LABKIT_MINI_WEIGHTS pointing at it (~2 min each on 2 cores).
 
@@ -29,11 +30,17 @@ def measure(deform: float = 3.0, n_copy: int = 24) -> dict:
 
     bb = labkit.load("mini")
     out = {}
-    for name, d in (("planar", 0.0), ("nonplanar", deform)):
-        cases = E.benchmark_cases(bb, ref_deform=d, **VAL)
+    sets = (
+        ("planar", 0.0, "scene"),
+        ("nonplanar", deform, "scene"),
+        ("object", 0.0, "object"),
+        ("shift", 0.0, "shift"),
+    )
+    for name, d, which in sets:  # benchmark v2's val sets and v3's (an object on its own, held-out appearance)
+        cases = E.benchmark_cases(bb, ref_deform=d, which=which, **VAL)
         psnr = lambda x, c: Mt.region_psnr(x, c.target, c.mask)  # noqa: E731
-        out[f"{name}: labkit.refine"] = np.mean(
-            [psnr(I.refine_tensor(c.draft, c.mask, c.reference)[0], c) for c in cases]
+        out[f"{name}: the editor (refine, no check)"] = np.mean(
+            [psnr(I.refine_tensor(c.draft, c.mask, c.reference, accept=False)[0], c) for c in cases]
         )
         out[f"{name}: registered paste"] = np.mean(
             [psnr(I.refine_tensor(c.draft, c.mask, c.reference, method="paste_warp")[0], c) for c in cases]

@@ -22,8 +22,8 @@ from scipy import ndimage
 from skimage import color, feature, measure
 from skimage import transform as sktf
 
-from .data import resize, resize_mask, to_numpy
 from .focus import seam_mask
+from .images import resize, resize_mask, to_numpy
 
 
 @dataclass

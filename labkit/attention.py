@@ -18,8 +18,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from scipy import ndimage
 
-from .data import resize_mask
-from .focus import resize, snap_size
+from .focus import snap_size
+from .images import resize, resize_mask
 
 
 @dataclass

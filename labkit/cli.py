@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from . import evaluate, sweep, train
 from . import inference as I
-from .data import load_cases, read_image
+from .cases import load_cases
 from .focus import REGION_ENCODINGS
+from .images import read_image
 from .presets import check_preset
 from .util import atomic_save, check_not_an_input, check_writable, claim_out_dir, run_cli, write_json
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import focus as F_
-from .data import resize_mask
+from .images import resize_mask
 from .models import load, pack_references
 from .presets import editor_region
 from .sampling import sample

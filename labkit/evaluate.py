@@ -24,11 +24,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import data as D
 from . import focus as F_
 from . import inference as I
 from . import metrics as Mt
 from . import objects as O
-from .data import load_cases, make_triplet, require_targets
+from .cases import load_cases, require_targets
+from .data import make_triplet
 from .frequency import lowpass
 from .metrics import bootstrap_ci
 from .presets import check_preset
@@ -278,7 +280,6 @@ def distinct_scenes(cases: Sequence, n: int = 4) -> list[int]:
 # evaluating a set of cases (the eval set, or a user's case folder): methods, table, claims, files
 # ------------------------------------------------------------------------------------------------
 # benchmark v2: generative failures, every draft below the VAE ceiling; defaults chosen on val
-BENCHMARK_KINDS = ("wrong", "lowres4", "smear")  # wrong text/logo glyphs, lost detail (x4), smear
 
 
 @torch.no_grad()
@@ -328,7 +329,7 @@ def benchmark_cases(
     bb,
     *,
     n_per_kind: int = 8,
-    kinds: Sequence[str] = BENCHMARK_KINDS,
+    kinds: Sequence[str] = D.BENCHMARK_KINDS,
     size: int = 128,
     split: str = "test",
     seed: int = 0,

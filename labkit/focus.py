@@ -12,8 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .data import bbox_of, resize, resize_mask  # noqa: F401  (THE resize; focus.resize is the same function)
 from .frequency import lowpass
+from .images import bbox_of, resize, resize_mask
 from .losses import boundary_band
 from .metrics import mse
 
@@ -48,7 +48,7 @@ def focus_crop(
     img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int = 16, margin: float = 64
 ) -> tuple[torch.Tensor, torch.Tensor, Box]:
     """Crop image and mask around the mask and upsample to ≈working_area (aspect kept, snapped sides); the
-    crop's mask stays {0, 1} (data.resize_mask's 'threshold')."""
+    crop's mask stays {0, 1} (images.resize_mask's 'threshold')."""
     box = focus_box(mask, margin, working_area)
     c_img, c_mask = crop(img, box), crop(mask, box)
     hw = snap_size(c_img.shape[-2], c_img.shape[-1], working_area, multiple)

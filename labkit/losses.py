@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as D
+from . import images as IM
 from .frequency import split as freq_split
 
 
@@ -32,8 +32,8 @@ def x0_estimate(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Te
 
 
 def resize_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """A (B, 1, H, W) pixel mask on the latent grid as fractional coverage in [0, 1] (data.resize_mask's 'coverage')."""
-    return D.resize_mask(mask, hw, "coverage")
+    """A (B, 1, H, W) pixel mask on the latent grid as its fractional coverage in [0, 1] (images.resize_mask)."""
+    return IM.resize_mask(mask, hw, "coverage")
 
 
 def boundary_band(mask: torch.Tensor, radius: int = 16) -> torch.Tensor:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import resize
 from .frequency import gaussian_kernel, radial_spectrum, split
+from .images import resize
 
 
 def _b(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import presets as P
-from .data import resize
+from .images import resize
 from .util import atomic_save, write_json
 
 

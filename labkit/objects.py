@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from . import data as D
+from . import images as IM
 
 # appearance families: "seen" reaches train and val, "held_out" only test (names the notebook prints)
 STYLES = {
@@ -103,7 +104,7 @@ def object_image(rng: np.random.Generator, split: str, kind: str, hw: tuple[int,
     s = rng.uniform(0.4, 0.8) * min(src.shape[:2])
     oy, ox = rng.uniform(0, src.shape[0] - s * hw[0] / hw[1]), rng.uniform(0, src.shape[1] - s)
     crop = src[int(oy) : int(oy + s * hw[0] / hw[1]), int(ox) : int(ox + s)]
-    return D.resize_np(crop, hw)
+    return IM.resize_np(crop, hw)
 
 
 def background(rng: np.random.Generator, split: str, size: int) -> np.ndarray:
@@ -203,7 +204,9 @@ def object_case(seed: int, split: str = "test", size: int = 128, failure: str = 
     rfg, ralpha = _render(obj, to_ref, size)
     reference = D.random_light(rng, ralpha[..., None] * rfg + (1 - ralpha[..., None]) * backdrop(rng, size))
     # the region: a blob on the object, leaving most of the object visible around it
-    core = ndimage.binary_erosion(alpha > 0.99, iterations=12)  # the ring around the region stays on the object
+    core = ndimage.binary_erosion(
+        alpha > 0.99, iterations=size * 3 // 32
+    )  # the ring around the region stays on the object (12 px at 128)
     for _ in range(50):
         mask = D.random_blob(rng, size, (0.02, 0.08)) * core
         if mask.sum() > 0.015 * size * size:
@@ -211,14 +214,14 @@ def object_case(seed: int, split: str = "test", size: int = 128, failure: str = 
     else:
         raise RuntimeError(f"object case {seed}: no region fits on the object")
     draft = D.damage(rng, target.astype(np.float32), mask, failure)
-    t = lambda x: D.to_tensor(np.ascontiguousarray(x if x.ndim == 3 else x[..., None], dtype=np.float32))  # noqa: E731
+    t = lambda x: IM.to_tensor(np.ascontiguousarray(x if x.ndim == 3 else x[..., None], dtype=np.float32))  # noqa: E731
     meta = dict(set="object", kind=kind, curved=curved, bend=k, failure=failure, seed=seed, split=split, size=size)
     meta |= dict(
         to_scene=to_scene.tolist(), to_ref=to_ref.tolist(), obj_hw=list(obj_hw), content=kind, degradation=failure
     )
     return D.Triplet(
         target=t(target), reference=t(reference), lowres=t(draft), mask=t(mask), ref_mask=t((ralpha > 0.5) * 1.0),
-        scribble=t(mask), bbox=D.bbox_of(mask), ref_bbox=D.bbox_of(ralpha > 0.5),
+        scribble=t(mask), bbox=IM.bbox_of(mask), ref_bbox=IM.bbox_of(ralpha > 0.5),
         warp=to_ref @ np.linalg.inv(to_scene), meta=meta,
     )  # fmt: skip
 
@@ -236,7 +239,7 @@ def true_reference_coords(case: D.Triplet) -> np.ndarray:
 
 def shift_image(rng: np.random.Generator, split: str, size: int = 384) -> np.ndarray:
     """A source image of the appearance-shift set: labels of the split's family laid on its background."""
-    img = D.resize_np(background(rng, split, 96), size)
+    img = IM.resize_np(background(rng, split, 96), size)
     for _ in range(int(rng.integers(2, 4))):
         hw = (int(rng.integers(90, 160)), int(rng.integers(140, 260)))
         lab = render_label(rng, split, hw)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from . import align as A
 from . import data as D
 from . import focus as F_
+from . import images as IM
 from . import objects as O
 from . import presets as P
 from .loop import LoopConfig, Step, run_loop
@@ -104,10 +105,10 @@ def refine_example(
     size = int(rng.choice(cfg.refine_sides))
     if content is None:
         content = ("text" if rng.random() < 0.5 else "logo") if rng.random() < cfg.text_frac else "photo"
-    mode = str(rng.choice(["objects", "plain"], p=[cfg.objects, 1 - cfg.objects]))
+    mode = "objects" if cfg.objects and rng.random() < cfg.objects else "plain"  # no draw at 0: old streams kept
     if mode == "objects":  # a product shot, warped into the scene's frame by the true mapping (a perfect registration)
         case = O.object_case(int(rng.integers(2**31)), split, size, kind, curved=bool(rng.random() < 0.5))
-        c, name, img, mask = "object", case.meta["kind"], D.to_numpy(case.target), D.to_numpy(case.mask)[..., 0]
+        c, name, img, mask = "object", case.meta["kind"], IM.to_numpy(case.target), IM.to_numpy(case.mask)[..., 0]
         xy = torch.from_numpy(O.true_reference_coords(case)).float()
         g = torch.stack([(xy[..., 0] + 0.5) / size * 2 - 1, (xy[..., 1] + 0.5) / size * 2 - 1], -1).nan_to_num(2.0)
         warped, support = (
@@ -116,39 +117,40 @@ def refine_example(
         )
         w = (support > 0.99).double() * (1 - F_.seam_mask(case.mask).double())  # the object, outside the region
         a, b = A._gain_offset(warped.double(), case.target.double(), w)  # its light, as the object path fits it
-        ref = D.to_numpy((a * warped + b).float().clamp(0, 1))
+        ref = IM.to_numpy((a * warped + b).float().clamp(0, 1))
     else:
         srcs = D.sources(split, content)
         c, name = srcs[int(rng.integers(len(srcs)))]
         img = D.random_crop(rng, D.load_source(split, c, name), size, zoom=(0.3, 1.0))
         mask = D.random_blob(rng, size, cfg.refine_area)
-        ref = registered_view(rng, img, cfg.misalign)
-    identity = rng.random() < cfg.identity
+    identity = bool(cfg.identity) and rng.random() < cfg.identity
     draft = img.astype(np.float32) if identity else D.damage(rng, img, mask, kind)
     kind = "identity" if identity else kind
+    if mode == "plain":  # drawn after the damage, as the recipe always has (the same streams at the old settings)
+        ref = registered_view(rng, img, cfg.misalign)
     if cfg.deform and rng.random() < 0.5:  # a non-rigid residual no registration removes (parallax, a bent label)
         ref = D.displace(rng, ref, size / 6, rng.uniform(0, cfg.deform))
-    t_draft, t_mask, t_ref = D.to_tensor(draft), D.to_tensor(mask[..., None]), D.to_tensor(ref)
+    t_draft, t_mask, t_ref = IM.to_tensor(draft), IM.to_tensor(mask[..., None]), IM.to_tensor(ref)
     if cfg.paste_first and rng.random() < cfg.paste_first:  # as refine(paste_first=True, relight=True) builds it
         t_ref = t_ref if mode == "objects" else A.match_light(t_ref, t_draft, t_mask)  # objects: relit already
         t_draft = A.soft_paste(t_draft, t_mask, t_ref)
     c_draft, c_mask, box = F_.focus_crop(t_draft, t_mask, work * work, multiple, margin)
     hw = c_draft.shape[-2:]
-    crop = lambda x: D.resize(F_.crop(x, box), hw)  # noqa: E731
+    crop = lambda x: IM.resize(F_.crop(x, box), hw)  # noqa: E731
     c_ref = crop(t_ref)
-    if mode == "plain" and rng.random() < cfg.unaligned:  # another scale and pose, cropped around the counterpart
+    if mode == "plain" and cfg.unaligned and rng.random() < cfg.unaligned:  # another scale and pose, cropped
         view = D._view_homography(rng, size, 1.0)  # reference px -> target px
         other = D.random_light(rng, np.clip(D._warp(img, view, size), 0, 1))
         r_mask = D._warp(mask, view, size, order=1) > 0.5
         if r_mask.any():
-            x0, y0, x1, y1 = D.bbox_of(r_mask)
+            x0, y0, x1, y1 = IM.bbox_of(r_mask)
             gx, gy = (x1 - x0) // 2, (y1 - y0) // 2
-            c_ref = D.resize(F_.crop(D.to_tensor(other), (max(0, x0 - gx), max(0, y0 - gy), x1 + gx, y1 + gy)), hw)
+            c_ref = IM.resize(F_.crop(IM.to_tensor(other), (max(0, x0 - gx), max(0, y0 - gy), x1 + gx, y1 + gy)), hw)
             kind = f"{kind}+unaligned"
     return dict(
         draft=c_draft,
         mask=c_mask,
-        target=crop(D.to_tensor(img)),
+        target=crop(IM.to_tensor(img)),
         reference=c_ref,
         kind=kind,
         content=c,
@@ -217,7 +219,7 @@ def task_batch(
         ctx = x
     elif task == "upscale":  # aligned draft: a half-size context with integer ids would sit on the wrong grid
         fs = [factor] * b if factor else rng.choice(cfg.upscale, b).tolist()
-        ctx = torch.cat([D.bicubic_draft(x[i : i + 1], int(f)) for i, f in enumerate(fs)])
+        ctx = torch.cat([IM.bicubic_draft(x[i : i + 1], int(f)) for i, f in enumerate(fs)])
     elif task == "denoise":
         sig = torch.from_numpy(rng.uniform(*cfg.noise, (b, 1, 1, 1))).float()
         ctx = (x + sig * torch.from_numpy(rng.standard_normal(x.shape)).float()).clamp(0, 1)
@@ -423,7 +425,7 @@ def evaluate_refine(
 
 def oracle_paste(trip) -> torch.Tensor:
     """The degraded context with the true region copied from the reference through the known warp."""
-    ref_in_gt = D.to_tensor(D._warp(D.to_numpy(trip.reference), trip.warp, trip.target.shape[-1]))
+    ref_in_gt = IM.to_tensor(D._warp(IM.to_numpy(trip.reference), trip.warp, trip.target.shape[-1]))
     return trip.mask * ref_in_gt.clamp(0, 1) + (1 - trip.mask) * trip.lowres
 
 

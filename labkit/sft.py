@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import cases as CS
 from . import data as D
 from . import focus as F_
 from . import losses as L
@@ -103,11 +104,11 @@ def sft_data(cfg: SFTConfig, seed: int) -> tuple[list, list]:
             [D.make_triplet(case_seed(seed, i), "train", cfg.size, cfg.factor) for i in range(cfg.bank)],
             [D.make_triplet(case_seed(7, i), "val", cfg.size, cfg.factor) for i in range(16)],
         )
-    train = [c.resized(cfg.size) for c in D.load_cases(cfg.data_dir, "train")]
-    val = [c.resized(cfg.size) for c in D.load_cases(cfg.data_dir, "val")]
+    train = [c.resized(cfg.size) for c in CS.load_cases(cfg.data_dir, "train")]
+    val = [c.resized(cfg.size) for c in CS.load_cases(cfg.data_dir, "val")]
     if not train:
         raise ValueError(f'{cfg.data_dir} has no train cases: mark lines "split": "train" (or leave split out)')
-    D.require_targets(train + val, "SFT cases")  # before any work
+    CS.require_targets(train + val, "SFT cases")  # before any work
     if not val:
         print(f"{cfg.data_dir} has no val split: the 'val' numbers are computed on 4 of its train cases", flush=True)
     return train, val or train[:4]

@@ -12,6 +12,7 @@ from einops import rearrange
 from torch import nn
 
 from . import data as D
+from . import images as IM
 from . import models as M
 from .loop import LoopConfig, Step, run_loop
 from .metrics import psnr, ssim
@@ -66,7 +67,7 @@ def vae_eval(bb: M.Backbone, images: torch.Tensor, labels: list[str]) -> dict:
     """Held-out PSNR/SSIM of the VAE round trip vs bicubic x8 on the same images."""
     rec = torch.cat([bb.vae.decode(bb.vae.encode(x[None] * 2 - 1).latent_dist.mode()).sample for x in images])
     rec = ((rec + 1) / 2).clamp(0, 1).float()
-    bic = D.bicubic_draft(images, bb.preset.vae_factor)
+    bic = IM.bicubic_draft(images, bb.preset.vae_factor)
     out = dict(
         vae_psnr=psnr(rec, images).mean().item(),
         bicubic_psnr=psnr(bic, images).mean().item(),

@@ -7,13 +7,14 @@ import torch
 from labkit import align as A
 from labkit import data as D
 from labkit import focus as F_
+from labkit import images as IM
 from labkit import inference as I
 from labkit import pretrain as PT
 
 
 def _photo(size=128):
     img = D.load_photo("coffee")  # test split: a textured photo
-    return D.to_tensor(D.resize_np(img[:384, 100:484], size))
+    return IM.to_tensor(IM.resize_np(img[:384, 100:484], size))
 
 
 def _homography(deg=6.0, scale=1.05, shift=(4.0, -3.0), persp=(2e-4, -1e-4), c=64.0):
@@ -82,7 +83,7 @@ def test_detail_adds_back_what_the_vae_loses_of_the_aligned_reference(relight):
     """refine(detail=True) = the detail-free output + (a − VAE(a)) in the crop, pasted with the same soft mask:
     with the target as the (aligned) reference, the region gets closer to it."""
     target, draft, mask, _ = _registered_case()
-    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=relight)
+    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=relight, accept=False)
     plain, info = I.refine_tensor(draft, mask, target, detail=False, **kw)
     rich, info2 = I.refine_tensor(draft, mask, target, detail=True, **kw)
     assert info["registration"]["used"] == "warp" and info2["relight"] is relight
@@ -150,7 +151,7 @@ def test_refine_checks_the_new_inputs():
 @pytest.mark.parametrize("kind", D.FAILURES)
 def test_every_failure_changes_only_the_region(kind):
     rng = np.random.default_rng(0)
-    img = D.to_numpy(_photo(64))
+    img = IM.to_numpy(_photo(64))
     mask = np.zeros((64, 64), np.float32)
     mask[16:40, 20:44] = 1
     out = D.damage(rng, img, mask, kind)
@@ -193,13 +194,13 @@ def test_paste_first_gives_the_editor_the_registered_paste_and_keeps_the_backgro
     seen = []
     real_edit = I.edit
     monkeypatch.setattr(I, "edit", lambda r, img, *a, **k: seen.append(img) or real_edit(r, img, *a, **k))
-    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=True, detail=True)
+    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=True, detail=True, accept=False)
     plain, _ = I.refine_tensor(draft, mask, target, paste_first=False, **kw)
     first, info = I.refine_tensor(draft, mask, target, paste_first=True, **kw)
     assert info["registration"]["used"] == "warp" and info["paste_first"] is True
     x0, y0, x1, y1 = info["box"]
     reg = A.REGISTRATIONS(draft, mask, target, 0)
-    pasted = F_.resize(F_.crop(A.registered_paste(draft, mask, target, reg), info["box"]), seen[1].shape[-2:])
+    pasted = IM.resize(F_.crop(A.registered_paste(draft, mask, target, reg), info["box"]), seen[1].shape[-2:])
     assert torch.allclose(seen[1], pasted) and not torch.allclose(seen[0], seen[1])  # the paste, not the draft
     outside = torch.ones(128, 128, dtype=torch.bool)
     outside[y0:y1, x0:x1] = False
@@ -213,7 +214,7 @@ def test_residual_resamples_only_the_editors_change_to_the_paste():
     """refine(residual=True) with paste_first: the region ends closer to the target (the paste's detail does not go
     through the focus crop's up-and-down resize); without paste_first it has no effect and the info says so."""
     target, draft, mask, _ = _registered_case()
-    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=True, detail=True)
+    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=True, detail=True, accept=False)
     res, info = I.refine_tensor(draft, mask, target, paste_first=True, residual=True, **kw)
     plain, _ = I.refine_tensor(draft, mask, target, paste_first=True, residual=False, **kw)
     assert info["residual"] is True

@@ -97,7 +97,7 @@ def test_postprocessing_and_iou():
 
 def test_crop_reference_returns_the_box_content_upsampled():
     """Align→Focus: the crop holds exactly the (grown) box of the reference, at the working resolution."""
-    from labkit.data import resize
+    from labkit.images import resize
 
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 128), torch.linspace(0, 1, 128), indexing="ij")
     ref = torch.stack([yy, xx, (yy * xx)])  # every pixel different: a crop of the wrong place cannot match

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from labkit import cases as CS
 from labkit import data as D
+from labkit import images as IM
 from labkit.cli import refine_main
 from labkit.evaluate import main as evaluate_main
 from labkit.train import main as train_main
@@ -22,7 +24,7 @@ from labkit.train import main as train_main
 @pytest.fixture()
 def folder(tmp_path):
     trips = [D.make_triplet(i, "test", 64, 2) for i in range(3)]
-    return D.write_cases(tmp_path / "cases", trips, splits=["test"] * 3)
+    return CS.write_cases(tmp_path / "cases", trips, splits=["test"] * 3)
 
 
 def _rows(folder):
@@ -88,16 +90,16 @@ def test_evaluate_refuses_a_folder_holding_other_settings(folder, tmp_path, caps
 def test_sixteen_bit_images_are_read_by_their_range(make, tmp_path):
     grey = np.full((32, 32), 30000)  # 30000 / 65535 = 0.458
     img = make(grey)
-    t = D.as_image_tensor(img)
+    t = IM.as_image_tensor(img)
     assert (
         t.shape == (3, 32, 32) and abs(float(t.mean()) - 30000 / 65535) < 1e-4
     )  # was 1.0: PIL's convert('RGB') clips to white
     Image.fromarray(grey.astype(np.uint16)).save(tmp_path / "g16.png")  # a 16-bit PNG on disk
-    t2 = D.as_image_tensor(D.read_image(tmp_path / "g16.png"))
+    t2 = IM.as_image_tensor(IM.read_image(tmp_path / "g16.png"))
     assert abs(float(t2.mean()) - 30000 / 65535) < 1e-3
     rgb16 = np.full((8, 8, 3), 65535, np.uint16)
     rgb16[..., 0] = 0
-    t3 = D.as_image_tensor(rgb16)
+    t3 = IM.as_image_tensor(rgb16)
     assert t3[0].max() == 0 and t3[1].min() == 1  # uint16 arrays: / 65535
 
 
@@ -143,7 +145,7 @@ def test_an_unknown_prompt_is_refused_when_the_folder_loads(folder, tmp_path, ca
     rows[2]["prompt"] = "make it pretty"
     _write(folder, rows)
     with pytest.raises(ValueError, match=r"line 3: prompt 'make it pretty' is unknown to the tiny backbone"):
-        D.load_cases(folder, preset="tiny")
+        CS.load_cases(folder, preset="tiny")
     out = tmp_path / "out"
     assert refine_main(["--data", str(folder), "--out", str(out), "--preset", "tiny", "--steps", "1"]) == 2
     assert not out.exists()  # refused before the first output
@@ -197,7 +199,7 @@ def test_an_unknown_preset_is_a_usage_error_listing_the_presets(tmp_path):
 def test_coloured_and_alpha_masks_are_read(make, inside):
     m = np.zeros((32, 32), np.uint8)
     m[8:16, 4:20] = 255
-    t = D.as_mask_tensor(make(m), (32, 32))
+    t = IM.as_mask_tensor(make(m), (32, 32))
     assert t.shape == (1, 32, 32) and int(t.sum()) == 8 * 16, inside
 
 
@@ -206,11 +208,11 @@ def test_an_empty_mask_error_says_what_was_read():
     with pytest.raises(
         ValueError, match=r"empty mask: read the brightest channel of a PIL RGB image, values in \[0, 0\]"
     ):
-        D.as_mask_tensor(black, (16, 16))
+        IM.as_mask_tensor(black, (16, 16))
     with pytest.raises(
         TypeError, match=r"mask must be a PIL.Image, an \(H, W\) or \(1, H, W\) tensor/array; got list.*np.array"
     ):
-        D.as_mask_tensor([[0, 1], [1, 0]], (2, 2))
+        IM.as_mask_tensor([[0, 1], [1, 0]], (2, 2))
 
 
 def test_a_case_line_with_two_problems_reports_both(folder):
@@ -219,7 +221,7 @@ def test_a_case_line_with_two_problems_reports_both(folder):
     rows[0]["mask"], rows[0]["reference"] = "small_mask.png", "missing_ref.png"
     _write(folder, rows)
     with pytest.raises(ValueError) as e:
-        D.load_cases(folder)
+        CS.load_cases(folder)
     msg = str(e.value)
     assert "2 problem(s)" in msg and "line 1: mask 'small_mask.png' is 32x64" in msg and "line 1: reference file" in msg
 
@@ -264,7 +266,7 @@ def test_ctrl_c_prints_one_line_saying_what_was_kept(folder, tmp_path):
             "--preset",
             "tiny",
             "--steps",
-            "3000",  # long enough per case that the interrupt lands mid-run on any machine
+            "1000",  # long enough per case that the interrupt lands mid-run on any machine (the most allowed)
         ],
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -283,10 +285,10 @@ def test_ctrl_c_prints_one_line_saying_what_was_kept(folder, tmp_path):
 
 
 def test_uint16_tensors_and_other_wide_ints_say_how_to_pass_them():
-    t = D.as_image_tensor(torch.full((3, 4, 4), 65535, dtype=torch.uint16))
+    t = IM.as_image_tensor(torch.full((3, 4, 4), 65535, dtype=torch.uint16))
     assert float(t.min()) == 1.0
     with pytest.raises(ValueError, match="expected 0..255 .*uint16"):
-        D.as_image_tensor(np.full((4, 4, 3), 1000, np.int32))
+        IM.as_image_tensor(np.full((4, 4, 3), 1000, np.int32))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,26 +308,26 @@ def test_exif_orientation_is_applied_on_read(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90°: the camera held upright
     img.save(tmp_path / "photo.jpg", exif=exif)
-    assert D.read_image(tmp_path / "photo.jpg", "draft").size == (96, 160)  # (W, H) as the photo is seen
+    assert IM.read_image(tmp_path / "photo.jpg", "draft").size == (96, 160)  # (W, H) as the photo is seen
 
 
 def test_an_animated_gif_is_refused_not_cut_to_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     with pytest.raises(ValueError, match="2 frames"):
-        D.read_image(tmp_path / "anim.gif", "draft")
+        IM.read_image(tmp_path / "anim.gif", "draft")
 
 
 def test_eight_bit_values_in_a_uint16_array_are_refused_not_darkened():
     with pytest.raises(ValueError, match="cast it to uint8"):
-        D.as_image_tensor(np.full((16, 16, 3), 200, np.uint16))
+        IM.as_image_tensor(np.full((16, 16, 3), 200, np.uint16))
 
 
 def test_a_batch_of_one_array_is_read_and_a_channels_last_tensor_is_told_to_permute():
     a = np.random.default_rng(0).random((1, 16, 16, 3)).astype(np.float32)
-    assert D.as_image_tensor(a).shape == (3, 16, 16)
+    assert IM.as_image_tensor(a).shape == (3, 16, 16)
     with pytest.raises(ValueError, match=r"permute\(2, 0, 1\)") as e:
-        D.as_image_tensor(torch.rand(16, 16, 3))
+        IM.as_image_tensor(torch.rand(16, 16, 3))
     assert "(16, 16, 3)" in str(e.value) and "got a Tensor" in str(e.value)
 
 
@@ -407,23 +409,23 @@ def test_case_fields_of_the_wrong_kind_name_the_line(folder, change, expect):
     rows[1].update(change)
     _write(folder, rows)
     with pytest.raises(ValueError, match=f"line 2: .*{expect}"):
-        D.load_cases(folder)
+        CS.load_cases(folder)
 
 
 def test_case_files_in_latin1_a_bom_or_a_folder_are_handled(folder):
     meta = folder / "metadata.jsonl"
     text = meta.read_text()
     meta.write_bytes(b"\xef\xbb\xbf" + text.encode())  # Notepad's UTF-8 with a BOM: read
-    assert len(D.load_cases(folder)) == 3
+    assert len(CS.load_cases(folder)) == 3
     rows = _rows_text(text)
     rows[1]["prompt"] = "café"
     meta.write_bytes("\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("latin-1"))
     with pytest.raises(ValueError, match="line 2: not UTF-8"):
-        D.load_cases(folder)
+        CS.load_cases(folder)
     meta.unlink()
     meta.mkdir()
     with pytest.raises(ValueError, match="is a folder"):
-        D.load_cases(folder)
+        CS.load_cases(folder)
 
 
 def _rows_text(text):

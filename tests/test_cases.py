@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from labkit import cases as CS
 from labkit import data as D
 
 
 @pytest.fixture()
 def folder(tmp_path):
     trips = [D.make_triplet(i, "test", 64, 2) for i in range(6)]
-    return D.write_cases(
+    return CS.write_cases(
         tmp_path / "cases",
         trips,
         prompts=["refine", None, "restore", None, None, "refine"],
@@ -32,19 +33,27 @@ def _write(folder, rows):
 
 
 def test_load_cases_reads_splits_prompts_and_pixels(folder):
-    cases = D.load_cases(folder)
+    cases = CS.load_cases(folder)
     assert [c.split for c in cases] == ["train", "train", "train", "val", "test", "test"]
     assert cases[0].prompt == "refine" and cases[1].prompt is None
     t = D.make_triplet(0, "test", 64, 2)
     assert (cases[0].target - t.target).abs().max() < 1 / 255 and (cases[0].mask == t.mask).all()
-    assert [c.name for c in D.load_cases(folder, "test")] == ["case004", "case005"]
+    assert [c.name for c in CS.load_cases(folder, "test")] == ["case004", "case005"]
     rows = _lines(folder)
     for r in rows:
         r.pop("split")
     _write(folder, rows)
-    assert [c.split for c in D.load_cases(folder)] == [
-        c.split for c in D.load_cases(folder)
-    ]  # deterministic without splits
+    by_name = {c.name: c.split for c in CS.load_cases(folder)}
+    _write(folder, rows[::-1])  # the split follows each case's draft path, not its line
+    assert {c.name: c.split for c in CS.load_cases(folder)} == by_name
+    assert [c.split for c in CS.load_cases(folder)] == [CS._split_of(r["draft"]) for r in rows[::-1]]
+
+
+def test_the_split_rule_is_80_10_10_and_stable():
+    splits = [CS._split_of(f"drafts/img{i:04d}.png") for i in range(2000)]
+    share = {s: splits.count(s) / len(splits) for s in ("train", "val", "test")}
+    assert abs(share["train"] - 0.8) < 0.03 and abs(share["val"] - 0.1) < 0.02 and abs(share["test"] - 0.1) < 0.02
+    assert [CS._split_of(f"drafts/img{i:04d}.png") for i in range(2000)] == splits  # a stable hash, not Python's
 
 
 @pytest.mark.parametrize(
@@ -65,7 +74,7 @@ def test_bad_folders_name_the_line_the_file_and_the_fix(folder, change, expect):
     change(rows)
     _write(folder, rows)
     with pytest.raises(ValueError, match=expect):
-        D.load_cases(folder)
+        CS.load_cases(folder)
 
 
 def test_mask_size_empty_mask_and_unreadable_files_are_caught(folder):
@@ -80,7 +89,7 @@ def test_mask_size_empty_mask_and_unreadable_files_are_caught(folder):
     )
     _write(folder, rows)
     with pytest.raises(ValueError) as e:
-        D.load_cases(folder)
+        CS.load_cases(folder)
     msg = str(e.value)
     assert "3 problem(s)" in msg and "line 1: mask 'small_mask.png' is 32x64 but the draft is 64x64" in msg
     assert "line 2: mask 'empty_mask.png': empty mask" in msg and "line 3: cannot read reference 'broken.png'" in msg

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from labkit import data as D
+from labkit import images as IM
 
 
 def test_triplet_deterministic_per_seed():
@@ -35,8 +36,8 @@ def test_triplet_geometry(seed):
 
 def test_artifacts_only_inside_mask():
     t = D.make_triplet(11, "val", size=128, factor=2, degradation="noise")
-    low = D.resize(t.target, 64)
-    m_low = D.resize(t.mask, 64, "bilinear")  # the blend mask the generator uses
+    low = IM.resize(t.target, 64)
+    m_low = IM.resize(t.mask, 64, "bilinear")  # the blend mask the generator uses
     diff = (t.lowres - low).abs().sum(0)
     assert diff[m_low[0] == 0].max() < 1e-5 and diff[m_low[0] > 0.5].mean() > 0.02
 
@@ -50,7 +51,7 @@ def test_splits_are_by_source():
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="empty mask"):
-        D.bbox_of(torch.zeros(1, 16, 16))
+        IM.bbox_of(torch.zeros(1, 16, 16))
     with pytest.raises(ValueError, match="divisible"):
         D.make_triplet(0, size=100, factor=3)
     with pytest.raises(ValueError, match="split"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from labkit import cases as CS
 from labkit import data as D
 from labkit.cli import refine_main
 from labkit.train import main as train_main
@@ -23,7 +24,7 @@ def _fingerprint(folder: Path) -> dict[str, str]:
 @pytest.fixture()
 def cases(tmp_path):
     trips = [D.make_triplet(i, "test", 64, 2) for i in range(2)]
-    return D.write_cases(tmp_path / "cases", trips, splits=["test"] * 2)
+    return CS.write_cases(tmp_path / "cases", trips, splits=["test"] * 2)
 
 
 def test_fresh_never_deletes_the_case_folder_it_reads(cases, capsys):
@@ -91,7 +92,7 @@ def test_case_ids_are_file_names_that_stay_inside_out(cases, ids, expect, tmp_pa
         row["id"] = i
     (cases / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     with pytest.raises(ValueError, match=expect):
-        D.load_cases(cases)
+        CS.load_cases(cases)
     out = tmp_path / "out"
     assert refine_main(["--data", str(cases), "--out", str(out), "--preset", "tiny", "--steps", "1"]) == 2
     assert not (tmp_path / "x.png").exists() and not Path("/tmp/x.png").exists()
@@ -102,7 +103,7 @@ def test_an_integer_id_zero_is_kept(cases):
     lines = [json.loads(x) for x in (cases / "metadata.jsonl").read_text().splitlines()]
     lines[0]["id"], lines[1]["id"] = 0, 1
     (cases / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    assert [c.name for c in D.load_cases(cases)] == ["0", "1"]
+    assert [c.name for c in CS.load_cases(cases)] == ["0", "1"]
 
 
 def test_fresh_still_replaces_labkits_own_output(cases, tmp_path):

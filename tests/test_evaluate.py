@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import labkit
+from labkit import cases as CS
 from labkit import data as D
 from labkit import evaluate as E
 from labkit import inference as I
@@ -138,7 +139,7 @@ def test_sharded_evaluation_two_processes_equal_one(tmp_path, accelerate_launch)
     import pandas as pd
 
     trips = [D.make_triplet(s, "test", 64, factor=2) for s in range(5)]
-    data = D.write_cases(tmp_path / "cases", trips)
+    data = CS.write_cases(tmp_path / "cases", trips)
     args = ["-m", "labkit", "evaluate", "--data", str(data), "--preset", "tiny", "--methods", "focus", "--steps", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     one = subprocess.run(

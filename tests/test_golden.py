@@ -17,6 +17,7 @@ from PIL import Image
 
 import labkit
 from labkit import data as D
+from labkit import images as IM
 from labkit import metrics
 from labkit.inference import REFINE_DEFAULTS, to_pil
 from labkit.util import REPO
@@ -48,7 +49,7 @@ def test_fixed_refine_calls_reproduce_the_committed_images():
         out = _call(name)
         ref = np.asarray(Image.open(GOLDEN / f"{name}.png").convert("RGB"), np.float32) / 255
         got = np.asarray(out, np.float32) / 255
-        psnr = float(metrics.psnr(D.to_tensor(got)[None], D.to_tensor(ref)[None]))
+        psnr = float(metrics.psnr(IM.to_tensor(got)[None], IM.to_tensor(ref)[None]))
         assert psnr > 45, (
             f"{name}: {psnr:.1f} dB from the committed output (regenerate on purpose: see the module docstring)"
         )
@@ -56,8 +57,8 @@ def test_fixed_refine_calls_reproduce_the_committed_images():
 
 def test_the_default_call_keeps_the_background_and_is_the_val_winner():
     c = _case()
-    out = D.to_tensor(np.asarray(_call("refine_default_mini"), np.float32) / 255)
-    draft = D.to_tensor(np.asarray(to_pil(c.draft), np.float32) / 255)
+    out = IM.to_tensor(np.asarray(_call("refine_default_mini"), np.float32) / 255)
+    draft = IM.to_tensor(np.asarray(to_pil(c.draft), np.float32) / 255)
     x0, y0, x1, y1 = c.bbox
     outside = np.ones(draft.shape[-2:], bool)
     outside[max(0, y0 - 40) : y1 + 40, max(0, x0 - 40) : x1 + 40] = False  # generously beyond the focus box

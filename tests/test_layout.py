@@ -10,10 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "labkit"
 
 FLOORS = {  # 0 core · 1 methods · 2 recipes · 3 entry points · 4 the notebooks' experiments
-    0: {"presets", "util", "results", "models", "sampling", "data", "objects"},
+    0: {"presets", "util", "results", "images", "data", "cases", "objects", "models", "sampling"},
     1: {"focus", "align", "attention", "adapters", "freqmole", "frequency", "losses", "metrics", "editor", "viz"},
     2: {"loop", "vae", "mini", "pretrain", "sft", "rl"},
-    3: {"inference", "evaluate", "sweep", "cli", "train", "studio", "__main__", "__init__"},
+    3: {"inference", "evaluate", "sweep", "cli", "train", "studio", "studio_app", "__main__", "__init__"},
     4: {"experiments"},
 }
 FLOOR = {m: f for f, ms in FLOORS.items() for m in ms}

@@ -87,7 +87,8 @@ def _blob(h=64):
     return m
 
 
-def test_accept_check_keeps_the_paste_when_the_editor_leaves_the_aligned_reference():
+def test_accept_check_keeps_the_paste_when_the_editor_leaves_the_aligned_reference(monkeypatch):
+    monkeypatch.setattr(I, "ACCEPT_AGREE_DB", 30.0)  # the rule at a threshold that lets an editor through
     draft, mask = torch.rand(3, 64, 64), _blob()
     aligned = torch.rand(3, 64, 64)
     paste = A.soft_paste(draft, mask, aligned)
@@ -99,7 +100,8 @@ def test_accept_check_keeps_the_paste_when_the_editor_leaves_the_aligned_referen
     assert why["kept"] == "editor" and why["agree_db"] > I.ACCEPT_AGREE_DB
 
 
-def test_accept_check_without_a_registration_keeps_the_draft_when_the_seam_breaks():
+def test_accept_check_without_a_registration_keeps_the_draft_when_the_seam_breaks(monkeypatch):
+    monkeypatch.setattr(I, "ACCEPT_SEAM_DB", 30.0)
     draft, mask = torch.rand(3, 64, 64), _blob()
     broken = draft.clone()
     broken[:, 16:48, 16:48] = 0.0  # the edit spills over the region's surroundings
@@ -112,13 +114,13 @@ def test_accept_check_without_a_registration_keeps_the_draft_when_the_seam_break
 
 def test_refine_with_accept_returns_a_candidate_and_says_which():
     c = O.object_case(0, "val", failure="wrong", kind="label")
-    out, info = I.refine_tensor(c.draft, c.mask, c.reference, preset="tiny", steps=1, accept=True)
+    out, info = I.refine_tensor(c.draft, c.mask, c.reference, preset="tiny", steps=1)  # on by default (05's val)
     assert info["registration"]["scope"] == "object" and info["accept"]["kept"] in ("editor", "paste")
     paste = I.refine_tensor(c.draft, c.mask, c.reference, method="paste_warp", preset="tiny")[0]
     if info["accept"]["kept"] == "paste":
         assert torch.allclose(out, paste, atol=1e-6)
-    plain, info2 = I.refine_tensor(c.draft, c.mask, c.reference, preset="tiny", steps=1)
-    assert "accept" not in info2  # off by default until notebook 05 chooses it on val
+    plain, info2 = I.refine_tensor(c.draft, c.mask, c.reference, preset="tiny", steps=1, accept=False)
+    assert "accept" not in info2  # off: the editor's output as it is
 
 
 @pytest.mark.parametrize("kind", ["identity", "unaligned", "objects"])

@@ -2,6 +2,7 @@ import numpy as np
 import torch
 
 from labkit import data as D
+from labkit import images as IM
 from labkit import pretrain as PT
 from labkit.experiments import mini_backbone as XM
 from labkit.sampling import sample, times
@@ -94,19 +95,18 @@ def test_upscale_context_is_the_bicubic_draft_of_the_target():
     cfg = PT.EditorConfig(batch=3, size=64)
     for f in (2, 4):
         b = PT.task_batch("upscale", np.random.default_rng(1), "train", cfg, factor=f)
-        assert torch.allclose(b["contexts"][0], D.bicubic_draft(b["target"], f))
+        assert torch.allclose(b["contexts"][0], IM.bicubic_draft(b["target"], f))
     b = PT.task_batch("upscale", np.random.default_rng(1), "train", PT.EditorConfig(batch=16, size=64))
     used = [
         f
         for i in range(16)
         for f in (2, 4)
-        if torch.allclose(b["contexts"][0][i : i + 1], D.bicubic_draft(b["target"][i : i + 1], f))
+        if torch.allclose(b["contexts"][0][i : i + 1], IM.bicubic_draft(b["target"][i : i + 1], f))
     ]
     assert len(used) == 16 and set(used) == {2, 4}  # every draft is x2 or x4, and both occur
 
 
 def test_oracle_paste_copies_the_true_region():
-    from labkit import data as D
 
     for s in range(4):
         t = D.make_triplet(s, "val", 128, factor=1, view_strength=1.0, degradation="blur")
@@ -126,9 +126,8 @@ def test_baseline_claim_says_whether_the_vae_ceiling_leaves_room():
 
 
 def test_strong_restore_artifacts_remove_what_only_the_reference_has():
-    from labkit import data as D
 
-    img = D.to_numpy(D.make_triplet(3, "val", 128, factor=1, degradation="blur").target)
+    img = IM.to_numpy(D.make_triplet(3, "val", 128, factor=1, degradation="blur").target)
     rng = np.random.default_rng(0)
     hf = lambda x: np.abs(np.diff(x, axis=1)).mean()  # noqa: E731  (mean horizontal gradient)
     smear = D.degrade(rng, img, "smear")
@@ -172,7 +171,6 @@ def test_inpainting_blend_keeps_the_latents_outside_the_mask():
 
 
 def test_refine_with_strength_and_blend_runs_on_tiny():
-    from labkit import data as D
     from labkit import inference as I
 
     c = D.make_triplet(0, "test", 64, 2)

@@ -3,14 +3,18 @@ The browser test (tests/browser) drives the same app with mouse events in headle
 
 import io
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from labkit import data as D
+from labkit import cases as CS
+from labkit import images as IM
 from labkit import studio as S
+from labkit import studio_app as SA
+from labkit.studio_app import Studio
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,7 @@ def case():
 @pytest.fixture
 def app(tmp_path):
     pytest.importorskip("ipycanvas")
-    return S.Studio(preset="tiny", example="wrong", cases_dir=str(tmp_path / "cases"), steps=3)
+    return Studio(preset="tiny", example="wrong", cases_dir=str(tmp_path / "cases"), steps=3)
 
 
 @pytest.mark.parametrize("method", ["focus", "align", "paste_warp"])
@@ -40,11 +44,12 @@ def test_full_method_changes_outside_the_region_without_blend(case):
     r = S.run(
         case.draft, case.mask, case.references, preset="tiny", method="full", steps=2, blend=False, show_overlay=False
     )
-    x0, y0, x1, y1 = D.bbox_of(case.mask)
+    x0, y0, x1, y1 = IM.bbox_of(case.mask)
     c = r.change.clone()
     c[y0:y1, x0:x1] = 0
     assert int((c > 0).sum()) > 0  # the whole image is regenerated: pixels outside the region change ...
-    assert r.box == (0, 0, 128, 128) and S.changed_outside(r) == 0  # ... so the box it may touch is the whole image
+    assert r.box == (0, 0, 128, 128)  # ... so the box it may touch is the whole image,
+    assert S.changed_outside(replace(r, info={**r.info, "method": "input"})) > 0  # the region's box would not hold
 
 
 def test_filmstrip_frames_are_the_steps_x0_predictions(case):
@@ -79,7 +84,7 @@ def test_cancel_stops_between_steps(case):
         (dict(references=[]), "copies from a reference"),
         (dict(preset="nonsense"), "unknown preset"),
         (dict(preset="/no/such/pipeline"), "does not load"),
-        (dict(draft=torch.rand(3, 16, 16), mask=torch.ones(1, 16, 16)), "at least 32 px"),
+        (dict(draft=torch.rand(3, 8, 8), mask=torch.ones(1, 8, 8)), "at least 16x16"),
     ],
 )
 def test_bad_inputs_are_studio_errors_naming_the_fix(case, bad, needle):
@@ -92,10 +97,10 @@ def test_save_appends_a_case_that_loads_back(case, tmp_path):
     r = S.run(case.draft, case.mask, case.references, preset="tiny", steps=2, target=case.target, prompt="refine")
     folder = S.save(r, tmp_path / "c")
     S.save(r, tmp_path / "c")
-    cases = D.load_cases(folder)
+    cases = CS.load_cases(folder)
     assert [c.name for c in cases] == ["case000", "case001"] and cases[0].prompt == "refine"
     assert torch.allclose(cases[0].draft, case.draft, atol=1 / 255) and torch.equal(cases[0].mask, case.mask)
-    out = D.as_image_tensor(Image.open(folder / "case001_output.png"))
+    out = IM.as_image_tensor(Image.open(folder / "case001_output.png"))
     assert torch.allclose(out, r.output, atol=1 / 255)
 
 
@@ -134,7 +139,7 @@ def test_run_button_fills_the_panels_and_save_writes_the_case_folder(app, tmp_pa
     assert S.changed_outside(res) == 0
     folder = app.save()
     assert (folder / "case000_output.png").exists() and "1 cases" in app.saved.value
-    assert len(D.load_cases(folder)) == 1
+    assert len(CS.load_cases(folder)) == 1
 
 
 @pytest.mark.parametrize(
@@ -144,8 +149,8 @@ def test_run_button_fills_the_panels_and_save_writes_the_case_folder(app, tmp_pa
         (lambda a: a.set_references([]), "copies from a reference"),
         (lambda a: setattr(a.preset, "value", "/no/such/pipeline"), "does not load"),
         (
-            lambda a: a.set_image(torch.rand(3, 16, 16), [torch.rand(3, 16, 16)], mask=torch.ones(1, 16, 16)),
-            "at least 32 px",
+            lambda a: a.set_image(torch.rand(3, 8, 8), [torch.rand(3, 8, 8)], mask=torch.ones(1, 8, 8)),
+            "at least 16x16",
         ),
     ],
 )
@@ -166,7 +171,7 @@ def test_threaded_run_can_be_cancelled(app, monkeypatch):
     app.steps.value = 50
     app.method.value = "focus"
     gate = threading.Event()
-    orig = S.run
+    orig = SA.run  # the widget's own reference to the core's run
 
     def slow_run(*a, on_step=None, **kw):
         def step(i, n):
@@ -176,7 +181,7 @@ def test_threaded_run_can_be_cancelled(app, monkeypatch):
 
         return orig(*a, on_step=step, **kw)
 
-    monkeypatch.setattr(S, "run", slow_run)
+    monkeypatch.setattr(SA, "run", slow_run)
     app.run()
     assert gate.wait(60)
     app.cancel_button.click()
@@ -197,3 +202,11 @@ def test_the_registration_switches_reach_refine(app):
     assert r.info["registration"]["used"] == "warp"  # the bundled example registers
     assert {k: r.info[k] for k in app.switches} == {k: not REFINE_DEFAULTS[k] for k in app.switches}
     assert app.settings()["paste_first"] is (not REFINE_DEFAULTS["paste_first"])
+
+
+def test_the_do_no_harm_switch_reaches_refine_and_the_status_says_what_was_kept(app):
+    app.method.value = "align"
+    app.accept.value = True
+    res = app.run(wait=True)
+    assert res is not None and res.info["accept"]["kept"] in ("editor", "paste", "draft")
+    assert f"kept the {res.info['accept']['kept']}" in app.status.value and "registration" in app.status.value

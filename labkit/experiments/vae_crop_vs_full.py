@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..focus import Box, crop, resize, snap_size
+from ..focus import Box, crop, snap_size
+from ..images import resize
 from ..metrics import hf_energy_ratio, psnr, spectrum_distance, ssim
 
 
