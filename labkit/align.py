@@ -1,11 +1,14 @@
 """Align as a warp (beyond Refine-by-Align's box): register the reference into the draft's frame.
 
-Correspondences come from outside the region (the region is what is wrong in the draft): SIFT keypoints
-matched with a ratio test and fitted by RANSAC (scikit-image), then refined directly on the pixels (a
-homography that minimises the photometric error outside the region, with a per-channel gain and bias for
-the reference's change of light). The warped reference is cropped by the same focus box as the draft, so
-the editor's contexts line up. A fit that is poor (too few inliers, too little overlap with the draft outside
-the region, a large residual) is reported, and the caller falls back to the M* box crop.
+Correspondences come from anywhere outside the region (the region is what is wrong in the draft): SIFT keypoints
+matched with a ratio test and fitted by RANSAC (scikit-image), then refined directly on the pixels (a homography
+that minimises the photometric error, with a per-channel gain and bias for the reference's change of light).
+Two scopes: **scene** (the reference shares the draft's background: refined on everything outside the region) and,
+when that does not verify, **object** (a product shot: refined on the ring around the region with a robust loss,
+then a smooth non-rigid flow for a curved surface). The warped reference is cropped by the same focus box as the
+draft, so the editor's contexts line up. A fit that does not verify (too few inliers, too little overlap, a large
+fit error, a fit that drifted from its matches) is reported with the reason, and the caller falls back to the M*
+box crop. Images larger than REGISTRATION_BUDGET pixels are registered downscaled and the warp mapped back.
 
 Homographies map reference pixels (x, y, 1) to draft pixels, in pixel units (x right, y down).
 """
@@ -34,7 +37,7 @@ class Registration:
     ok: bool  # good enough to use (else fall back to the box)
     inliers: int  # RANSAC inliers among the matches outside the region
     matches: int
-    residual: float  # RMS photometric error outside the region after the warp, relative to the draft's spread there
+    fit_error: float  # RMS photometric error where it was fitted (scene or ring), relative to the draft's spread there
     reason: str = ""  # why it was refused, when it was
     gain: np.ndarray = field(
         default_factory=lambda: np.ones(3)
@@ -49,7 +52,7 @@ class Registration:
             used="warp" if self.ok else "box",
             inliers=self.inliers,
             matches=self.matches,
-            residual=round(self.residual, 4),
+            fit_error=round(self.fit_error, 4),
             reason=self.reason,
             scope=self.scope,
             nonrigid=self.flow is not None,

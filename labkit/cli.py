@@ -115,6 +115,11 @@ def refine_main(argv: list[str] | None = None) -> int:
     """`labkit refine ...`: 0 done, 2 usage or bad input (naming the file and the fix), 1 a failed run."""
     a = parse_refine(argv)
     kw = {f.name: getattr(a, f.name) for f in fields(I.RefineOptions) if f.name != "prompt"}  # a case's prompt wins
+    try:  # every option checked before anything is read or written (a bad --seed, --device, --steps ...)
+        I.RefineOptions(**kw).checked()
+    except ValueError as e:
+        print(f"labkit refine: error: {e}", file=sys.stderr)
+        return 2
 
     def one():
         check_not_an_input(a.output, [a.draft, a.mask, *a.references], "-o")

@@ -30,7 +30,9 @@ MAX_STEPS = 1000  # more sampler steps than any schedule needs (FLUX.1-Kontext: 
 def check_steps(steps) -> int:
     """Sampler steps: an integer >= 1 (numpy integers accepted)."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be an integer in 1..{MAX_STEPS} (the number of sampler steps); got {steps!r}")
+        raise ValueError(
+            f"steps (--steps) must be an integer in 1..{MAX_STEPS} (the number of sampler steps); got {steps!r}"
+        )
     return int(steps)
 
 

@@ -114,3 +114,10 @@ def test_fresh_still_replaces_labkits_own_output(cases, tmp_path):
     stale.write_bytes(b"left from an earlier run")
     assert refine_main([*argv, "--fresh"]) == 0
     assert not stale.exists() and (out / "run.json").exists()
+
+
+@pytest.mark.parametrize("bad", [["--seed", "-1"], ["--seed", str(10**23)], ["--device", "bogus"], ["--steps", "5000"]])
+def test_a_bad_option_writes_nothing_into_out(cases, tmp_path, bad, capsys):
+    out = tmp_path / "out"
+    assert refine_main(["--data", str(cases), "--out", str(out), "--preset", "tiny", *bad]) == 2
+    assert bad[0] in capsys.readouterr().err and not out.exists()

@@ -28,7 +28,7 @@ def _refine(case, **kw):
 
 @pytest.mark.parametrize("steps", [0, -1, 2.5, "4", True])
 def test_steps_must_be_a_positive_integer(case, steps):
-    with pytest.raises(ValueError, match=r"steps must be an integer in 1\.\.1000.*got"):
+    with pytest.raises(ValueError, match=r"steps \(--steps\) must be an integer in 1\.\.1000.*got"):
         _refine(case, steps=steps)
 
 

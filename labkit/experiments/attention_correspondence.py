@@ -27,14 +27,17 @@ def triplet_maps(
     up = trip.draft[None]
     z_gt, z_draft, z_ref = bb.encode(trip.target[None]), bb.encode(up), bb.encode(trip.reference[None])
     patch = bb.multiple
-    n_tok = (size // patch) ** 2
+    span = bb.token_spans([z.shape[-2:] for z in (z_gt, z_draft, z_ref)], ("target", "draft", "reference"))
     spec = CaptureSpec(
-        queries={"target": tokens_in_mask(trip.mask, patch), "draft": tokens_in_mask(trip.mask, patch, offset=n_tok)},
-        ref=slice(2 * n_tok, 3 * n_tok),
+        queries={
+            "target": tokens_in_mask(trip.mask, patch, offset=span["target"].start),
+            "draft": tokens_in_mask(trip.mask, patch, offset=span["draft"].start),
+        },
+        ref=span["reference"],
         renorm=renorm,
     )
     g = torch.Generator().manual_seed(seed)
-    with capture(bb.transformer, spec, n_image=3 * n_tok) as rec:
+    with capture(bb.transformer, spec, n_image=span["reference"].stop) as rec:
         if path == "teacher":
             for t in timesteps:
                 eps = torch.randn(z_gt.shape, generator=g).to(z_gt)
