@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 STRIP_KEYS := metadata.language_info metadata.widgets
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint figures mini lab test-browser sweep bench strip clean
+.PHONY: help venv test test-fast lint figures mini lab test-browser sweep bench gpu-check strip clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ sweep: .venv/.done  ## papermill sweep: SWEEP_NB over SWEEP_PARAMS (name=v1,v2 .
 
 bench: .venv/.done  ## ratio benchmarks (printed side by side)
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
+
+gpu-check: .venv/.done  ## on one CUDA GPU (<= 10 min): sampling and a LoRA step, labkit vs plain diffusers/peft, peak memory, MFU (FOLDER=pipeline folder for real weights); without CUDA it says so and exits 0
+	$(PY) bench/gpu_check.py $(if $(FOLDER),--folder $(FOLDER),) --out runs/gpu_check.json
 
 strip:  ## strip notebook outputs as the git filter does (keeps tags and kernelspec), so a run leaves git clean
 	.venv/bin/nbstripout --extra-keys "$(STRIP_KEYS)" notebooks/*.ipynb

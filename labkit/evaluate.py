@@ -34,7 +34,7 @@ from .data import make_triplet
 from .frequency import lowpass
 from .metrics import bootstrap_ci
 from .presets import check_preset
-from .results import claim, write_results
+from .results import claim, paper_effect, write_results
 from .util import atomic_dir, atomic_save, case_seed, claim_out_dir, run_cli, write_json
 
 # column -> which direction is better ("max", "min", or "one": closest to 1)
@@ -188,6 +188,8 @@ def paired(df: pd.DataFrame, a: str, b: str, col: str = "region_psnr", seed: int
         ci_high=hi,
         n=int(len(d)),
         n_scenes=int(scenes.nunique()) if scenes is not None else int(len(d)),
+        diffs=d.values,
+        groups=None if scenes is None else scenes.values,
     )
 
 
@@ -436,18 +438,22 @@ def runners_for(
     return out
 
 
-def pair_claim(df: pd.DataFrame, a: str, b: str, paper: str, col: str = "region_psnr", seed: int = 0) -> dict:
-    """A claim 'a beats b' from the paired bootstrap over the same cases: holds if the CI's lower bound > 0."""
+def pair_claim(
+    df: pd.DataFrame, a: str, b: str, paper: str, col: str = "region_psnr", seed: int = 0, name: str = ""
+) -> dict:
+    """A claim 'a beats b' from the paired bootstrap over the same cases (scenes resampled), judged against the
+    paper's effect for `name` (results.PAPER_EFFECTS) or the smallest effect of interest."""
     p = paired(df, a, b, col, seed)
     return claim(
         p["value"],
         p["baseline"],
-        p["ci_low"] > 0,
         f"{col} (dB)" if "psnr" in col else col,
         paper,
-        f"{a} vs {b}: paired diff {p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] "
-        f"(95% bootstrap CI over {p['n_scenes']} scenes, {p['n']} cases)",
-        ci=[p["ci_low"], p["ci_high"]],
+        diffs=p["diffs"],
+        groups=p["groups"],
+        seed=seed,
+        note=f"{a} vs {b}: paired over {p['n_scenes']} scenes, {p['n']} cases",
+        **paper_effect(name),
     )
 
 
@@ -493,7 +499,12 @@ def evaluate_cases(
     for name in adapters:
         if f"{name}/focus" in runners and f"{name}/full" in runners and name == best_model.split("/")[0]:
             claims["focus_beats_full"] = pair_claim(
-                df, f"{name}/focus", f"{name}/full", "RefineAnything (Focus-and-Refine vs whole image)", seed=seed
+                df,
+                f"{name}/focus",
+                f"{name}/full",
+                "RefineAnything (Focus-and-Refine vs whole image)",
+                seed=seed,
+                name="focus_beats_full",
             )
     focus = df[df.method.str.endswith(("/focus", "/align"))]
     if len(focus):
@@ -501,10 +512,10 @@ def evaluate_cases(
         claims["background_exact"] = claim(
             worst,
             0.0,
-            worst == 0.0,
             "max |output - input| outside the paste box",
             "RefineAnything (Focus-and-Refine paste-back)",
-            f"over {len(focus)} focus/align outputs",
+            holds=worst == 0.0,
+            note=f"bit-exact check over {len(focus)} focus/align outputs",
         )
     with atomic_dir(out_dir) as tmp:
         if run_settings is not None:  # the command line's settings: the same ones resume, others are refused
@@ -629,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         for k, c in res["claims"].items():
             print(
-                f"{k}: {c['value']:.3f} vs {c['baseline']:.3f} {c['unit']} -> "
-                f"{'holds' if c['holds'] else 'does not hold'}"
+                f"{k}: {c['value']:.3f} vs {c['baseline']:.3f} {c['unit']} -> {c['verdict']}"
+                + (f" (CI {c['ci'][0]:+.3f} .. {c['ci'][1]:+.3f}, MDE {c['mde']:.3f})" if "ci" in c else "")
             )
         print(f"wrote {a.out}" + (f" ({state.num_processes} processes)" if state.num_processes > 1 else ""))
 

@@ -34,12 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .util import (  # noqa: F401 (re-exported)
     REPO,
+    TRACKERS,
     NonFiniteError,
     RunConfigMismatch,
     atomic_save,
@@ -50,7 +52,15 @@ from .util import (  # noqa: F401 (re-exported)
 )
 
 RUNS = REPO / "runs"
-VOLATILE = ("out_dir", "progress", "max_minutes", "fresh", "ckpt_every", "eval_every")  # may change on resume
+VOLATILE = (
+    "out_dir",
+    "progress",
+    "max_minutes",
+    "fresh",
+    "ckpt_every",
+    "eval_every",
+    "report_to",
+)  # may change on resume
 
 
 @dataclass
@@ -76,6 +86,7 @@ class LoopConfig:
     fresh: bool = False  # delete an earlier run in out_dir instead of resuming it
     progress: bool = True
     fsdp: bool = False  # shard the transformer (FSDP2, blocks as units) across processes; LoRA/FreqMoLE train
+    report_to: str = "none"  # an experiment tracker through accelerate (TRACKERS): losses, val metrics and images
 
     def check(self) -> LoopConfig:
         """Refuse settings no run can use, before anything is written (a usage error naming the fix)."""
@@ -90,13 +101,14 @@ class LoopConfig:
                 ("weight_decay", self.weight_decay, math.isfinite(self.weight_decay) and self.weight_decay >= 0),
                 ("warmup", self.warmup, self.warmup >= 0),
                 ("fsdp with ema", self.ema, not (self.fsdp and self.ema)),
+                ("report_to", self.report_to, self.report_to in TRACKERS),
             )
             if not ok
         ]
         if bad:
             raise ValueError(
                 f"bad training settings: {', '.join(bad)} (steps and grad_accum >= 1, lr > 0 and finite, "
-                "0 <= ema < 1, clip/weight_decay/warmup >= 0, no EMA under fsdp)"
+                f"0 <= ema < 1, clip/weight_decay/warmup >= 0, no EMA under fsdp, report_to one of {TRACKERS})"
             )
         return self
 
@@ -138,6 +150,34 @@ def resolve_precision(mp: str) -> str:
     except OSError:
         flags = ""
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+def save_optimizer(model: torch.nn.Module, opt, sched, folder: Path, main: bool) -> None:
+    """The optimizer of a (possibly FSDP-sharded) model through torch.distributed.checkpoint's get_state_dict,
+    gathered whole on CPU (a collective: every rank calls it): its tensors as optimizer.safetensors (keyed
+    '<parameter>/<state>'), the param groups and the schedule as optimizer.json; no pickles."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not main:
+        return
+    tensors = {f"{name}/{k}": v.detach().cpu().contiguous() for name, st in sd["state"].items() for k, v in st.items()}
+    save_file(tensors, str(Path(folder) / "optimizer.safetensors"))
+    write_json(dict(param_groups=sd["param_groups"], scheduler=sched.state_dict()), Path(folder) / "optimizer.json")
+
+
+def load_optimizer(model: torch.nn.Module, opt, sched, folder: Path) -> None:
+    """Back from save_optimizer: every rank reads the whole state and set_state_dict keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state: dict[str, dict] = {}
+    for key, v in load_file(str(Path(folder) / "optimizer.safetensors")).items():
+        name, k = key.rsplit("/", 1)
+        state.setdefault(name, {})[k] = v
+    meta = json.loads((Path(folder) / "optimizer.json").read_text())
+    sd = dict(state=state, param_groups=meta["param_groups"])
+    set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
+    sched.load_state_dict(meta["scheduler"])
 
 
 def lr_lambda(cfg: LoopConfig, freeze_at: int | None = None) -> Callable[[int], float]:
@@ -265,6 +305,11 @@ class Trainer:
         acc.wait_for_everyone()
         if self.main:
             write_json(config, self.out / "run.json")
+        if cfg.report_to != "none":  # only now: the folder is known to be labkit's (_check_run_dir)
+            flat = {f"{k}.{n}": v for k, d in config.items() if isinstance(d, dict) for n, v in d.items()}
+            acc.init_trackers(
+                "tracker", config={k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
+            )
         seed_everything(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)  # the data RNG: the same stream on every rank (Step.shard splits it)
         self._build_optimizer(model, param_groups)
@@ -286,6 +331,7 @@ class Trainer:
         """The Accelerator: precision, accumulation, and (fsdp) accelerate's FSDP2 plugin with the blocks as units."""
         from accelerate import Accelerator, FullyShardedDataParallelPlugin  # heavy: imported where used
         from accelerate.state import AcceleratorState, GradientState
+        from accelerate.utils import ProjectConfiguration
 
         # one process may train several models at different precisions (notebooks, tests)
         AcceleratorState._reset_state()
@@ -305,6 +351,10 @@ class Trainer:
             gradient_accumulation_steps=self.cfg.grad_accum,
             step_scheduler_with_optimizer=False,
             fsdp_plugin=plugin,
+            log_with=None if self.cfg.report_to == "none" else self.cfg.report_to,
+            project_config=ProjectConfiguration(
+                project_dir=self.cfg.out_dir, logging_dir=str(Path(self.cfg.out_dir) / "logs")
+            ),
         )
 
     def _build_optimizer(self, model: nn.Module, param_groups: list[dict] | None) -> None:
@@ -401,6 +451,9 @@ class Trainer:
                 **{k: float(v) for k, v in logs.items()},
             )
         )
+        if cfg.report_to != "none":
+            last = state["history"][-1]
+            acc.log({f"train/{k}": v for k, v in last.items() if k not in ("step", "seconds")}, step=state["step"])
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss_mean:.4f}", refresh=False)
         return state["step"] >= cfg.steps or bool(cfg.max_minutes and state["seconds"] > 60 * cfg.max_minutes)
@@ -426,9 +479,25 @@ class Trainer:
             if not msg and self.main:
                 self.state["evals"].append(dict(step=self.state["step"], seconds=round(self.state["seconds"], 1), **ev))
                 self.bar.write(f"[{self.out.name}] step {self.state['step']}: {_fmt(ev)}")
+                self.track_eval(ev)
         msg = broadcast_object_list([msg])[0] if self.acc.num_processes > 1 else msg
         if msg:
             raise NonFiniteError(msg + " (nothing saved for this step; lower the learning rate or check the data)")
+
+    def track_eval(self, ev: dict) -> None:
+        """Val metrics to the tracker, and the val image the recipe saved for this step (out/val/step_*.png)."""
+        if self.cfg.report_to == "none":
+            return
+        step = self.state["step"]
+        self.acc.log({f"val/{k}": v for k, v in ev.items() if isinstance(v, (int, float))}, step=step)
+        png = self.out / "val" / f"step_{step:06d}.png"
+        if png.exists():
+            img = np.asarray(Image.open(png).convert("RGB"))[None]  # (1, H, W, 3)
+            for t in self.acc.trackers:
+                if t.name == "tensorboard":
+                    t.log_images({"val/samples": img}, step=step, dataformats="NHWC")
+                else:
+                    t.log_images({"val/samples": list(img)}, step=step)
 
     # ---------------------------------------------------------------- checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -461,10 +530,8 @@ class Trainer:
         acc.wait_for_everyone()
         self._full = self.trainable_state()  # collective under FSDP
         acc.save_state(str(tmp))
-        if self.by_hand:  # each rank's optimizer shard (AdamW moments are DTensors), the schedule once
-            torch.save(self.opt.state_dict(), tmp / f"optimizer_rank{acc.process_index}.pt")
-            if self.main:
-                torch.save(self.sched.state_dict(), tmp / "scheduler_fsdp.pt")
+        if self.by_hand:  # the sharded optimizer gathered whole (collective), the schedule: no pickles
+            save_optimizer(self.prepared, self.opt, self.sched, tmp, self.main)
         acc.wait_for_everyone()
         if self.main:
             write_json(dict(self.state, data_rng=self.rng.bit_generator.state), tmp / "loop_state.json")
@@ -491,10 +558,7 @@ class Trainer:
         """Exact resume: weights, optimizer, schedule, RNGs, EMA, data RNG, history."""
         self.acc.load_state(str(ckpt))
         if self.by_hand:
-            self.opt.load_state_dict(
-                torch.load(ckpt / f"optimizer_rank{self.acc.process_index}.pt", weights_only=False)
-            )
-            self.sched.load_state_dict(torch.load(ckpt / "scheduler_fsdp.pt", weights_only=False))
+            load_optimizer(self.prepared, self.opt, self.sched, ckpt)
         saved = json.loads((ckpt / "loop_state.json").read_text())
         self.rng.bit_generator.state = saved.pop("data_rng")
         self.state.update(saved)
@@ -510,6 +574,8 @@ class Trainer:
             m.disable_gradient_checkpointing()
         self.inner.__dict__.pop("forward", None)
         self.inner.__dict__.pop("_original_forward", None)
+        if self.cfg.report_to != "none":
+            self.acc.end_training()  # flushes and closes the tracker's files
         self.acc.free_memory()
 
 

@@ -59,6 +59,7 @@ def train_mini(args) -> Path:
         max_minutes=args.vae_minutes,
         seed=args.seed,
         out_dir=str(run / "vae"),
+        report_to=getattr(args, "report_to", "none"),
     )
     if args.stage in ("all", "vae"):
         st = train_vae(bb, vae_loop, VAEConfig())
@@ -87,6 +88,7 @@ def train_mini(args) -> Path:
             seed=args.seed,
             out_dir=str(run / "editor"),
             mixed_precision="no",
+            report_to=getattr(args, "report_to", "none"),
         )  # fp32 on every CPU: the weights do not depend on the machine
         over = dict(
             task_probs=args.task_probs,

@@ -483,6 +483,7 @@ def evaluate(
             vae_ceiling_psnr=met["vae_ceiling"]["psnr"].mean().item(),
             vae_input_psnr=met["vae_input"]["psnr"].mean().item(),
         )
+        col = "region_psnr" if task == "restore" else "psnr"  # per example, for the claims' paired CIs
         if task == "restore":
             oracle = torch.stack([oracle_paste(t) for t in b["trips"]])
             wrong = [ctx[0], ctx[1].roll(1, 0)]  # each example given another example's reference, same noise
@@ -503,6 +504,8 @@ def evaluate(
                 | {"n": kinds.count(d)}
                 for d in sorted(set(kinds))
             }
+            r["strong"] = strong.tolist()
+        r["per_case"] = {k: [round(float(x), 4) for x in v[col]] for k, v in met.items()}
         out[name] = r
         samples[name] = dict(inputs=[c[:4] for c in b["contexts"]], output=y[:4], target=x[:4])
     return dict(metrics=out, samples=samples)

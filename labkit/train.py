@@ -20,11 +20,22 @@ from dataclasses import fields
 
 from . import presets as P
 from .data import FAILURES
-from .loop import RUNS, LoopConfig, check_run_folder
+from .loop import RUNS, TRACKERS, LoopConfig, check_run_folder
 from .mini import train_mini
 from .models import load
 from .sft import SFTConfig, train_sft
 from .util import run_cli
+
+
+def report_to_flag(parser: argparse.ArgumentParser) -> None:
+    """--report-to: accelerate's experiment tracker for the run (default: tensorboard, local, no account)."""
+    parser.add_argument(
+        "--report-to",
+        default="tensorboard",
+        choices=TRACKERS,
+        help="log losses, val metrics and val images through accelerate's tracker into <run>/logs "
+        "(tensorboard --logdir <run>/logs); trackio and wandb need their package (wandb: an account)",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     for q in (m, e):
         q.add_argument("--preset", default="mini", help="config to train (tiny for a quick check)")
+        report_to_flag(q)
         q.add_argument("--out", default=str(P.MINI_WEIGHTS), help="where the safetensors weights and card go")
         q.add_argument("--run-dir", default=str(RUNS / "mini"), help="checkpoints and metrics CSVs (resumable)")
         q.add_argument("--vae-steps", type=int, default=3500)
@@ -135,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "as units) across the processes; the adapter trains, rank 0 saves it whole",
     )
     s.add_argument("--fresh", action="store_true", help="start over in --out instead of resuming the run there")
+    report_to_flag(s)
     for f_ in fields(SFTConfig):
         names = [f"--{f_.name.replace('_', '-')}"] + (["--data"] if f_.name == "data_dir" else [])
         s.add_argument(
@@ -163,9 +176,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 gradient_checkpointing=args.gradient_checkpointing,
                 fresh=args.fresh,
                 fsdp=args.fsdp,
+                report_to=args.report_to,
             ).check()
             SFTConfig(**{f_.name: getattr(args, f_.name) for f_ in fields(SFTConfig)}).check()
         else:
+            if P.get(args.preset).name not in ("tiny", "mini"):
+                raise ValueError(
+                    f"labkit train {args.cmd} trains labkit's own small backbones (tiny, mini) from scratch; "
+                    f"{args.preset!r} is a real/pipeline model: fine-tune adapters on it with "
+                    f"`labkit train sft --preset {args.preset}`"
+                )
             for k in ("vae_steps", "editor_steps", "bank_size", "refine_bank", "eval_every"):
                 if getattr(args, k) < 1:
                     raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")

@@ -18,6 +18,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
+TRACKERS = ("none", "tensorboard", "trackio", "wandb")  # accelerate's experiment trackers (--report-to)
+
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a torch.Generator seeded the same way."""

@@ -457,3 +457,15 @@ def test_the_studio_takes_one_reference_checks_the_target_and_names_a_bad_line(t
     (folder / "metadata.jsonl").write_text("# my notes\n")
     with pytest.raises(ValueError, match="line 1 is not a JSON object"):
         S.save(r, folder)
+
+
+def test_train_mini_refuses_a_pipeline_folder_before_anything_is_built(tmp_path):
+    """labkit train mini/editor retrains labkit's own small backbones; a FluxKontextPipeline folder (or the
+    flux-kontext preset) is refused at once (exit 2, the fix named) instead of building a 12B model to train."""
+    folder = tmp_path / "FLUX.1-Kontext-somewhere"
+    folder.mkdir()
+    for cmd in ("mini", "editor"):
+        argv = ["train", cmd, "--preset", str(folder), "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "w")]
+        r = subprocess.run([sys.executable, "-m", "labkit", *argv], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "labkit train sft --preset" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # nothing written

@@ -159,3 +159,15 @@ def test_no_function_takes_more_than_eight_positional_parameters():
         if k > 8
     }
     assert not wide, f"functions with more than 8 positional parameters (make the rest keyword-only): {wide}"
+
+
+def test_no_pickle_is_loaded_anywhere():
+    """Opening someone's checkpoint must not run code: no torch.load without weights_only, no pickle.load."""
+    import re
+    from pathlib import Path
+
+    bad = []
+    for f in sorted(Path(__file__).parents[1].glob("labkit/**/*.py")):
+        text = f.read_text()
+        bad += [f"{f.name}: {m.group(0)}" for m in re.finditer(r"weights_only\s*=\s*False|pickle\.loads?\(", text)]
+    assert not bad, bad

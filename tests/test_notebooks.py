@@ -66,9 +66,15 @@ def test_notebook_runs_on_tiny(nb, tmp_path):
     r = run_notebook(nb, tmp_path / nb.stem, preset="tiny", **SMALL.get(nb.stem, {}))
     assert r["preset"] == "tiny" and r["claims"] and "torch" in r["versions"] and r["git"]
     for name, c in r["claims"].items():
-        assert {"value", "baseline", "holds", "unit", "paper"} <= set(c), name
-        assert isinstance(c["holds"], bool)
+        assert {"value", "baseline", "holds", "unit", "paper", "verdict"} <= set(c), name
+        assert isinstance(c["holds"], bool) and c["holds"] == (c["verdict"] == "holds")
         assert isinstance(c["value"], (int, float)) and not math.isnan(c["value"]), name
+        if c.get("exact"):  # an exact count or a bit-exact check: no CI, says so
+            assert "ci" not in c and c["verdict"] in ("holds", "refuted"), name
+        else:  # a comparison: CI of the difference, MDE, the effect judged against and where it comes from
+            lo, hi = c["ci"]
+            assert lo <= c["diff"] <= hi and c["mde"] >= 0 and c["paper_effect_source"], name
+            assert (c["verdict"] == "inconclusive") == ("budget" in c), name
     assert list((tmp_path / nb.stem).glob("*.png")), "a notebook saves its figures"
     if (
         nb.stem in INVARIANT
@@ -111,7 +117,7 @@ def test_sweep_collects_points_into_one_table(tmp_path):
     )
     table = pd.read_csv(csv)
     assert list(table.seed) == [0, 1]
-    assert "crop_beats_full_small_regions" in table and "crop_beats_full_small_regions_holds" in table
+    assert "crop_beats_full_small_regions" in table and "crop_beats_full_small_regions_verdict" in table
     assert table.crop_beats_full_small_regions.nunique() == 2  # different seeds, different numbers
 
 

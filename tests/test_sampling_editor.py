@@ -118,11 +118,19 @@ def test_oracle_paste_copies_the_true_region():
 
 
 def test_baseline_claim_says_whether_the_vae_ceiling_leaves_room():
-    r = dict(editor_psnr=22.0, input_psnr=21.0, vae_ceiling_psnr=23.0)
-    c = XM.baseline_claim(r, "dB")
-    assert c["holds"] and c["reachable"] and "reachable" in c["note"]
-    c = XM.baseline_claim(dict(editor_psnr=22.0, input_psnr=25.0, vae_ceiling_psnr=23.0), "dB")
-    assert not c["holds"] and not c["reachable"] and "no latent editor" in c["note"]
+    rng = np.random.default_rng(0)
+    base = rng.normal(21.0, 1.0, 12)
+    per = dict(editor=base + 1.0 + rng.normal(0, 0.1, 12), input=base, vae_ceiling=base + 2.0)
+    c = XM.baseline_claim(dict(per_case=per), "dB")
+    assert c["verdict"] == "holds" and c["holds"] and c["reachable"] and "reachable" in c["note"]
+    assert c["ci"][0] > 0.8 and c["mde"] > 0
+    per = dict(editor=base + 1.0, input=base + 4.0, vae_ceiling=base + 2.0)
+    c = XM.baseline_claim(dict(per_case=per), "dB")
+    assert c["verdict"] == "refuted" and not c["reachable"] and "no latent editor" in c["note"]
+    strong = [True] * 6 + [False] * 6  # only the strong artifacts: the first half, where the editor wins
+    per = dict(editor=np.r_[base[:6] + 2.0, base[6:] - 3.0], input=base, vae_ceiling=base + 3.0)
+    assert XM.baseline_claim(dict(per_case=per, strong=strong), "dB", strong=True)["holds"]
+    assert not XM.baseline_claim(dict(per_case=per, strong=strong), "dB")["holds"]
 
 
 def test_strong_restore_artifacts_remove_what_only_the_reference_has():

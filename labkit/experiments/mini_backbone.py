@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..results import claim
+import numpy as np
+
+from ..results import claim, paper_effect
 
 
 def copy_claim(ev: dict, near: float = 1.5, room: float = 1.0, editor: str = "editor") -> dict:
@@ -19,12 +21,13 @@ def copy_claim(ev: dict, near: float = 1.5, room: float = 1.0, editor: str = "ed
     return claim(
         sum(ok.values()),
         len(judged),
-        bool(judged) and all(ok.values()),
         f"kinds of damage (of {len(bk)}; those with > {room} dB room) where the editor given the target crop "
         "as the aligned "
         f"reference beats the draft and lands within {near} dB of the VAE-through-focus ceiling (region PSNR)",
         "Kontext/Refine-by-Align: an editor copies from an aligned reference",
-        (f"worst: {worst}; " if worst else "")
+        holds=bool(judged) and all(ok.values()),
+        note="an exact count of kinds; "
+        + (f"worst: {worst}; " if worst else "")
         + f"no room: {sorted(set(bk) - set(judged)) + ev.get('no_room', []) or 'none'}; "
         + per,
         by_kind={k: {c: round(float(x), 3) for c, x in v.items()} for k, v in bk.items()},
@@ -34,21 +37,30 @@ def copy_claim(ev: dict, near: float = 1.5, room: float = 1.0, editor: str = "ed
 def baseline_claim(
     r: dict,
     unit: str,
-    value: str = "editor_psnr",
-    base: str = "input_psnr",
-    ceiling: str = "vae_ceiling_psnr",
+    value: str = "editor",
+    base: str = "input",
     paper: str = "Kontext-style editing (pretraining sanity)",
     note: str = "",
-    mean: str = "editor_mean_psnr",
+    *,
+    strong: bool = False,
+    seed: int = 0,
+    threshold: float = 0.0,
 ) -> dict:
-    """Claim 'the editor beats this no-model baseline' from one task's evaluate() row, with `reachable`:
-    whether the VAE round trip of the target (any latent editor's ceiling) lies above the baseline at all."""
-    room = r[ceiling] > r[base]
-    why = f"VAE ceiling {r[ceiling]:.2f} dB {'>' if room else '<='} baseline: " + (
+    """Claim 'the editor beats this no-model baseline' from one task's pretrain.evaluate() row: the paired
+    difference per example (r["per_case"]; strong: only the strong artifacts; holds when its CI lies above
+    `threshold`), with `reachable`: whether the VAE
+    round trip of the target (any latent editor's ceiling) lies above the baseline at all."""
+    per = {k: np.asarray(v) for k, v in r["per_case"].items()}
+    keep = np.asarray(r["strong"], bool) if strong else np.ones(len(per[value]), bool)
+    a, b, ceiling = (per[k][keep] for k in (value, base, "vae_ceiling"))
+    room = ceiling.mean() > b.mean()
+    why = f"VAE ceiling {ceiling.mean():.2f} dB {'>' if room else '<='} baseline: " + (
         "reachable" if room else "no latent editor can beat this baseline with this VAE"
     )
-    if mean in r:
-        why += f"; posterior-mean (1-step) output {r[mean]:.2f} dB"
+    if "editor_mean" in per:
+        why += f"; posterior-mean (1-step) output {per['editor_mean'][keep].mean():.2f} dB"
+    note = "; ".join(x for x in (note, why) if x)
     return claim(
-        r[value], r[base], r[value] > r[base], unit, paper, "; ".join(x for x in (note, why) if x), reachable=bool(room)
-    )
+        a.mean(), b.mean(), unit, paper, diffs=a - b, seed=seed, threshold=threshold, note=note, reachable=bool(room),
+        **paper_effect(""),
+    )  # fmt: skip
