@@ -13,6 +13,11 @@ Prompts are encoded once and the reference/target latents pre-encoded (labkit's 
 VAE are not resident during training.
 
     python bench/memory_estimates.py [--gpus 8] [--adapter freqmole] [--rank 16] [--tokens 4096] [--refs 1] [--batch 1]
+
+--plan: the memory plan of one card (README "Memory plan"): for inference and for adapter training, at 512² and
+1024², the bytes of each of labkit.load's memory options (prompts cached and the text encoders freed, a quantized
+transformer, model / sequential CPU offload) and the first option set, least intrusive first, that fits 24, 48
+and 80 GB. The text encoders' and the VAE's sizes are counted from their public configs on the meta device.
 """
 
 import argparse
@@ -139,6 +144,80 @@ def estimates(c: dict, act: dict, tokens: int, refs: int, batch: int, gpus: int)
     return rows
 
 
+# the public configs of FLUX.1-Kontext-dev's other components (text_encoder_2 = T5-v1.1-XXL's encoder, text_encoder =
+# CLIP ViT-L/14's text tower, the 16-channel VAE), counted on the meta device
+T5_XXL = dict(
+    vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"
+)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+FLUX_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+)
+PLAN_CARDS = (24, 48, 80)
+BYTES_PER = dict(bf16=2.0, int8=1.0 + 1 / 64, nf4=0.5 + 1 / 32)  # weight bytes per parameter (+ block scales)
+
+
+def component_params() -> dict:
+    """Parameters of the pipeline's text encoders and VAE, from their configs on the meta device."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        mods = dict(t5=T5EncoderModel(T5Config(**T5_XXL)), clip=CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+                    vae=AutoencoderKL(**FLUX_VAE))  # fmt: skip
+    return {k: sum(p.numel() for p in m.parameters()) for k, m in mods.items()}
+
+
+def plan_rows(c: dict, act: dict, comp: dict, tokens: int) -> list[dict]:
+    """GiB on one card for each option set, inference and adapter training, least intrusive first."""
+    seq = 2 * tokens + 512  # target + one context + text
+    text = 2 * (comp["t5"] + comp["clip"])  # bf16
+    vae = 2 * comp["vae"] + 3 * 4 * (8 * int(tokens**0.5) * 2) ** 2 * 64  # weights + a decoder activation at full res
+    infer_act = 16 * seq * c["hidden"] * 2  # one block's live tensors at a time (no grad), bf16, flash attention
+    train_act = seq * (2 * c["hidden"] * (c["double"] * 2 + c["single"]) + max(act["double"], act["single"]))
+    adapter = 16 * c["adapter"]  # fp32 weight + grad + AdamW m, v
+    rows = []
+    for fmt in ("bf16", "int8", "nf4"):
+        t = BYTES_PER[fmt] * c["base"]
+        q = "" if fmt == "bf16" else f", quantize={'int8' if fmt == 'int8' else 'nf4'}"
+        rows.append(dict(use="inference", options=f"cache_prompts{q}", gib=(t + vae + infer_act) / GIB))
+        if fmt == "bf16":
+            rows.insert(0, dict(use="inference", options="none", gib=(t + text + vae + infer_act) / GIB))
+        rows.append(dict(use="adapter training", options=f"cached prompts + latents, checkpointing{q}",
+                         gib=(t + adapter + train_act) / GIB))  # fmt: skip
+    rows.append(dict(use="inference", options="offload=model", gib=(2 * max(c["base"], comp["t5"]) + infer_act) / GIB))
+    rows.append(dict(use="inference", options="offload=sequential", gib=(2 * 2 * c["unit"] + infer_act) / GIB))
+    return rows
+
+
+def plan(a) -> int:
+    """Print the memory plan: per use and resolution, the option sets and the first that fits each card."""
+    c, act, comp = counts(a.adapter, a.rank), per_token(a.adapter, a.rank), component_params()
+    print(f"components: transformer {c['base'] / 1e9:.2f}B, T5 encoder {comp['t5'] / 1e9:.2f}B, CLIP text "
+          f"{comp['clip'] / 1e6:.0f}M, VAE {comp['vae'] / 1e6:.0f}M; {a.adapter} rank {a.rank}\n")  # fmt: skip
+    print(f"{'use':17s} {'side':>5s}  {'options':52s} {'GiB':>6s}   " + "  ".join(f"{g} GB" for g in PLAN_CARDS))
+    for side in (512, 1024):
+        rows = plan_rows(c, act, comp, (side // 16) ** 2)
+        for r in rows:
+            fits = ["yes" if r["gib"] * GIB < g * 1e9 * 0.92 else "-" for g in PLAN_CARDS]
+            print(
+                f"{r['use']:17s} {side:5d}  {r['options']:52s} {r['gib']:6.1f}   " + "  ".join(f"{f:>5s}" for f in fits)
+            )
+        for use in ("inference", "adapter training"):
+            need = []
+            for g in PLAN_CARDS:
+                ok = [r["options"] for r in rows if r["use"] == use and r["gib"] * GIB < g * 1e9 * 0.92]
+                need.append(f"{g} GB: {ok[0] if ok else 'does not fit'}")
+            print(f"  -> {use} at {side}²: " + "; ".join(need))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=8, help="GPUs per node")
@@ -147,7 +226,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=4096, help="image tokens per picture (1024x1024 = 4096)")
     ap.add_argument("--refs", type=int, default=1, help="reference images in the sequence")
     ap.add_argument("--batch", type=int, default=1, help="per GPU")
+    ap.add_argument("--plan", action="store_true", help="the one-card memory plan (inference and training options)")
     a = ap.parse_args()
+    if a.plan:
+        return plan(a)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     c = counts(a.adapter, a.rank)

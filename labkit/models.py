@@ -59,6 +59,8 @@ class Backbone(nn.Module):
         self.scheduler_config = dict(pipe.scheduler.config) if pipe is not None else dict(preset.scheduler)
         self.factor = preset.vae_factor
         self.multiple = preset.multiple
+        self.prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # prompt -> embeddings
+        self.text_encoders_freed = False
 
     def identity(self) -> dict:
         """Which backbone this is: preset name and a short hash of the base transformer (config + a bf16-rounded
@@ -166,11 +168,34 @@ class Backbone(nn.Module):
         if batch and len(prompts) == 1:
             prompts = prompts * batch
         if self.pipe is not None:
-            embeds, pooled, txt_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device)
+            self.cache_prompts(sorted(set(prompts)), free=False)
+            rows = [self.prompt_cache[q] for q in prompts]
+            embeds, pooled = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+            txt_ids = rows[0][2]
         else:
             embeds, pooled = self.text(prompts)
             txt_ids = torch.zeros(embeds.shape[1], 3, device=embeds.device)
         return embeds.to(self.dtype), pooled.to(self.dtype), txt_ids
+
+    def cache_prompts(self, prompts: Sequence[str], free: bool = True) -> None:
+        """Encode these prompts once (T5 + CLIP, through the pipeline) and keep their embeddings; free=True then
+        deletes the text encoders (~9.5 GB in bf16 for FLUX.1: the 4.7B T5 and CLIP) - later prompts must be here."""
+        if self.pipe is None:
+            return
+        todo = [q for q in prompts if q not in self.prompt_cache]
+        if todo and self.text_encoders_freed:
+            raise ValueError(
+                f"prompt {todo[0]!r} was not cached before the text encoders were freed: pass every prompt to "
+                "labkit.load(..., cache_prompts=[...]) or bb.cache_prompts([...]) first"
+            )
+        for q in todo:
+            e, pooled, ids = self.pipe.encode_prompt(prompt=[q], prompt_2=None, device=self.device)
+            self.prompt_cache[q] = (e.detach(), pooled.detach(), ids.detach())
+        if free and not self.text_encoders_freed:
+            self.pipe.text_encoder = self.pipe.text_encoder_2 = None
+            self.text_encoders_freed = True
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     # -- forward --------------------------------------------------------------------------------
     def forward(
@@ -252,19 +277,71 @@ def build(preset: P.Preset) -> Backbone:
     return Backbone(preset, transformer, vae, text)
 
 
+QUANTIZE = ("none", "int8", "float8", "nf4")  # the frozen transformer's weights (diffusers' quantization configs)
+OFFLOAD = ("none", "model", "sequential")  # diffusers' CPU offload of the pipeline's components, for inference
+
+
 def load(
-    preset: str | os.PathLike = "mini", device: str | torch.device = "cpu", seed: int = 0, **overrides
+    preset: str | os.PathLike = "mini",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    *,
+    quantize: str = "none",
+    offload: str = "none",
+    cache_prompts: Sequence[str] | None = None,
+    **overrides,
 ) -> Backbone:
     """Load a backbone by preset name (tiny | mini | flux-kontext), or from a diffusers FluxKontextPipeline
-    folder (the save_pretrained layout) given as a path; overrides replace preset fields (e.g. weights='/path')."""
+    folder (the save_pretrained layout) given as a path; overrides replace preset fields (e.g. weights='/path').
+    Memory options (a pipeline folder / flux-kontext only): quantize the frozen transformer (QUANTIZE: torchao
+    int8 / float8 weight-only, bitsandbytes NF4 on CUDA; adapters stay bf16/fp32), offload (OFFLOAD: diffusers'
+    model or sequential CPU offload, for inference on small cards) and cache_prompts (encode these prompts once,
+    then free the text encoders)."""
     cfg = P.get(preset, **overrides)  # a name, or a pipeline folder (flux-kontext with those weights)
+    check_memory_options(cfg, device, quantize, offload, cache_prompts)
     if cfg.text == "t5clip":
-        return _load_pipeline(cfg, device)
+        bb = _load_pipeline(cfg, device, quantize, offload)
+        if cache_prompts:
+            bb.cache_prompts(list(cache_prompts), free=True)
+        return bb
     torch.manual_seed(seed)
     bb = build(cfg)
     if cfg.weights:
         load_weights(bb, cfg.weights)
     return bb.to(device).eval().requires_grad_(False)
+
+
+def check_memory_options(cfg: P.Preset, device, quantize: str, offload: str, prompts) -> None:
+    """Refuse memory options that cannot apply here, naming the fix (before anything loads)."""
+    if quantize not in QUANTIZE or offload not in OFFLOAD:
+        raise ValueError(
+            f"quantize must be one of {QUANTIZE} and offload one of {OFFLOAD}; got {quantize!r}, {offload!r}"
+        )
+    if cfg.text != "t5clip" and (quantize != "none" or offload != "none" or prompts):
+        raise ValueError(
+            f"quantize/offload/cache_prompts apply to a FluxKontextPipeline folder (flux-kontext); {cfg.name!r} is "
+            "labkit's own small backbone and fits anywhere: leave them at their defaults"
+        )
+    cuda = torch.device(device).type == "cuda"
+    if quantize == "nf4" and not cuda:
+        raise ValueError("quantize='nf4' (bitsandbytes) needs a CUDA device; on CPU use quantize='int8' (torchao)")
+    if offload != "none" and not cuda:
+        raise ValueError(f"offload={offload!r} moves weights between the CPU and a GPU: it needs device='cuda'")
+
+
+def quantization_config(quantize: str, dtype: torch.dtype):
+    """diffusers' PipelineQuantizationConfig quantizing only the transformer (None for 'none')."""
+    if quantize == "none":
+        return None
+    from diffusers import BitsAndBytesConfig, PipelineQuantizationConfig, TorchAoConfig  # heavy: imported where used
+
+    if quantize == "nf4":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    else:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig  # optional: where used
+
+        q = TorchAoConfig(Int8WeightOnlyConfig() if quantize == "int8" else Float8WeightOnlyConfig())
+    return PipelineQuantizationConfig(quant_mapping={"transformer": q})
 
 
 WEIGHT_FILES = ("vae", "transformer", "text")
@@ -360,13 +437,21 @@ def check_pipeline_folder(path: Path) -> dict:
     return spec
 
 
-def _load_pipeline(cfg: P.Preset, device) -> Backbone:
-    """FLUX.1-Kontext components through FluxKontextPipeline (bf16 on CUDA, fp32 on CPU)."""
+def _load_pipeline(cfg: P.Preset, device, quantize: str = "none", offload: str = "none") -> Backbone:
+    """FLUX.1-Kontext components through FluxKontextPipeline (bf16 on CUDA, fp32 on CPU), with the transformer
+    quantized and the pipeline offloaded as asked."""
     from diffusers import FluxKontextPipeline
 
     path = resolve_flux_path(cfg)
     dtype = getattr(torch, cfg.dtype) if torch.device(device).type == "cuda" else torch.float32
-    pipe = FluxKontextPipeline.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+    q = quantization_config(quantize, dtype)
+    pipe = FluxKontextPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, quantization_config=q)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe = pipe.to(device)
     bb = Backbone(cfg, pipe.transformer, pipe.vae, None, pipe=pipe)
     bb.requires_grad_(False)
     return bb.eval()

@@ -153,9 +153,10 @@ def sft_loss(
     return loss, logs
 
 
-def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
+def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig, free_text_encoders: bool = False) -> dict:
     """Inject adapters into the frozen editor, fine-tune on train triplets; the adapter (safetensors + json with
-    provenance and the backbone's identity) goes to <out_dir>/adapter/, written as one folder."""
+    provenance and the backbone's identity) goes to <out_dir>/adapter/, written as one folder. free_text_encoders
+    (a pipeline backbone; what `labkit train sft` does): once every prompt is encoded, T5/CLIP are freed."""
     from . import adapters as AD  # pulls peft: imported where used
 
     if cfg.region == "auto":  # train the adapter on the contexts its editor reads (recorded in adapter.json)
@@ -183,6 +184,8 @@ def train_sft(bb: M.Backbone, loop: LoopConfig, cfg: SFTConfig) -> dict:
     ):  # every prompt encoded once (the text side is frozen); an unknown one fails here, before training
         enc = [bb.encode_prompt(p, batch=1) for p in prompts]
         embeds = (torch.cat([e[0] for e in enc]), torch.cat([e[1] for e in enc]), enc[0][2])
+    if free_text_encoders:  # a pipeline backbone: T5 + CLIP (~9.5 GB in bf16) are not needed past this point
+        bb.cache_prompts(prompts, free=True)
 
     def loss_fn(s: Step):
         g = cfg.batch * s.world  # the global batch, identical on every rank; each keeps its share

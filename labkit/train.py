@@ -18,11 +18,13 @@ import argparse
 import sys
 from dataclasses import fields
 
+import torch
+
 from . import presets as P
 from .data import FAILURES
 from .loop import RUNS, TRACKERS, LoopConfig, check_run_folder
 from .mini import train_mini
-from .models import load
+from .models import QUANTIZE, check_memory_options, load
 from .sft import SFTConfig, train_sft
 from .util import run_cli
 
@@ -139,7 +141,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["auto", "no", "bf16", "fp16"],
         help="autocast of the forward (auto: bf16 on CUDA or a CPU with native bf16)",
     )
-    s.add_argument("--gradient-checkpointing", action="store_true")
+    s.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in the backward (default: on for a flux-kontext / pipeline preset, off otherwise)",
+    )
+    s.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE,
+        help="QLoRA-style: the frozen transformer quantized (torchao int8/float8 weight-only, bitsandbytes nf4 on "
+        "CUDA; a pipeline preset only); the adapters train in fp32",
+    )
     s.add_argument(
         "--fsdp",
         action="store_true",
@@ -173,12 +187,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 out_dir=args.out,
                 ema=args.ema,
                 mixed_precision=args.mixed_precision,
-                gradient_checkpointing=args.gradient_checkpointing,
+                gradient_checkpointing=(
+                    P.get(args.preset).text == "t5clip"
+                    if args.gradient_checkpointing is None
+                    else args.gradient_checkpointing
+                ),
                 fresh=args.fresh,
                 fsdp=args.fsdp,
                 report_to=args.report_to,
             ).check()
             SFTConfig(**{f_.name: getattr(args, f_.name) for f_ in fields(SFTConfig)}).check()
+            check_memory_options(
+                P.get(args.preset), "cuda" if torch.cuda.is_available() else "cpu", args.quantize, "none", None
+            )
         else:
             if P.get(args.preset).name not in ("tiny", "mini"):
                 raise ValueError(
@@ -211,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             check_run_folder(args.out)  # a folder labkit did not write is refused before the data loads
             cfg = SFTConfig(**{f_.name: getattr(args, f_.name) for f_ in fields(SFTConfig)})
-            train_sft(load(args.preset), args.loop, cfg)
+            train_sft(load(args.preset, quantize=args.quantize), args.loop, cfg, free_text_encoders=True)
 
     where = args.out if args.cmd == "sft" else args.run_dir
     return run_cli(

@@ -23,7 +23,7 @@ FLOOR = {m: f for f, ms in FLOORS.items() for m in ms}
 LAZY_OK = {
     "diffusers", "transformers", "peft", "accelerate", "matplotlib", "pandas", "papermill", "submitit",
     "ipywidgets", "ipycanvas", "IPython", "huggingface_hub", "sklearn", "skimage", "playwright", "torch.distributed",
-    "labkit.attention", "labkit.adapters", "labkit.freqmole", "labkit.viz",
+    "labkit.attention", "labkit.adapters", "labkit.freqmole", "labkit.viz", "torchao",
 }  # fmt: skip
 
 
