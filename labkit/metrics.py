@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .frequency import gaussian_kernel, radial_spectrum, split
 from .images import resize
+from .util import bootstrap_units
 
 
 def _b(x: torch.Tensor) -> torch.Tensor:
@@ -194,12 +195,7 @@ class FeatureSimilarity:
 
 def bootstrap_ci(x: np.ndarray, n: int = 2000, seed: int = 0, level: float = 0.95, groups=None) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean of x; with groups (e.g. scene ids) whole groups are resampled."""
-    x = np.asarray(x, float)
-    if groups is not None:  # cluster bootstrap: one mean per group (groups sorted), resample the groups
-        _, g = np.unique(np.asarray(groups), return_inverse=True)
-        ok = ~np.isnan(x)
-        x = np.bincount(g[ok], x[ok], minlength=g.max() + 1) / np.bincount(g[ok], minlength=g.max() + 1)
-    x = x[~np.isnan(x)]
+    x = bootstrap_units(x, groups)
     if len(x) == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .util import REPO, write_json
+from .util import REPO, bootstrap_units, write_json
 
 
 def git_commit() -> str:
@@ -88,14 +88,7 @@ def bootstrap_means(diffs, groups=None, n: int = 2000, seed: int = 0) -> np.ndar
     whole groups resampled); or a list of such arrays, one per seed (hierarchical: resample seeds, then cases)."""
     per_seed = diffs if isinstance(diffs, (list, tuple)) else [diffs]
     per_group = groups if isinstance(diffs, (list, tuple)) else [groups]
-    units = []  # per seed: the resampling units (group means, or cases)
-    for d, g in zip(per_seed, per_group or [None] * len(per_seed)):
-        d = np.asarray(d, float)
-        ok = ~np.isnan(d)
-        if g is not None:
-            _, gi = np.unique(np.asarray(g)[ok], return_inverse=True)
-            d = np.bincount(gi, d[ok]) / np.bincount(gi)
-        units.append(d[~np.isnan(d)])
+    units = [bootstrap_units(d, g) for d, g in zip(per_seed, per_group or [None] * len(per_seed))]  # per seed
     units = [u for u in units if len(u)]
     if not units:
         return np.full(n, np.nan)

@@ -208,3 +208,13 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
 def main_process() -> bool:
     """Whether this is the process that writes files (rank 0 under torchrun / accelerate launch; True alone)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def bootstrap_units(x, groups=None) -> np.ndarray:
+    """What a bootstrap resamples: the finite values of x, or with groups (e.g. scene ids) one mean per group."""
+    x = np.asarray(x, float)
+    ok = ~np.isnan(x)
+    if groups is not None:  # cluster bootstrap: one mean per group (groups sorted), resample the groups
+        _, g = np.unique(np.asarray(groups)[ok], return_inverse=True)
+        return np.bincount(g, x[ok]) / np.bincount(g)
+    return x[ok]
