@@ -4,8 +4,8 @@ labkit.refine(draft, mask, reference) and labkit.generate(image, prompt, referen
 labkit.inference's; labkit.load(preset) gives a Backbone. docs/ARCHITECTURE.md shows the floors."""
 
 from .inference import generate, refine
-from .models import Backbone, load
+from .models import Backbone, load, memory_options
 from .presets import PRESETS
 
-__all__ = ["Backbone", "load", "refine", "generate", "PRESETS"]
+__all__ = ["Backbone", "load", "memory_options", "refine", "generate", "PRESETS"]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ Every subcommand has --help with an example. Exit status everywhere: 0 done, 2 a
 The refine subcommand (the Python API is `labkit.refine(...)`, labkit.inference):
 
     labkit refine DRAFT MASK [REFERENCE ...] -o OUT.png [--prompt P] [--method focus] [--adapter A]
-                  [--preset mini] [--steps N] [--seed S]
+                  [--preset mini] [--steps N] [--seed S] [--resolution 512] [--quantize int8] [--offload model]
     labkit refine --data DIR --out OUTDIR [--split test] [--fresh] [...]   a case folder (metadata.jsonl)
 
 A folder run validates every case first (files, sizes, prompts), records its settings in OUTDIR/run.json,
@@ -34,7 +34,8 @@ from . import inference as I
 from .cases import load_cases
 from .focus import REGION_ENCODINGS
 from .images import read_image
-from .presets import check_preset
+from .models import OFFLOAD, QUANTIZE, check_memory_options, memory_options
+from .presets import check_preset, get
 from .util import atomic_save, check_not_an_input, check_writable, claim_out_dir, run_cli, write_json
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
@@ -93,6 +94,11 @@ def parse_refine(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--split", choices=["train", "val", "test"], help="--data: only this split")
     add_option_flags(ap)
+    for flag, options, what in [
+        ("--quantize", QUANTIZE, "a pipeline folder: the frozen transformer's weights (torchao / bitsandbytes)"),
+        ("--offload", OFFLOAD, "a pipeline folder on CUDA: diffusers' CPU offload of its components"),
+    ]:
+        ap.add_argument(flag, choices=options, default="none", help=what)
     a = ap.parse_args(argv)
     if a.data and (a.draft or a.output):
         ap.error("give either DRAFT MASK [REFERENCE ...] -o OUT, or --data DIR --out OUTDIR")
@@ -116,7 +122,9 @@ def refine_main(argv: list[str] | None = None) -> int:
     a = parse_refine(argv)
     kw = {f.name: getattr(a, f.name) for f in fields(I.RefineOptions) if f.name != "prompt"}  # a case's prompt wins
     try:  # every option checked before anything is read or written (a bad --seed, --device, --steps ...)
-        I.RefineOptions(**kw).checked()
+        o = I.RefineOptions(**kw).checked()
+        check_memory_options(get(o.preset), o.device, a.quantize, a.offload, None)
+        memory_options(a.quantize, a.offload)  # every load of the pipeline in this run
     except ValueError as e:
         print(f"labkit refine: error: {e}", file=sys.stderr)
         return 2

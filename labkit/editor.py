@@ -15,7 +15,7 @@ import torch
 
 from . import focus as F_
 from .images import resize_mask
-from .models import load, pack_references
+from .models import MEMORY, load, pack_references
 from .presets import editor_region
 from .sampling import sample
 from .util import REPO
@@ -52,9 +52,14 @@ def resolve_adapter(adapter: str | os.PathLike) -> Path:
     )
 
 
-@functools.lru_cache(maxsize=8)
 def load_refiner(preset: str = "mini", adapter: str | None = None, device: str = "cpu") -> Refiner:
-    """The frozen editor (adapter=None) or the editor with an adapter folder/name loaded (cached)."""
+    """The frozen editor (adapter=None) or the editor with an adapter folder/name (cached per memory options)."""
+    return _load_refiner(preset, adapter, device, tuple(MEMORY.items()))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_refiner(preset: str, adapter: str | None, device: str, memory: tuple) -> Refiner:
+    """load_refiner's cached body; `memory` (models.MEMORY) is part of the key, so new options load anew."""
     from . import adapters as AD
 
     bb = load(preset, device=device)

@@ -31,7 +31,6 @@ from . import metrics as Mt
 from . import objects as O
 from .cases import load_cases, require_targets
 from .data import make_triplet
-from .frequency import lowpass
 from .metrics import bootstrap_ci
 from .presets import check_preset
 from .results import claim, paper_effect, write_results
@@ -294,23 +293,6 @@ def focus_ceiling(bb, target: torch.Tensor, mask: torch.Tensor, margin: float = 
     return Mt.region_psnr(back, target, mask)
 
 
-def focus_resample(
-    img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int, margin: float = 16
-) -> torch.Tensor:
-    """img (3, H, W) through Focus-and-Refine's crop resampling alone: the focus crop upsampled to the working area,
-    resized back and soft-pasted as refine pastes (no VAE, no editor): what the round trip costs a region's detail."""
-    c, _, box = F_.focus_crop(img, mask, working_area, multiple, margin)
-    return F_.paste_back(img, c, box, F_.seam_mask(F_.crop(mask, box)))
-
-
-def high_frequency_share(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, sigma: float = 3.0) -> float:
-    """Share of the region's squared error (3, H, W) above a Gaussian low-pass at `sigma` px: near 1 when what is
-    left is fine detail or sub-pixel misalignment, near 0 when it is light and colour."""
-    e, m = (out - target)[None], mask[0] > 0.5  # (1, 3, H, W), (H, W)
-    total = float(e[0][:, m].pow(2).sum())
-    return float((e - lowpass(e, sigma))[0][:, m].pow(2).sum()) / max(total, 1e-12)
-
-
 BENCHMARK_SETS = ("scene", "object", "shift")  # v2's planar scenes; v3: an object on its own, held-out styles
 
 
@@ -361,29 +343,6 @@ def benchmark_cases(
                 out.append(t)
                 got += 1
     return out
-
-
-def choose_defaults(
-    cases: Sequence,
-    candidates: dict[str, dict],
-    preset: str = "mini",
-    seed: int = 0,
-    device: str = "cpu",
-    progress: bool = False,
-) -> tuple[pd.DataFrame, str]:
-    """Each candidate setting of labkit.refine (name -> keyword arguments) on the (val) cases: a table of mean
-    region PSNR / background error, and the name of the best by region PSNR."""
-    runners = {
-        name: (
-            lambda c, kw=kw: I.refine_tensor(
-                c.draft, c.mask, c.reference, seed=seed, preset=preset, device=device, **kw
-            )
-        )
-        for name, kw in candidates.items()
-    }
-    df, _ = run(cases, runners, lambda c: c.draft, progress=progress, keep=[])
-    tab = table(df, "method", ["region_psnr", "mse_bg"], seed=seed)
-    return tab, str(tab.set_index("method").region_psnr.idxmax())
 
 
 def runners_for(

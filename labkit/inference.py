@@ -14,7 +14,7 @@ Methods (the model ones use the frozen editor, or an adapter from 04_train_freqm
            same focus box as the draft, so the editor's contexts line up; a poor fit falls back to the M* box
            (info["registration"] says which was used, with inliers and residual). With the warp, `relight` gives
            the editor the warped reference with its light matched to the draft's (the registered paste's
-           gain/offset), and `detail` adds back what the VAE loses of that reference, out + (a − decode(encode(a)))
+           gain/offset), and `vae_detail` adds back what the VAE loses of that reference, out + (a − decode(encode(a)))
            (RefineAnything: the VAE, not the editor, caps a region's detail; RefGC-SR2: high frequencies come
            from the reference); `paste_first` gives the editor the registered paste (the draft with the warped,
            relit reference pasted into the region) as its draft, so it refines a paste instead of redrawing the
@@ -61,7 +61,7 @@ class RefineOptions:
     method: str = _opt("align", "how to refine (METHOD_DOCS)")
     blend: bool = _opt(True, "keep the draft's latents outside the region at every step", "model")
     relight: bool = _opt(True, "the warped reference with its light matched to the draft's", "align")
-    detail: bool = _opt(True, "add back what the VAE loses of the aligned reference", "align")
+    vae_detail: bool = _opt(True, "add back what the VAE loses of the aligned reference", "align")
     paste_first: bool = _opt(True, "the editor refines the registered paste instead of the draft", "align")
     residual: bool = _opt(True, "with paste_first: resample only the editor's change to the paste back", "align")
     accept: bool = _opt(
@@ -71,6 +71,9 @@ class RefineOptions:
     region: str | None = _opt(None, "how the region reaches the editor: none | context | draw (default: its recipe)")
     prompt: str | None = _opt(None, "instruction / free text (default: the editor's)")
     steps: int | None = _opt(None, "sampler steps (default: the preset's)")
+    resolution: int | None = _opt(
+        None, "working side of the focus crop in pixels (default: the preset's; 512 on a small card)"
+    )
     seed: int | None = _opt(0, "sampling / RANSAC seed (None: a fresh random one, reported in info)")
     adapter: str | None = _opt(None, "adapter folder or committed name (default: the frozen editor)")
     preset: str = _opt("mini", "tiny | mini | flux-kontext | a FluxKontextPipeline folder")
@@ -85,11 +88,16 @@ class RefineOptions:
         if not 0 < self.strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         steps = check_steps(self.steps if self.steps is not None else get(self.preset).steps)
+        if self.resolution is not None and not (isinstance(self.resolution, int) and self.resolution >= 16):
+            raise ValueError(
+                f"resolution (--resolution) is the focus crop's working side in pixels, >= 16; got {self.resolution!r}"
+            )
         return replace(self, steps=steps, seed=resolve_seed(self.seed), device=check_device(self.device))
 
 
 SWITCHES = tuple(f.name for f in fields(RefineOptions) if f.type == "bool")  # the on/off options
 ALIGN_SWITCHES = tuple(f.name for f in fields(RefineOptions) if f.metadata["switch"] == "align")
+RENAMED = {"detail": "vae_detail"}  # old option names refine still accepts (the RL reward's `detail` is another idea)
 REFINE_DEFAULTS = {k: getattr(RefineOptions(), k) for k in ("method", *SWITCHES)}  # what 05 chooses on val
 
 
@@ -165,11 +173,11 @@ def focus_refine(
 ) -> torch.Tensor:
     """Focus-and-Refine: crop + upsample to the preset's working area, refine the crop, soft-paste back into the box.
     aligned: references in the draft's frame (a registered warp), cropped by the same box and placed first; with
-    `detail`, what the VAE loses of the first is added back, out + (a − decode(encode(a))). start: the image the
+    `vae_detail`, what the VAE loses of the first is added back, out + (a − decode(encode(a))). start: the image the
     editor refines instead of the draft (the registered paste); with `residual` only the editor's change to the
     start's crop is resampled back (focus.paste_back residual_of), so the start's kept detail skips the resampling."""
     r, o = job.refiner(), job.opts
-    area = r.bb.preset.resolution**2  # the preset's working area (mini 128², flux-kontext 1024²)
+    area = (o.resolution or r.bb.preset.resolution) ** 2  # working area (presets: mini 128², flux-kontext 1024²)
     c_img, c_mask, box = F_.focus_crop(job.img, job.mask, area, r.bb.multiple, margin)
     if start is not None:
         c_img = resize(F_.crop(start, box), c_img.shape[-2:])
@@ -188,10 +196,10 @@ def focus_refine(
         region=o.region,
         callback=job.callback,
     )
-    if o.detail and aligned:  # refs[0]: the aligned reference's crop, as the editor saw it
+    if o.vae_detail and aligned:  # refs[0]: the aligned reference's crop, as the editor saw it
         out = (out + refs[0] - r.bb.roundtrip(refs[0][None].to(r.bb.device))[0].float().cpu()).clamp(0, 1)
     base = F_.crop(start, box) if o.residual and start is not None else None
-    job.info["box"] = tuple(int(v) for v in box)
+    job.info |= dict(box=tuple(int(v) for v in box), resolution=round(area**0.5))
     return F_.paste_back(job.img, out, box, F_.seam_mask(F_.crop(job.mask, box)), residual_of=base)
 
 
@@ -337,6 +345,7 @@ def refine_tensor(
 ) -> tuple[torch.Tensor, dict]:
     """refine() on tensors: the (3, H, W) result and what was done (method, boxes, registration, fallback, seed...).
     opts: RefineOptions; kw override its fields (None keeps the option's default, except seed=None: a fresh seed)."""
+    kw = {RENAMED.get(k, k): v for k, v in kw.items()} if RENAMED.keys() & kw.keys() else kw
     o = replace(opts or RefineOptions(), **{k: v for k, v in kw.items() if v is not None or k == "seed"}).checked()
     unit = 1 if o.method == "input" else get(o.preset).multiple  # the model methods need one packing unit a side
     img = as_image_tensor(image, min_side=unit)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -47,6 +48,23 @@ class InstructionEmbedding(nn.Module):
         return self.tokens[idx], self.pooled[idx]
 
 
+class AutocastRMSNorm(nn.RMSNorm):
+    """torch's RMSNorm with its weight cast to the input's dtype: under bf16 autocast the fp32 weight otherwise meets
+    bf16 activations and rms_norm cannot dispatch to its fused kernel. Identical in fp32; same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+
+def fuse_rms_norms(module: nn.Module) -> int:
+    """Make every torch RMSNorm in `module` (FLUX's q/k norms) an AutocastRMSNorm, in place; returns how many."""
+    norms = [m for m in module.modules() if type(m) is nn.RMSNorm]
+    for m in norms:
+        m.__class__ = AutocastRMSNorm
+    return len(norms)
+
+
 class Backbone(nn.Module):
     """VAE + FluxTransformer2DModel + prompt encoder, with Kontext-style sequence handling."""
 
@@ -55,6 +73,7 @@ class Backbone(nn.Module):
     ):
         super().__init__()
         self.preset, self.transformer, self.vae, self.text = preset, transformer, vae, text
+        fuse_rms_norms(transformer)  # bf16 autocast keeps rms_norm's fused kernel
         self.pipe = pipe  # the FluxKontextPipeline for flux-kontext (T5 + CLIP live there)
         self.scheduler_config = dict(pipe.scheduler.config) if pipe is not None else dict(preset.scheduler)
         self.factor = preset.vae_factor
@@ -76,6 +95,9 @@ class Backbone(nn.Module):
     # -- devices ----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the pipeline's execution device (under CPU offload the weights sit elsewhere)."""
+        if self.pipe is not None:
+            return self.pipe._execution_device
         return next(self.transformer.parameters()).device
 
     @property
@@ -279,6 +301,18 @@ def build(preset: P.Preset) -> Backbone:
 
 QUANTIZE = ("none", "int8", "float8", "nf4")  # the frozen transformer's weights (diffusers' quantization configs)
 OFFLOAD = ("none", "model", "sequential")  # diffusers' CPU offload of the pipeline's components, for inference
+MEMORY = dict(quantize="none", offload="none")  # what load() uses for a pipeline preset when not told (memory_options)
+
+
+def memory_options(quantize: str | None = None, offload: str | None = None) -> dict:
+    """Set the memory options every later load() of a pipeline folder / flux-kontext uses unless told otherwise
+    (a notebook's `quantize` / `offload` parameters, `labkit refine --quantize`); labkit's own small backbones
+    ignore them. Returns the options now in force."""
+    new = MEMORY | {k: v for k, v in dict(quantize=quantize, offload=offload).items() if v is not None}
+    if new["quantize"] not in QUANTIZE or new["offload"] not in OFFLOAD:
+        raise ValueError(f"quantize must be one of {QUANTIZE} and offload one of {OFFLOAD}; got {new}")
+    MEMORY.update(new)
+    return dict(MEMORY)
 
 
 def load(
@@ -286,8 +320,8 @@ def load(
     device: str | torch.device = "cpu",
     seed: int = 0,
     *,
-    quantize: str = "none",
-    offload: str = "none",
+    quantize: str | None = None,
+    offload: str | None = None,
     cache_prompts: Sequence[str] | None = None,
     **overrides,
 ) -> Backbone:
@@ -296,10 +330,13 @@ def load(
     Memory options (a pipeline folder / flux-kontext only): quantize the frozen transformer (QUANTIZE: torchao
     int8 / float8 weight-only, bitsandbytes NF4 on CUDA; adapters stay bf16/fp32), offload (OFFLOAD: diffusers'
     model or sequential CPU offload, for inference on small cards) and cache_prompts (encode these prompts once,
-    then free the text encoders)."""
+    then free the text encoders); quantize/offload None: memory_options' (MEMORY) for a pipeline, none otherwise."""
     cfg = P.get(preset, **overrides)  # a name, or a pipeline folder (flux-kontext with those weights)
+    pipeline = cfg.text == "t5clip"
+    quantize = quantize if quantize is not None else MEMORY["quantize"] if pipeline else "none"
+    offload = offload if offload is not None else MEMORY["offload"] if pipeline else "none"
     check_memory_options(cfg, device, quantize, offload, cache_prompts)
-    if cfg.text == "t5clip":
+    if pipeline:
         bb = _load_pipeline(cfg, device, quantize, offload)
         if cache_prompts:
             bb.cache_prompts(list(cache_prompts), free=True)

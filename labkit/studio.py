@@ -227,6 +227,7 @@ def run(
     strength: float = 1.0,
     seed: int = 0,
     prompt: str | None = None,
+    resolution: int | None = None,
     target=None,
     on_step=None,
     cancel: threading.Event | None = None,
@@ -262,7 +263,9 @@ def run(
     unknown = set(switches) - set(I.SWITCHES)
     if unknown:
         raise StudioError(f"unknown switch(es) {sorted(unknown)}: choose from {I.SWITCHES}")
-    opts = dict(method=method, adapter=adapter, steps=steps, seed=seed, preset=str(preset), prompt=prompt)
+    opts = dict(
+        method=method, adapter=adapter, steps=steps, seed=seed, preset=str(preset), prompt=prompt, resolution=resolution
+    )
     out, info = I.refine_tensor(img, m, refs or None, strength=strength, callback=callback, **opts, **switches)
     seconds = time.perf_counter() - t0
     att = correspondence(r, img, m, refs[0], seed=seed) if show_overlay and refs else None

@@ -44,11 +44,13 @@ class Studio:
         preset: str = "mini",
         example: str | None = "wrong",
         cases_dir: str = "studio_cases",
+        *,
         scale: int = 3,
         method: str | None = None,
         steps: int | None = None,
         seed: int = 0,
         prompt: str = "refine",
+        resolution: int | None = None,
     ):
         import ipywidgets as W  # optional: imported where used
         from ipycanvas import Canvas  # optional: imported where used
@@ -60,6 +62,7 @@ class Studio:
         self.references: list = []
         self.result: StudioResult | None = None
         self.scale, self.examples = scale, examples()
+        self.resolution = resolution  # the focus crop's working side (None: the preset's; 512 on a small card)
         self._cancel, self._thread, self._drag = threading.Event(), None, None
         lay = W.Layout
         # inputs
@@ -357,6 +360,7 @@ class Studio:
             **{k: w.value for k, w in self.switches.items()},
             seed=self.seed.value,
             prompt=self.prompt.value or None,
+            resolution=self.resolution,
         )
 
     def run(self, wait: bool = False) -> StudioResult | None:

@@ -80,12 +80,12 @@ def test_relit_reference_matches_the_draft_light_inside_the_region():
 
 @pytest.mark.parametrize("relight", [False, True])
 def test_detail_adds_back_what_the_vae_loses_of_the_aligned_reference(relight):
-    """refine(detail=True) = the detail-free output + (a − VAE(a)) in the crop, pasted with the same soft mask:
+    """refine(vae_detail=True) = the detail-free output + (a − VAE(a)) in the crop, pasted with the same soft mask:
     with the target as the (aligned) reference, the region gets closer to it."""
     target, draft, mask, _ = _registered_case()
     kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=relight, accept=False)
-    plain, info = I.refine_tensor(draft, mask, target, detail=False, **kw)
-    rich, info2 = I.refine_tensor(draft, mask, target, detail=True, **kw)
+    plain, info = I.refine_tensor(draft, mask, target, vae_detail=False, **kw)
+    rich, info2 = I.refine_tensor(draft, mask, target, vae_detail=True, **kw)
     assert info["registration"]["used"] == "warp" and info2["relight"] is relight
     m = mask[0].bool()
     x0, y0, x1, y1 = info2["box"]
@@ -94,6 +94,8 @@ def test_detail_adds_back_what_the_vae_loses_of_the_aligned_reference(relight):
     assert (rich - draft).abs()[:, outside].max() == 0  # every pixel outside the focus box kept
     err = lambda x: float((x[:, m] - target[:, m]).pow(2).mean())  # noqa: E731
     assert err(rich) < 0.7 * err(plain), (err(rich), err(plain))
+    old, _ = I.refine_tensor(draft, mask, target, detail=False, **kw)  # the switch's old name still works
+    assert torch.equal(old, plain)
 
 
 def test_a_registration_without_texture_fails_and_refine_falls_back_to_the_box():
@@ -194,7 +196,7 @@ def test_paste_first_gives_the_editor_the_registered_paste_and_keeps_the_backgro
     seen = []
     real_edit = I.edit
     monkeypatch.setattr(I, "edit", lambda r, img, *a, **k: seen.append(img) or real_edit(r, img, *a, **k))
-    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=True, detail=True, accept=False)
+    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=True, vae_detail=True, accept=False)
     plain, _ = I.refine_tensor(draft, mask, target, paste_first=False, **kw)
     first, info = I.refine_tensor(draft, mask, target, paste_first=True, **kw)
     assert info["registration"]["used"] == "warp" and info["paste_first"] is True
@@ -214,7 +216,7 @@ def test_residual_resamples_only_the_editors_change_to_the_paste():
     """refine(residual=True) with paste_first: the region ends closer to the target (the paste's detail does not go
     through the focus crop's up-and-down resize); without paste_first it has no effect and the info says so."""
     target, draft, mask, _ = _registered_case()
-    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=True, detail=True, accept=False)
+    kw = dict(method="align", preset="mini", steps=2, seed=0, blend=True, relight=True, vae_detail=True, accept=False)
     res, info = I.refine_tensor(draft, mask, target, paste_first=True, residual=True, **kw)
     plain, _ = I.refine_tensor(draft, mask, target, paste_first=True, residual=False, **kw)
     assert info["residual"] is True

@@ -360,6 +360,19 @@ def test_the_mstar_box_fallback_takes_a_draft_of_any_size():
     assert out.shape == (3, 127, 333) and info["fallback"]["to"] == "align_box"
 
 
+def test_the_working_resolution_sets_the_focus_crop_side():
+    """resolution: the focus crop's working side (the real model's 1024 is too much for a small card or a CPU)."""
+    from labkit import inference as I
+
+    c = D.make_triplet(0, "test", 64, 2)
+    seen = []
+    for side in (32, 96):
+        out, info = I.refine_tensor(c.draft, c.mask, None, method="focus", preset="tiny", steps=1, resolution=side,
+                                    callback=lambda i, n, x0: seen.append(x0.shape[-1] * 8))  # fmt: skip
+        assert info["resolution"] == side and out.shape == c.draft.shape
+    assert seen[0] < seen[-1] and abs(seen[0] * seen[0] / (seen[-1] * seen[-1]) - (32 / 96) ** 2) < 0.2
+
+
 def test_a_tiny_strength_still_takes_one_step(case=None):
     from labkit import inference as I
 
@@ -371,7 +384,7 @@ def test_a_tiny_strength_still_takes_one_step(case=None):
 @pytest.mark.parametrize(
     "kw, flag",
     [(dict(steps=10**10), "steps"), (dict(device="bogus"), "--device"), (dict(seed=-1), "--seed"),
-     (dict(seed=10**23), "--seed")],
+     (dict(seed=10**23), "--seed"), (dict(resolution=8), "--resolution"), (dict(resolution=64.5), "--resolution")],
 )  # fmt: skip
 def test_out_of_range_steps_seeds_and_devices_name_the_option(kw, flag):
     from labkit import inference as I

@@ -88,3 +88,53 @@ def test_memory_options_that_cannot_apply_are_refused(folder):
         labkit.load("tiny", quantize="int8")
     with pytest.raises(ValueError, match="quantize must be one of"):
         labkit.load(str(folder), quantize="int4")
+
+
+def test_model_offload_gives_the_same_edit_and_sequential_offload_installs_its_hooks(folder):
+    """diffusers' offload through labkit's Backbone. labkit.load refuses offload without CUDA (nothing to offload
+    to), so the hooks are installed here with the CPU as the execution device, through the loader itself: model
+    offload runs and edits as the plain pipeline does; sequential offload moves every weight to the meta device
+    behind accelerate's hooks (its forward needs a GPU to stream the weights to, checked by `make gpu-check`)."""
+    from labkit import models as M
+    from labkit.editor import Refiner, edit
+    from labkit.presets import get
+
+    cfg, g = get(str(folder)), torch.Generator().manual_seed(0)
+    img, ref = torch.rand(3, 64, 64, generator=g), torch.rand(3, 64, 64, generator=g)
+    plain = edit(Refiner(M._load_pipeline(cfg, "cpu"), "refine"), img, [ref], 2, 0)
+    bb = M._load_pipeline(cfg, "cpu", offload="model")
+    assert type(bb.transformer._hf_hook).__name__ == "CpuOffload" and bb.device.type == "cpu"
+    out = edit(Refiner(bb, "refine"), img, [ref], 2, 0)
+    assert (out - plain).abs().max() < 1e-4
+    seq = M._load_pipeline(cfg, "cpu", offload="sequential")
+    assert any(p.device.type == "meta" for p in seq.transformer.parameters()) and seq.device.type == "cpu"
+
+
+def test_memory_options_reach_every_later_load_of_a_pipeline_and_the_refine_command(folder, tmp_path):
+    """A notebook's `quantize` parameter (labkit.memory_options) reaches every later labkit.load of the pipeline,
+    editor caches included; labkit's own backbones ignore it; `labkit refine --quantize` refuses what cannot apply."""
+    from labkit.cli import refine_main
+    from labkit.editor import load_refiner
+
+    try:
+        assert labkit.memory_options(quantize="int8") == dict(quantize="int8", offload="none")
+        bb = labkit.load(str(folder))
+        assert _linear_bytes(bb.transformer) < 0.3 * _linear_bytes(
+            labkit.load(str(folder), quantize="none").transformer
+        )
+        quantized = load_refiner(str(folder))  # refine's cached editor follows the options too
+        assert _linear_bytes(quantized.bb.transformer) == _linear_bytes(bb.transformer)
+        assert labkit.load("tiny").transformer.dtype == torch.float32  # ignored by labkit's own backbones
+        with pytest.raises(ValueError, match="quantize must be one of"):
+            labkit.memory_options(quantize="int4")
+    finally:
+        labkit.memory_options(quantize="none", offload="none")
+    assert load_refiner(str(folder)) is not quantized  # new options, a new cache entry
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(img)
+    assert (
+        refine_main([str(img), str(img), "-o", str(tmp_path / "o.png"), "--preset", "tiny", "--quantize", "int8"]) == 2
+    )
+    assert not (tmp_path / "o.png").exists()

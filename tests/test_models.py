@@ -149,3 +149,23 @@ def test_mini_loads_deterministically():
     za, zb = a.encode(x), b.encode(x)
     assert torch.equal(za, zb)
     assert torch.equal(a(za, 0.5, [za], prompt="restore"), b(zb, 0.5, [zb], prompt="restore"))
+
+
+def test_rms_norms_take_the_fused_path_under_bf16_autocast(tiny):
+    """FLUX's q/k RMSNorms cast their fp32 weight to the activations' dtype: identical in fp32, and under bf16
+    autocast torch no longer warns that rms_norm cannot dispatch to its fused kernel."""
+    import warnings
+
+    from labkit.models import AutocastRMSNorm
+
+    norms = [m for m in tiny.transformer.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert norms and all(type(m) is AutocastRMSNorm for m in norms)
+    x = torch.randn(2, 5, norms[0].normalized_shape[0])
+    plain = torch.nn.functional.rms_norm(x, norms[0].normalized_shape, norms[0].weight, norms[0].eps)
+    assert torch.equal(norms[0](x), plain)
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(1, 16, 8, 8, generator=g) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught, torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("always")
+        tiny(z[0], torch.full((1,), 0.5), z[1:], prompt="restore")
+    assert not [w for w in caught if "fused implementation" in str(w.message)]

@@ -60,11 +60,25 @@ INVARIANT = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("nb", notebooks(), ids=lambda p: p.stem)
-def test_notebook_runs_on_tiny(nb, tmp_path):
-    r = run_notebook(nb, tmp_path / nb.stem, preset="tiny", **SMALL.get(nb.stem, {}))
-    assert r["preset"] == "tiny" and r["claims"] and "torch" in r["versions"] and r["git"]
+# on a FluxKontextPipeline folder (the real model's layout, tiny weights): what differs from `tiny`
+PIPELINE = {
+    "00_mini_backbone": dict(retrain_steps=0),  # evaluates the pipeline as it is (retraining it is refused)
+    "05_evaluate": dict(resolution=64),  # the focus crop's working side (the pipeline's own is 1024)
+    "07_studio": dict(resolution=64),
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    """A tiny FluxKontextPipeline saved with save_pretrained (guidance-distilled, FLUX's scheduler, CLIP + T5)."""
+    from test_flux_loader import _tiny_pipeline
+
+    return _tiny_pipeline(tmp_path_factory.mktemp("pipe"), flux_like=True)[1]
+
+
+def _check_record(r: dict, preset: str) -> None:
+    """A results.json as every notebook writes it: claims with a verdict and, for comparisons, CI/MDE/effect."""
+    assert r["preset"] == preset and r["claims"] and "torch" in r["versions"] and r["git"]
     for name, c in r["claims"].items():
         assert {"value", "baseline", "holds", "unit", "paper", "verdict"} <= set(c), name
         assert isinstance(c["holds"], bool) and c["holds"] == (c["verdict"] == "holds")
@@ -75,6 +89,13 @@ def test_notebook_runs_on_tiny(nb, tmp_path):
             lo, hi = c["ci"]
             assert lo <= c["diff"] <= hi and c["mde"] >= 0 and c["paper_effect_source"], name
             assert (c["verdict"] == "inconclusive") == ("budget" in c), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nb", notebooks(), ids=lambda p: p.stem)
+def test_notebook_runs_on_tiny(nb, tmp_path):
+    r = run_notebook(nb, tmp_path / nb.stem, preset="tiny", **SMALL.get(nb.stem, {}))
+    _check_record(r, "tiny")
     assert list((tmp_path / nb.stem).glob("*.png")), "a notebook saves its figures"
     if (
         nb.stem in INVARIANT
@@ -87,6 +108,18 @@ def test_notebook_runs_on_tiny(nb, tmp_path):
             df = df[df.method.str.endswith(("/focus", "/align", "/align_box"))]
         assert r["claims"][name]["holds"], (name, r["claims"][name])
         assert r["claims"][name]["value"] == pytest.approx(float(getattr(df[col], how)()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nb", notebooks(), ids=lambda p: p.stem)
+def test_notebook_runs_on_a_pipeline_folder(nb, pipeline_folder, tmp_path):
+    """The same notebook with preset=<a FluxKontextPipeline folder>: the path to the real model, end to end."""
+    r = run_notebook(
+        nb, tmp_path / nb.stem, preset=str(pipeline_folder), **SMALL.get(nb.stem, {}) | PIPELINE.get(nb.stem, {})
+    )
+    _check_record(r, str(pipeline_folder))
+    if nb.stem in PIPELINE and "resolution" in PIPELINE[nb.stem]:  # the working side reached labkit.refine
+        assert r["params"]["resolution"] == PIPELINE[nb.stem]["resolution"]
 
 
 @pytest.mark.parametrize("nb", notebooks(), ids=lambda p: p.stem)

@@ -190,7 +190,7 @@ def test_threaded_run_can_be_cancelled(app, monkeypatch):
 
 
 def test_the_registration_switches_reach_refine(app):
-    """The studio's relight / detail / paste-first boxes start at labkit.refine's defaults and reach refine_tensor
+    """The studio's relight / vae-detail / paste-first boxes start at labkit.refine's defaults and reach refine_tensor
     (its info records them when the registration holds)."""
     from labkit.inference import REFINE_DEFAULTS
 

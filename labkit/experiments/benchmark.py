@@ -1,12 +1,19 @@
 """Notebook 05_evaluate's analysis of benchmark v3: every number per set × kind × registration outcome, and the
-do-no-harm claims (refine never far below its input, beats it on every set, beats the pastes on the object set)."""
+do-no-harm claims (refine never far below its input, beats it on every set, beats the pastes on the object set);
+and v2's planar analysis (what the registered paste loses, the val choice of labkit.refine's defaults)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
+import torch
 
-from ..evaluate import paired
+from .. import focus as F_
+from .. import inference as I
+from ..evaluate import paired, run, table
+from ..frequency import lowpass
 from ..results import claim, paper_effect
 
 HARM_DB = 0.5  # "harm": more than this many dB of region PSNR below the draft
@@ -72,3 +79,45 @@ def kept_counts(infos: list[dict]) -> dict:
     """How often the do-no-harm check kept the editor's output, the paste or the draft (from each output's info)."""
     kept = [i.get("accept", {}).get("kept", "not checked") for i in infos]
     return {k: int(np.sum([x == k for x in kept])) for k in sorted(set(kept))}
+
+
+# ------------------------------------------------------------------------------------------------
+# the planar set's analysis: what the registered paste loses, and the val choice of labkit.refine's defaults
+def focus_resample(
+    img: torch.Tensor, mask: torch.Tensor, working_area: int, multiple: int, margin: float = 16
+) -> torch.Tensor:
+    """img (3, H, W) through Focus-and-Refine's crop resampling alone: the focus crop upsampled to the working area,
+    resized back and soft-pasted as refine pastes (no VAE, no editor): what the round trip costs a region's detail."""
+    c, _, box = F_.focus_crop(img, mask, working_area, multiple, margin)
+    return F_.paste_back(img, c, box, F_.seam_mask(F_.crop(mask, box)))
+
+
+def high_frequency_share(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, sigma: float = 3.0) -> float:
+    """Share of the region's squared error (3, H, W) above a Gaussian low-pass at `sigma` px: near 1 when what is
+    left is fine detail or sub-pixel misalignment, near 0 when it is light and colour."""
+    e, m = (out - target)[None], mask[0] > 0.5  # (1, 3, H, W), (H, W)
+    total = float(e[0][:, m].pow(2).sum())
+    return float((e - lowpass(e, sigma))[0][:, m].pow(2).sum()) / max(total, 1e-12)
+
+
+def choose_defaults(
+    cases: Sequence,
+    candidates: dict[str, dict],
+    preset: str = "mini",
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+) -> tuple[pd.DataFrame, str]:
+    """Each candidate setting of labkit.refine (name -> keyword arguments) on the (val) cases: a table of mean
+    region PSNR / background error, and the name of the best by region PSNR."""
+    runners = {
+        name: (
+            lambda c, kw=kw: I.refine_tensor(
+                c.draft, c.mask, c.reference, seed=seed, preset=preset, device=device, **kw
+            )
+        )
+        for name, kw in candidates.items()
+    }
+    df, _ = run(cases, runners, lambda c: c.draft, progress=progress, keep=[])
+    tab = table(df, "method", ["region_psnr", "mse_bg"], seed=seed)
+    return tab, str(tab.set_index("method").region_psnr.idxmax())

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
+from ..presets import get
 from ..results import claim, paper_effect
+
+RETRAINABLE = ("tiny", "mini")  # the backbones labkit trains from scratch (`labkit train mini`)
+
+
+def check_retrain(preset: str) -> None:
+    """Refuse to retrain a backbone labkit did not train (a pipeline folder, flux-kontext), naming the fix."""
+    if get(preset).name not in RETRAINABLE:
+        raise ValueError(
+            f"retrain_steps > 0 retrains labkit's own small backbone ({' | '.join(RETRAINABLE)}); {preset!r} is a "
+            "real/pipeline model: set retrain_steps = 0 to evaluate it as it is, or fine-tune adapters on it in 04"
+        )
+
+
+def training_card(weights: str | Path | None) -> dict | None:
+    """The card.json labkit writes beside the weights it trained (curves, recipe, sha256); None for other weights."""
+    f = Path(weights or "") / "card.json"
+    return json.loads(f.read_text()) if weights and f.is_file() else None
 
 
 def copy_claim(ev: dict, near: float = 1.5, room: float = 1.0, editor: str = "editor") -> dict:
