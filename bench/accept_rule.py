@@ -5,7 +5,7 @@ with a non-planar reference view), object (a product shot as the reference: labk
 shift (the scene setting in held-out style families). The evidence (agreement with the aligned reference, the seam
 on the ring, the draft's agreement with the paste against the registration's own error) needs no target; the
 thresholds are chosen on val to maximise the mean region PSNR with at most 5% of cases more than 0.5 dB below the
-draft.
+draft on every set (05's claim refine_never_harms and #35's bar).
 
     .venv/bin/python bench/accept_rule.py [--n 12] [--test]
 """
@@ -19,14 +19,17 @@ from labkit import evaluate as E
 from labkit import inference as I
 from labkit import models as M
 from labkit.metrics import psnr, region_psnr
+from labkit.util import write_json
 
 KINDS = ("wrong", "lowres4", "smear")
+NONPLANAR_DEFORM = 3.0  # px, as notebook 05's nonplanar_deform: val is drawn as test is
 
 
 def cases(split: str, n: int) -> dict[str, list]:
     """set -> benchmark cases of that split (n per kind; object: half curved), as notebook 05 draws them."""
     bb = M.load("mini")
-    sets = {w: dict(which=w) for w in E.BENCHMARK_SETS} | dict(nonplanar=dict(which="scene", ref_deform=0.5))
+    sets = {w: dict(which=w) for w in E.BENCHMARK_SETS}
+    sets["nonplanar"] = dict(which="scene", ref_deform=NONPLANAR_DEFORM)
     return {s: E.benchmark_cases(bb, n_per_kind=n, split=split, seed=0, **kw) for s, kw in sets.items()}
 
 
@@ -63,6 +66,12 @@ def score(rows: list[dict], *rule: float) -> tuple[float, float]:
     return float(kept.mean()), float((kept < draft - 0.5).mean())
 
 
+def score_sets(sets: dict[str, list[dict]], *rule: float) -> tuple[float, float]:
+    """(mean region PSNR over every case, the largest harmed share of any set) at these thresholds."""
+    rows = [r for rs in sets.values() for r in rs]
+    return score(rows, *rule)[0], max(score(rs, *rule)[1] for rs in sets.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=12, help="cases per kind and set")
@@ -70,16 +79,17 @@ def main() -> None:
     a = ap.parse_args()
     splits = ("val", "test") if a.test else ("val",)
     rows = {sp: {s: [measure(c) for c in cs] for s, cs in cases(sp, a.n).items()} for sp in splits}
-    val = [r for rs in rows["val"].values() for r in rs]
-    agrees, seams, margins = (0, 20, 25, 30, 35, 40, 45, 50, 101), (0, 20, 25, 30, 35, 40, 101), (0, 1, 2, 3, 4, 6, 101)
+    write_json(dict(n=a.n, rows=rows), "runs/accept_rule_rows.json")  # the measurements behind the choice
+    agrees, seams = (0, 20, 25, 30, 35, 40, 45, 50, 101), (0, 20, 25, 30, 35, 40, 101)
+    margins = (-6, -4, -3, -2, -1, 0, 1, 2, 3, 4, 6, 101)  # -3: the draft's error equals the paste's (independent)
     grid = [(ag, se, mg) for ag in agrees for se in seams for mg in margins]
-    scored = [(score(val, *rule), rule) for rule in grid]
+    scored = [(score_sets(rows["val"], *rule), rule) for rule in grid]
     ok = [x for x in scored if x[0][1] <= 0.05] or scored
     # the best mean, then the fewest harmed; ties (val cannot tell) go to the safer rule: the editor kept less
     # (higher agree/seam), the draft kept more (lower margin)
     (_, harm), (ag, se, mg) = max(ok, key=lambda x: (round(x[0][0], 3), -x[0][1], x[1][0], x[1][1], -x[1][2]))
     rule = (ag, se, mg)
-    print(f"chosen on val: agree >= {ag} dB, seam >= {se} dB, draft margin >= {mg} dB (val harm {harm:.1%})")
+    print(f"chosen on val: agree >= {ag} dB, seam >= {se} dB, draft margin >= {mg} dB (worst set: {harm:.1%} harmed)")
     head = ("split", "set", "kind", "n", "reg", "draft", "paste", "refine", "checked", "harm")
     print("{:5} {:7} {:8} {:>3} {:>4} {:>6} {:>6} {:>6} {:>7} {}".format(*head))
     for sp, sets in rows.items():

@@ -73,7 +73,8 @@ class Backbone(nn.Module):
     ):
         super().__init__()
         self.preset, self.transformer, self.vae, self.text = preset, transformer, vae, text
-        fuse_rms_norms(transformer)  # bf16 autocast keeps rms_norm's fused kernel
+        if transformer is not None:  # bf16 autocast keeps rms_norm's fused kernel
+            fuse_rms_norms(transformer)
         self.pipe = pipe  # the FluxKontextPipeline for flux-kontext (T5 + CLIP live there)
         self.scheduler_config = dict(pipe.scheduler.config) if pipe is not None else dict(preset.scheduler)
         self.factor = preset.vae_factor

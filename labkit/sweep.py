@@ -90,10 +90,28 @@ def figures(preset: str = "mini", only: list[str] | None = None) -> Path:
     return FIGURES
 
 
+def _fmt(v) -> str:
+    """A number to 4 significant digits; anything else as it is."""
+    return f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def _claim_cells(c: dict) -> list[str]:
+    """One claim's SUMMARY.md cells: value, baseline, verdict, diff [CI], MDE, judged against, to settle, unit."""
+    v = c.get("verdict", "holds" if c.get("holds") else "refuted")
+    ci = f"{c['diff']:+.3g} [{c['ci'][0]:+.3g}, {c['ci'][1]:+.3g}]" if "ci" in c and "diff" in c else "exact"
+    against = f"{_fmt(c['paper_effect'])} ({c.get('paper_effect_source', '')})" if "paper_effect" in c else ""
+    b = c.get("budget") or {}
+    settle = ", ".join(f"{b[k]} {k}" for k in ("cases", "seeds") if b.get(k)) if b else ""
+    shown = "**" + v + "**" if v != "holds" else v
+    mde = _fmt(c["mde"]) if "mde" in c else ""
+    return [_fmt(c.get("value")), _fmt(c.get("baseline")), shown, ci, mde, against, settle, c.get("unit", "")]
+
+
 def write_summary() -> Path:
     """figures/SUMMARY.md: every notebook's claims with their verdict, the CI of the difference, the smallest
-    detectable effect, the effect judged against and, for each inconclusive claim, the budget that would settle it."""
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)  # noqa: E731
+    detectable effect, the effect judged against and, for each inconclusive claim, the budget that would settle it;
+    then the committed sweep points (other seeds, longer runs) with theirs."""
+    head = "| value | baseline | verdict | diff [95% CI] | MDE | judged against | to settle | unit |"
     lines = [
         "# What reproduces on this backbone",
         "",
@@ -104,23 +122,30 @@ def write_summary() -> Path:
         "settle it (cases at these seeds, or seeds at these cases). MDE: the smallest effect this budget detects",
         "(80% power). Exact counts and bit-exact checks carry no CI.",
         "",
-        "| notebook | claim | value | baseline | verdict | diff [95% CI] | MDE | judged against | to settle | unit |",
+        "| notebook | claim " + head,
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in sorted(FIGURES.glob("*/results.json")):
         r = json.loads(res.read_text())
         for name, c in r.get("claims", {}).items():
-            v = c.get("verdict", "holds" if c.get("holds") else "refuted")
-            ci = f"{c['diff']:+.3g} [{c['ci'][0]:+.3g}, {c['ci'][1]:+.3g}]" if "ci" in c and "diff" in c else "exact"
-            against = f"{fmt(c['paper_effect'])} ({c.get('paper_effect_source', '')})" if "paper_effect" in c else ""
-            b = c.get("budget") or {}
-            settle = ", ".join(f"{b[k]} {k}" for k in ("cases", "seeds") if b.get(k)) if b else ""
-            shown = "**" + v + "**" if v != "holds" else v
-            mde = fmt(c["mde"]) if "mde" in c else ""
-            lines.append(
-                f"| {res.parent.name} ({r.get('preset')}) | {name} | {fmt(c.get('value'))} | "
-                f"{fmt(c.get('baseline'))} | {shown} | {ci} | {mde} | {against} | {settle} | {c.get('unit', '')} |"
-            )
+            lines.append(f"| {res.parent.name} ({r.get('preset')}) | {name} | " + " | ".join(_claim_cells(c)) + " |")
+    points = sorted((FIGURES / "sweep").glob("*/*/results.json"))
+    if points:
+        lines += [
+            "",
+            "## Committed sweep points (`labkit sweep grid`: other seeds, longer runs)",
+            "",
+            "Each point is the notebook run with the parameters shown (the rest at its defaults) and committed under",
+            "`figures/sweep/<notebook>/<point>/`; a notebook that pools seeds reads its points (04).",
+            "",
+            "| notebook | point | claim " + head,
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for res in points:
+            r = json.loads(res.read_text())
+            for name, c in r.get("claims", {}).items():
+                cells = [res.parent.parent.name, res.parent.name, name, *_claim_cells(c)]
+                lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     return atomic_save(lambda p: Path(p).write_text(text), FIGURES / "SUMMARY.md")
 

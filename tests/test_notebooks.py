@@ -63,8 +63,12 @@ INVARIANT = {
 # on a FluxKontextPipeline folder (the real model's layout, tiny weights): what differs from `tiny`
 PIPELINE = {
     "00_mini_backbone": dict(retrain_steps=0),  # evaluates the pipeline as it is (retraining it is refused)
-    "05_evaluate": dict(resolution=64),  # the focus crop's working side (the pipeline's own is 1024)
-    "07_studio": dict(resolution=64),
+    "01_attention_correspondence": dict(prompt="the red logo on the sign"),  # free text reaches T5 + CLIP
+    "04_train_freqmole": dict(quantize="int8", prompt="make the lettering sharp", n_val=1),  # QLoRA-style base
+    "05_evaluate": dict(
+        resolution=64, prompt="fix the lettering", kinds=["wrong"], n_nonplanar_per_kind=1, adapters=["lora"]
+    ),
+    "07_studio": dict(resolution=64),  # the focus crop's working side (the pipeline's own is 1024)
 }
 
 
