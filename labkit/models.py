@@ -90,6 +90,7 @@ class Backbone(nn.Module):
             if "lora_" in name:
                 continue
             h.update(name.replace(".base_layer", "").encode())
+            t = t.dequantize() if type(t) is not torch.Tensor else t  # a quantized base: its dequantized weights
             h.update(t.detach().flatten()[:256].to(torch.bfloat16).float().cpu().numpy().tobytes())
         return dict(preset=self.preset.name, model_hash=h.hexdigest()[:12])
 
