@@ -4,6 +4,7 @@ bf16 only helps on CPUs with native bf16 (avx512_bf16 / amx_bf16). The editor's 
 FLUX's q/k RMSNorms left as torch's own (their fp32 weight meets bf16 activations: no fused kernel) to show what
 labkit.models.AutocastRMSNorm buys."""
 
+import argparse
 import copy
 import time
 
@@ -41,7 +42,7 @@ def unfused(bb):
     return other
 
 
-def main() -> None:
+def main(profile: bool = False) -> None:
     bb = M.build(P.get("mini", weights=None))
     vc, ec = VAEConfig(), EditorConfig()
     x = D.crop_batch(np.random.default_rng(0), "train", vc.batch, vc.crop)
@@ -69,6 +70,12 @@ def main() -> None:
 
         return f
 
+    if profile:  # where the editor's bf16 step spends its time, by op
+        step = editor_step(bb, True)
+        step()
+        with torch.profiler.profile() as prof:
+            step(), step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     print(f"threads: {torch.get_num_threads()}")
     v = timed(dict(fp32=vae_step(False), bf16=vae_step(True)))
     e = timed(dict(fp32=editor_step(bb, False), bf16=editor_step(bb, True), unfused=editor_step(unfused(bb), True)))
@@ -80,4 +87,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", action="store_true", help="first, the editor's bf16 step by op (torch.profiler)")
+    main(ap.parse_args().profile)
