@@ -89,6 +89,7 @@ def _blob(h=64):
 
 def test_accept_check_keeps_the_paste_when_the_editor_leaves_the_aligned_reference(monkeypatch):
     monkeypatch.setattr(I, "ACCEPT_AGREE_DB", 30.0)  # the rule at a threshold that lets an editor through
+    monkeypatch.setattr(I, "ACCEPT_DRAFT_MARGIN_DB", 101.0)  # the draft rule off: random images agree by chance
     draft, mask = torch.rand(3, 64, 64), _blob()
     aligned = torch.rand(3, 64, 64)
     paste = A.soft_paste(draft, mask, aligned)
