@@ -311,8 +311,7 @@ def memory_options(quantize: str | None = None, offload: str | None = None) -> d
     (a notebook's `quantize` / `offload` parameters, `labkit refine --quantize`); labkit's own small backbones
     ignore them. Returns the options now in force."""
     new = MEMORY | {k: v for k, v in dict(quantize=quantize, offload=offload).items() if v is not None}
-    if new["quantize"] not in QUANTIZE or new["offload"] not in OFFLOAD:
-        raise ValueError(f"quantize must be one of {QUANTIZE} and offload one of {OFFLOAD}; got {new}")
+    check_memory_names(new["quantize"], new["offload"])
     MEMORY.update(new)
     return dict(MEMORY)
 
@@ -350,12 +349,17 @@ def load(
     return bb.to(device).eval().requires_grad_(False)
 
 
-def check_memory_options(cfg: P.Preset, device, quantize: str, offload: str, prompts) -> None:
-    """Refuse memory options that cannot apply here, naming the fix (before anything loads)."""
+def check_memory_names(quantize: str, offload: str) -> None:
+    """quantize in QUANTIZE and offload in OFFLOAD, else ValueError listing both."""
     if quantize not in QUANTIZE or offload not in OFFLOAD:
         raise ValueError(
             f"quantize must be one of {QUANTIZE} and offload one of {OFFLOAD}; got {quantize!r}, {offload!r}"
         )
+
+
+def check_memory_options(cfg: P.Preset, device, quantize: str, offload: str, prompts) -> None:
+    """Refuse memory options that cannot apply here, naming the fix (before anything loads)."""
+    check_memory_names(quantize, offload)
     if cfg.text != "t5clip" and (quantize != "none" or offload != "none" or prompts):
         raise ValueError(
             f"quantize/offload/cache_prompts apply to a FluxKontextPipeline folder (flux-kontext); {cfg.name!r} is "
