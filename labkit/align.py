@@ -171,6 +171,8 @@ def _blurred(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.from_numpy(ndimage.gaussian_filter(x.numpy(), (0, sigma, sigma))) if sigma else x
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()
 def refine_fit(
     draft: torch.Tensor,
     reference: torch.Tensor,
@@ -213,6 +215,8 @@ def refine_fit(
     return (h_mat / h_mat[2, 2]).numpy(), rel, a.flatten().numpy(), b.flatten().numpy()
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()
 def refine_flow(
     draft: torch.Tensor,
     reference: torch.Tensor,

@@ -258,3 +258,13 @@ def test_paste_first_examples_are_built_as_refine_builds_them():
     assert torch.allclose(first["draft"][:, far], base["draft"][:, far], atol=1e-3)  # away from the seam: the draft
     lit_err = (first["reference"] - first["target"])[:, ~m].abs().mean()
     assert lit_err <= (base["reference"] - base["target"])[:, ~m].abs().mean() + 1e-6  # light matched to the draft
+
+
+def test_registration_works_inside_no_grad_and_inference_mode():
+    """A notebook that wraps refine in torch.no_grad / inference_mode still registers (the fit needs autograd)."""
+    _, draft, mask, reference = _registered_case()
+    plain = A.register(draft, mask, reference)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            reg = A.register(draft, mask, reference)
+        assert reg.ok and np.allclose(reg.matrix, plain.matrix, atol=1e-6), reg.describe()
