@@ -1,7 +1,7 @@
 # labkit — `make help` lists the targets. `make test` and `make figures` build .venv when it is missing.
 PY      := .venv/bin/python
 PRESET  ?= mini
-JOBS    ?= 1
+JOBS    ?= 2
 NB      ?=
 SWEEP_NB     ?= 03_vae_crop_vs_full
 SWEEP_PARAMS ?= --param seed=0,1,2
@@ -36,8 +36,8 @@ lint: .venv/.done  ## ruff (configured in pyproject.toml) over labkit, tests, be
 test-fast: .venv/.done  ## unit tests only (no notebooks)
 	$(PY) -m pytest tests -m "not slow"
 
-figures: .venv/.done  ## run every notebook on $(PRESET) (default mini) -> figures/<stem>/
-	$(PY) -m labkit.sweep figures --preset $(PRESET) $(if $(NB),--only $(NB),)
+figures: .venv/.done  ## run every notebook on $(PRESET) (default mini) -> figures/<stem>/, JOBS at a time (one thread each)
+	$(PY) -m labkit.sweep figures --preset $(PRESET) --jobs $(JOBS) $(if $(NB),--only $(NB),)
 
 mini: .venv/.done  ## retrain the mini backbone (VAE + editor) from scratch on CPU -> labkit/weights/mini
 	$(PY) -m labkit.train mini --fresh

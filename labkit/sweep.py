@@ -77,15 +77,45 @@ def run_notebook(path: str | os.PathLike, out_dir: str | os.PathLike, kernel: st
     return json.loads((out_dir / "results.json").read_text())
 
 
-def figures(preset: str = "mini", only: list[str] | None = None) -> Path:
-    """Run every notebook on `preset` into figures/<stem>/ and write figures/SUMMARY.md of all claims."""
-    rows = []
-    for nb in notebooks(only):
-        t0 = time.time()
-        print(f"[figures] {nb.stem} on {preset} ...", flush=True)
-        r = run_notebook(nb, FIGURES / nb.stem, preset=preset)
-        print(f"[figures] {nb.stem}: {time.time() - t0:.0f} s", flush=True)
-        rows.append((nb.stem, r))
+READS = {"06_reward_finetune": ("04_train_freqmole",)}  # a notebook runs after those whose figures it reads
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # figures' kernels: the same sums on every machine
+
+
+def _run_pinned(nb: Path, preset: str) -> tuple[str, dict, float]:
+    """One figures notebook in this (worker) process, its kernel on one thread: (stem, results, seconds)."""
+    os.environ.update(THREADS)  # the kernel papermill starts inherits it
+    t0 = time.time()
+    return nb.stem, run_notebook(nb, FIGURES / nb.stem, preset=preset), time.time() - t0
+
+
+def figures(preset: str = "mini", only: list[str] | None = None, jobs: int = 2) -> Path:
+    """Run every notebook on `preset` into figures/<stem>/, `jobs` at a time (each kernel on one thread, so the
+    numbers do not depend on the machine or on jobs; a notebook waits for those it READS, the longest last run
+    starts first), record the seconds in figures/timings.json and write figures/SUMMARY.md of all claims."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs}: run at least one notebook at a time (--jobs 1)")
+    stamp = FIGURES / "timings.json"
+    last = json.loads(stamp.read_text()) if stamp.exists() else {}
+    todo = sorted(notebooks(only), key=lambda p: -last.get(p.stem, 0))
+    done, running, seconds, t0 = set(), {}, dict(last), time.time()
+    with ProcessPoolExecutor(jobs) as pool:
+        while todo or running:
+            pending = {p.stem for p in todo} | set(running.values())
+            ready = [p for p in todo if not pending.intersection(READS.get(p.stem, ()))]
+            for nb in ready[: jobs - len(running)]:
+                print(f"[figures] {nb.stem} on {preset} ...", flush=True)
+                running[pool.submit(_run_pinned, nb, preset)] = nb.stem
+                todo.remove(nb)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                stem, _, sec = f.result()  # a failed notebook raises here: its old figures stay
+                print(f"[figures] {stem}: {sec:.0f} s", flush=True)
+                done.add(running.pop(f))
+                seconds[stem] = round(sec)
+    write_json(dict(sorted(seconds.items())), stamp)
+    print(f"[figures] {len(done)} notebooks in {time.time() - t0:.0f} s ({jobs} at a time)", flush=True)
     write_summary()
     return FIGURES
 
@@ -397,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     f.add_argument("--preset", default="mini")
     f.add_argument("--only", nargs="*", default=None, help="notebook stems (or prefixes) to run")
+    f.add_argument("--jobs", type=int, default=2, help="notebooks at a time (each kernel on one thread)")
     g = sub.add_parser(
         "grid",
         help="papermill sweep of one notebook over a parameter grid",
@@ -452,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         if a.cmd == "figures":
-            figures(a.preset, a.only)
+            figures(a.preset, a.only, a.jobs)
         elif a.cmd == "run":
             run_notebook(a.notebook, a.out_dir, preset=a.preset, **json.loads(a.params_json))
         else:

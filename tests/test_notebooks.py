@@ -187,3 +187,23 @@ def test_slurm_sweep_through_submitit_local_executor_fails_one_point_and_resumes
     again = json.loads((tmp_path / "table.json").read_text())
     assert [r["status"] for r in again] == list(table.status)
     assert stamp == {p: (tmp_path / p / "results.json").stat().st_mtime for p in ok.point}
+
+
+@pytest.mark.slow
+def test_figures_runs_notebooks_two_at_a_time_and_records_their_seconds(tmp_path, monkeypatch):
+    """`make figures`' runner: two notebooks side by side (one thread each) land in figures/<stem>/ with their
+    results, their seconds in timings.json and their claims in SUMMARY.md; a bad jobs count is refused."""
+    import json
+
+    from labkit import sweep
+
+    monkeypatch.setattr(sweep, "FIGURES", tmp_path)
+    sweep.figures("tiny", only=["00_tour", "07_studio"], jobs=2)
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert set(timings) == {"00_tour", "07_studio"} and all(v >= 0 for v in timings.values())
+    for stem in timings:
+        _check_record(json.loads((tmp_path / stem / "results.json").read_text()), "tiny")
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert "| 00_tour (tiny) |" in summary and "| 07_studio (tiny) |" in summary
+    with pytest.raises(ValueError, match="--jobs 1"):
+        sweep.figures("tiny", only=["00_tour"], jobs=0)
