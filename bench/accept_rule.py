@@ -9,10 +9,12 @@ draft on every set (05's claim refine_never_harms and #35's bar) and no case, wh
 0.5 dB below the registered paste (05's refine_never_below_registered_paste). When a registration holds is
 align.register's own rule (MIN_INLIERS, MAX_RESIDUAL: bench/registration_rule.py, run first).
 
-    .venv/bin/python bench/accept_rule.py [--n 12] [--test]
+    .venv/bin/python bench/accept_rule.py [--n 12] [--test] [--from-rows runs/accept_rule_rows.json]
 """
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,10 +85,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=12, help="cases per kind and set")
     ap.add_argument("--test", action="store_true", help="also report the val-chosen thresholds on test")
+    ap.add_argument("--from-rows", default=None, help="choose from a saved runs/accept_rule_rows.json")
     a = ap.parse_args()
     splits = ("val", "test") if a.test else ("val",)
-    rows = {sp: {s: [measure(c) for c in cs] for s, cs in cases(sp, a.n).items()} for sp in splits}
-    write_json(dict(n=a.n, rows=rows), "runs/accept_rule_rows.json")  # the measurements behind the choice
+    if a.from_rows:  # the saved measurements of an earlier run: choose again without re-measuring
+        rows = json.loads(Path(a.from_rows).read_text())["rows"]
+    else:
+        rows = {sp: {s: [measure(c) for c in cs] for s, cs in cases(sp, a.n).items()} for sp in splits}
+        write_json(dict(n=a.n, rows=rows), "runs/accept_rule_rows.json")  # the measurements behind the choice
     agrees, seams = (0, 20, 25, 30, 35, 40, 45, 50, 101), (0, 20, 25, 30, 35, 40, 101)
     margins = (-6, -4, -3, -2, -1, 0, 1, 2, 3, 4, 6, 101)  # -3: the draft's error equals the paste's (independent)
     grid = [(ag, se, mg) for ag in agrees for se in seams for mg in margins]
@@ -105,7 +111,7 @@ def main() -> None:
             for k in KINDS:
                 sub = [r for r in rs if r["kind"] == k]
                 m = {key: np.mean([r[key] for r in sub]) for key in ("draft", "paste", "editor")}
-                kept, harm = score(sub, *rule)
+                kept, harm, _ = score(sub, *rule)
                 nreg = sum(r["registered"] for r in sub)
                 print(f"{sp:5} {s:7} {k:8} {len(sub):3d} {nreg:4d} {m['draft']:6.2f} {m['paste']:6.2f} "
                       f"{m['editor']:6.2f} {kept:7.2f} {harm:.0%}")  # fmt: skip

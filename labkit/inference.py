@@ -206,16 +206,16 @@ def focus_refine(
 # ------------------------------------------------------------------------------------------------
 # do no harm: a target-free choice among the editor's output, the registered paste and the draft
 # the thresholds, chosen on val (bench/accept_rule.py: the best mean region PSNR with <= 5% of each set's val cases
-# harmed; ties go to the safer choice; 12 val cases per set and kind, the non-planar set drawn as 05's test, 3 px). On
-# mini (editor_refine3) val chose: agree 101 dB - never the editor where a registration holds (the registered paste
-# beat it on val by 0-1.4 dB per set and kind); seam 101 dB - never the editor where none holds (the draft instead);
-# draft margin -2 dB (worst set 2.8% harmed; the earlier +3 dB came from a val drawn at 0.5 px and a pooled bar). The
-# draft margin: inside the region the draft differs from the paste by both their errors, the paste's estimated on the
-# ring (the registration's own error); a draft that agrees with the paste to within 2 dB of that is, on val, no
-# worse than the paste. (-3 dB would be "equal errors" if the two were independent.)
+# harmed and no registered val case more than 0.5 dB below the registered paste; ties go to the safer choice; 12 val
+# cases per set and kind, the non-planar set drawn as 05's test, 3 px; when a registration holds is align.register's
+# rule, chosen before on val by bench/registration_rule.py). On mini (editor_refine3) val chose: agree 101 dB - never
+# the editor where a registration holds (the registered paste beat it on val); seam 20 dB - where none holds, the
+# editor's output when it continues the draft on the ring to 20 dB, else the draft; draft margin 6 dB - the draft
+# only when it agrees with the paste 6 dB better than the registration's own ring error (any lower margin kept the
+# draft on val cases where the paste was right: below-paste cases, which 05 counts). Worst val set 2.8% harmed.
 ACCEPT_AGREE_DB = 101.0  # keep the editor's output when it agrees with the aligned reference in the region this well
-ACCEPT_SEAM_DB = 101.0  # without a registration, keep it only when it agrees with the draft on the ring this well
-ACCEPT_DRAFT_MARGIN_DB = -2.0  # keep the draft when it agrees with the paste this much better than the ring does
+ACCEPT_SEAM_DB = 20.0  # without a registration, keep it only when it agrees with the draft on the ring this well
+ACCEPT_DRAFT_MARGIN_DB = 6.0  # keep the draft when it agrees with the paste this much better than the ring does
 RING = dict(margin=1, width=8)  # where the registration's own error is read: just outside the region
 
 
