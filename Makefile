@@ -26,8 +26,8 @@ help:  ## list the targets
 
 venv: .venv/.done  ## create .venv (torch pinned first, then labkit in editable mode)
 
-test: .venv/.done lint  ## lint, then the test suite (tiny preset; notebooks through papermill)
-	$(PY) -m pytest tests
+test: .venv/.done lint  ## lint, then the test suite (tiny preset; notebooks through papermill), JOBS workers of one thread
+	$(PY) -m pytest tests $(if $(filter-out 1,$(JOBS)),-n $(JOBS),)
 
 lint: .venv/.done  ## ruff (configured in pyproject.toml) over labkit, tests, bench
 	.venv/bin/ruff check labkit tests bench

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import yaml
@@ -66,7 +67,7 @@ def run_notebook(path: str | os.PathLike, out_dir: str | os.PathLike, kernel: st
     with atomic_dir(out_dir) as tmp:
         pm.execute_notebook(
             str(path),
-            str(EXECUTED / f"{out_dir.name}__{path.name}"),
+            str(EXECUTED / f"{out_dir.parent.name}__{out_dir.name}__{path.name}"),  # parent: runs never share one
             parameters=dict(out_dir=str(tmp), **params),
             kernel_name=kernel,
             cwd=str(path.parent),
@@ -92,8 +93,6 @@ def figures(preset: str = "mini", only: list[str] | None = None, jobs: int = 2) 
     """Run every notebook on `preset` into figures/<stem>/, `jobs` at a time (each kernel on one thread, so the
     numbers do not depend on the machine or on jobs; a notebook waits for those it READS, the longest last run
     starts first), record the seconds in figures/timings.json and write figures/SUMMARY.md of all claims."""
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
     if jobs < 1:
         raise ValueError(f"jobs={jobs}: run at least one notebook at a time (--jobs 1)")
     stamp = FIGURES / "timings.json"
