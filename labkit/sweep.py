@@ -82,11 +82,12 @@ READS = {"06_reward_finetune": ("04_train_freqmole",)}  # a notebook runs after 
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # figures' kernels: the same sums on every machine
 
 
-def _run_pinned(nb: Path, preset: str) -> tuple[str, dict, float]:
-    """One figures notebook in this (worker) process, its kernel on one thread: (stem, results, seconds)."""
+def _run_pinned(nb: Path, preset: str) -> float:
+    """One figures notebook in this (worker) process, its kernel on one thread: the seconds it took."""
     os.environ.update(THREADS)  # the kernel papermill starts inherits it
     t0 = time.time()
-    return nb.stem, run_notebook(nb, FIGURES / nb.stem, preset=preset), time.time() - t0
+    run_notebook(nb, FIGURES / nb.stem, preset=preset)
+    return time.time() - t0
 
 
 def figures(preset: str = "mini", only: list[str] | None = None, jobs: int = 2) -> Path:
@@ -109,9 +110,9 @@ def figures(preset: str = "mini", only: list[str] | None = None, jobs: int = 2) 
                 todo.remove(nb)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
-                stem, _, sec = f.result()  # a failed notebook raises here: its old figures stay
+                sec, stem = f.result(), running.pop(f)  # a failed notebook raises here: its old figures stay
                 print(f"[figures] {stem}: {sec:.0f} s", flush=True)
-                done.add(running.pop(f))
+                done.add(stem)
                 seconds[stem] = round(sec)
     write_json(dict(sorted(seconds.items())), stamp)
     print(f"[figures] {len(done)} notebooks in {time.time() - t0:.0f} s ({jobs} at a time)", flush=True)
