@@ -159,3 +159,37 @@ def test_sharded_evaluation_two_processes_equal_one(tmp_path, accelerate_launch)
         check_exact=False,
         rtol=1e-5,
     )
+
+
+def test_more_cases_are_the_next_draws_of_the_same_set_and_refuse_other_draws():
+    from labkit.experiments import benchmark as XB
+
+    bb = labkit.load("tiny")
+    kw = dict(kinds=["wrong", "smear"], size=64, split="test", seed=0, room=-100.0)
+    scored = E.benchmark_cases(bb, n_per_kind=1, **kw)
+    more = XB.more_cases(bb, scored, n_per_kind=3, **kw)
+    full = E.benchmark_cases(bb, n_per_kind=3, **kw)
+    assert [c.meta["degradation"] for c in more] == ["wrong", "wrong", "smear", "smear"]
+    assert all(torch.equal(a.draft, b.draft) for a, b in zip(more, full[1:3] + full[4:6]))
+    assert XB.more_cases(bb, full, n_per_kind=2, **kw) == []  # already drawn further: nothing to add
+    with pytest.raises(ValueError, match="same seed"):
+        XB.more_cases(bb, scored, n_per_kind=3, **kw | dict(seed=1))
+
+
+def test_never_harms_counts_every_set_and_kind_of_the_stacked_frames():
+    import pandas as pd
+
+    from labkit.experiments import benchmark as XB
+
+    def frame(harmed: int, n: int = 20):
+        gaps = [-1.0] * harmed + [2.0] * (n - harmed)  # refine minus draft, dB
+        rows = [dict(method="draft", case=i, degradation="smear", region_psnr=20.0) for i in range(n)]
+        return pd.DataFrame(rows + [dict(r, method="refine", region_psnr=20.0 + g) for r, g in zip(rows, gaps)])
+
+    one, two = frame(1), frame(2)
+    df, sets, regs = XB.stacked([(one, "a", {i: "warp" for i in range(20)}), (two, "b", {})])
+    assert sorted(set(df.case)) == list(range(40)) and sets[25] == "b" and regs[3] == "warp" and regs[25] is None
+    c = XB.never_harms_claim(df, "refine", "draft", sets)
+    assert c["verdict"] == "refuted" and c["value"] == pytest.approx(0.1) and "a 1/20; b 2/20" in c["note"]
+    df, sets, _ = XB.stacked([(one, "a", {}), (frame(0), "b", {})])
+    assert XB.never_harms_claim(df, "refine", "draft", sets)["verdict"] == "holds"  # 1 of 20 = 5% is allowed

@@ -27,6 +27,7 @@ SMALL = {  # small sizes per notebook so the suite stays in minutes on 2 cores
         adapters=["lora", "freqmole", "freqmole+boundary"],
         n_object_per_kind=1,
         n_shift_per_kind=1,
+        n_harm_per_kind=2,
         n_val_v3_per_kind=1,
     ),
     "07_studio": dict(steps=2),

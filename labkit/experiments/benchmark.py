@@ -12,12 +12,63 @@ import torch
 
 from .. import focus as F_
 from .. import inference as I
-from ..evaluate import paired, run, table
+from ..evaluate import benchmark_cases, paired, run, table
 from ..frequency import lowpass
 from ..results import claim, paper_effect
 
 HARM_DB = 0.5  # "harm": more than this many dB of region PSNR below the draft
 HARM_SHARE = 0.05  # refine_never_harms: at most this share of cases harmed, on every set and kind
+
+
+def more_cases(bb, scored: list, **kw) -> list:
+    """benchmark_cases(bb, **kw) without the cases already scored: each kind's draws are sequential, so a larger
+    n_per_kind only appends to `scored`'s (checked: its cases must be each kind's first draws; none when it has
+    n_per_kind already)."""
+    old = {k: [c for c in scored if c.meta["degradation"] == k] for k in kw["kinds"]}
+    n = max([kw["n_per_kind"]] + [len(v) for v in old.values()])
+    drawn, out = benchmark_cases(bb, **kw | dict(n_per_kind=n)), []
+    for j, (kind, have) in enumerate(old.items()):
+        block = drawn[j * n : (j + 1) * n]
+        if not all(torch.equal(a.draft, b.draft) for a, b in zip(block, have)):
+            raise ValueError(
+                f"the scored {kind!r} cases are not the first draws of this set: pass the same seed and kw"
+            )
+        out += block[len(have) : kw["n_per_kind"]]
+    return out
+
+
+def stacked(parts: list[tuple[pd.DataFrame, str | dict[int, str], dict[int, str]]]) -> tuple[pd.DataFrame, dict, dict]:
+    """Per-case frames of several sets as one (cases renumbered): parts = (frame, its set's name or case -> set,
+    case -> registration used); returns (frame, case -> set, case -> registration)."""
+    frames, sets, regs, off = [], {}, {}, 0
+    for df, set_of, reg in parts:
+        cases = sorted(set(df.case)) if len(df) else []
+        frames.append(df.assign(case=df.case + off))
+        sets |= {i + off: set_of if isinstance(set_of, str) else set_of[i] for i in cases}
+        regs |= {i + off: reg.get(i) for i in cases}
+        off += max(cases, default=-1) + 1
+    return pd.concat(frames, ignore_index=True), sets, regs
+
+
+def harm_figure(df: pd.DataFrame, method: str, draft: str, sets: dict[int, str]):
+    """Per set × kind, each case's region PSNR of `method` minus the draft's (dots), with the harm line (-HARM_DB):
+    (figure, the shares table)."""
+    import matplotlib.pyplot as plt
+
+    a = df[df.method == method].set_index("case")
+    gap = a.region_psnr - df[df.method == draft].set_index("case").region_psnr.reindex(a.index)
+    keys = sorted({(sets[i], k) for i, k in zip(a.index, a.degradation)})
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    for x, (s, k) in enumerate(keys):
+        g = gap[(a.index.map(sets) == s) & (a.degradation == k).to_numpy()]
+        jitter = np.random.default_rng(x).uniform(-0.25, 0.25, len(g))
+        ax.scatter(x + jitter, g.clip(lower=-10), s=9, c=np.where(g < -HARM_DB, "crimson", "steelblue"))
+    ax.axhline(-HARM_DB, color="crimson", lw=0.8, ls="--", label=f"harm: > {HARM_DB} dB below the draft")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_xticks(range(len(keys)), [f"{s}\n{k}" for s, k in keys], fontsize=7)
+    ax.set_ylabel(f"{method} − draft (dB, clipped at −10)", fontsize=8), ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig, harm_shares(df, method, draft, sets)
 
 
 def per_set_kind_registration(df: pd.DataFrame, sets: dict[int, str], registered: dict[int, str]) -> pd.DataFrame:
@@ -40,7 +91,10 @@ def never_harms_claim(df: pd.DataFrame, method: str, draft: str, sets: dict[int,
     draft (an exact count, no CI: value = the worst set × kind's share of harmed cases)."""
     h = harm_shares(df, method, draft, sets)
     worst = h.loc[h.share.idxmax()]
-    note = "; ".join(f"{r.set}/{r.kind} {int(round(r.share * r['count']))}/{int(r['count'])}" for _, r in h.iterrows())
+    n_harmed = (h.share * h["count"]).round().astype(int)
+    note = "; ".join(f"{r.set}/{r.kind} {k}/{int(r['count'])}" for k, (_, r) in zip(n_harmed, h.iterrows()))
+    per_set = h.assign(harmed=n_harmed).groupby("set")[["harmed", "count"]].sum()
+    note += " | per set: " + "; ".join(f"{s} {int(r.harmed)}/{int(r['count'])}" for s, r in per_set.iterrows())
     return claim(
         float(worst.share), HARM_SHARE,
         f"worst share of test cases > {HARM_DB} dB below the draft (set × kind; baseline: the allowed share)",
