@@ -2,7 +2,8 @@
 
 Correspondences come from anywhere outside the region (the region is what is wrong in the draft): SIFT keypoints
 matched with a ratio test and fitted by RANSAC (scikit-image), then refined directly on the pixels (a homography
-that minimises the photometric error, with a per-channel gain and bias for the reference's change of light).
+that minimises the photometric error, with a per-channel gain and bias for the reference's change of light; once it
+holds, the light change is refitted as a per-channel cubic tone curve on the same pixels: gamma is not a gain).
 Two scopes: **scene** (the reference shares the draft's background: refined on everything outside the region) and,
 when that does not verify, **object** (a product shot: refined on the ring around the region with a robust loss,
 then a smooth non-rigid flow for a curved surface). The warped reference is cropped by the same focus box as the
@@ -45,6 +46,8 @@ class Registration:
     offset: np.ndarray = field(default_factory=lambda: np.zeros(3))  # draft ≈ gain·warped + offset
     scope: str = "scene"  # scene: fitted on everything outside the region; object: on the ring around it
     flow: np.ndarray | None = None  # (2, H, W) non-rigid correction (x, y) in reference px, added after the homography
+    tone: np.ndarray | None = None  # (3, TONE_DEGREE + 1) per-channel tone curve draft ≈ Σ_j tone[c, j]·warped^j
+    tone_range: np.ndarray | None = None  # (3, 2) the warped values it was fitted on (beyond them: the gain's slope)
 
     def describe(self) -> dict:
         """What the output's info records."""
@@ -56,6 +59,7 @@ class Registration:
             reason=self.reason,
             scope=self.scope,
             nonrigid=self.flow is not None,
+            tone=self.tone is not None,
         )
 
 
@@ -139,6 +143,33 @@ def _gain_offset(warped: torch.Tensor, draft: torch.Tensor, w: torch.Tensor) -> 
         ((warped - mw) ** 2 * w).sum((-2, -1), keepdim=True) + 1e-6
     )
     return a, md - a * mw
+
+
+TONE_DEGREE = 3  # the reference's change of light as a per-channel cubic tone curve (gamma, exposure, white balance)
+
+
+def fit_tone(
+    warped: torch.Tensor, draft: torch.Tensor, w: np.ndarray, degree: int = TONE_DEGREE, min_pixels: int = 64
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel polynomial tone curve draft ≈ Σ_j c_j·warped^j, least squares on the pixels w (H, W) of the
+    warped reference (3, H, W): (coefficients (3, degree + 1), the fitted range of warped values (3, 2)); None when
+    fewer than min_pixels."""
+    if int(w.sum()) < min_pixels:
+        return None
+    x, y = warped.double().numpy()[:, w], draft.double().numpy()[:, w]  # (3, N)
+    fit = lambda xc, yc: np.linalg.lstsq(np.vander(xc, degree + 1, increasing=True), yc, rcond=None)[0]  # noqa: E731
+    coef = np.stack([fit(xc, yc) for xc, yc in zip(x, y)])
+    return coef, np.stack([x.min(1), x.max(1)], 1)
+
+
+def apply_tone(warped: torch.Tensor, coef: np.ndarray, rng: np.ndarray, slope: np.ndarray) -> torch.Tensor:
+    """The tone curve on warped (3, H, W): the polynomial inside its fitted range, continued with `slope` (3,) (the
+    linear gain) beyond it, so a colour the fit never saw is not extrapolated by a cubic."""
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)[:, None, None]  # noqa: E731  (3,) -> (3, 1, 1)
+    x = warped.double()
+    xc = torch.minimum(torch.maximum(x, t(rng[:, 0])), t(rng[:, 1]))
+    y = sum(t(coef[:, j]) * xc**j for j in range(coef.shape[1])) + t(slope) * (x - xc)
+    return y.float().clamp(0, 1)
 
 
 def _photometric(warped: torch.Tensor, draft: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -361,7 +392,7 @@ def register(
     mat, rms, gain, offset = refine_fit(draft, reference, torch.from_numpy(outside), model.params)
     cov = coverage(mat, outside, ref_hw) if np.isfinite(mat).all() else 0.0
     if cov >= min_coverage and rms <= max_residual:
-        return Registration(mat, True, inl, nm, rms, gain=gain, offset=offset)
+        return with_tone(Registration(mat, True, inl, nm, rms, gain=gain, offset=offset), draft, reference, outside)
     scene = (
         f"scene: the warped reference covers {cov:.0%} of the draft outside the region (< {min_coverage:.0%})"
         if cov < min_coverage
@@ -391,14 +422,24 @@ def register(
     if rms > max_ring_residual:
         why = f"{scene}; object: ring residual {rms:.3f} after the fit (> {max_ring_residual})"
         return Registration(mat, False, inl, nm, rms, why, scope="object", flow=flow)
-    return Registration(mat, True, inl, nm, rms, gain=gain, offset=offset, scope="object", flow=flow)
+    reg = Registration(mat, True, inl, nm, rms, gain=gain, offset=offset, scope="object", flow=flow)
+    return with_tone(reg, draft, reference, band)
+
+
+def with_tone(reg: Registration, draft: torch.Tensor, reference: torch.Tensor, where: np.ndarray) -> Registration:
+    """reg with its light change fitted as a tone curve (fit_tone) on the pixels `where` (H, W) that the warped
+    reference covers: the scene outside the region, or the object's ring."""
+    hw = tuple(draft.shape[-2:])
+    inside = _inside(torch.as_tensor(reg.matrix, dtype=torch.float64), hw, tuple(reference.shape[-2:]))[0].numpy() > 0
+    fit = fit_tone(warp_reference(reference, reg.matrix, hw, reg.flow), draft, where & inside)
+    return reg if fit is None else replace(reg, tone=fit[0], tone_range=fit[1])
 
 
 def registered_paste(
     draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, reg: Registration
 ) -> torch.Tensor:
     """The no-model baseline a registration allows: the warped reference, its light matched to the draft
-    (the fitted gain/offset), pasted into the region with a soft seam; outside the dilated region the draft."""
+    (the fitted tone curve), pasted into the region with a soft seam; outside the dilated region the draft."""
     return soft_paste(draft, mask, relit_reference(reference, reg, tuple(draft.shape[-2:])))
 
 
@@ -417,8 +458,10 @@ def match_light(aligned: torch.Tensor, draft: torch.Tensor, mask: torch.Tensor) 
 
 def relit_reference(reference: torch.Tensor, reg: Registration, hw: tuple[int, int]) -> torch.Tensor:
     """The reference warped into the draft's frame (3, H, W) with its light matched to the draft's (the
-    registration's per-channel gain/offset, fitted outside the region)."""
+    registration's per-channel tone curve, else its gain/offset, fitted outside the region)."""
     warped = warp_reference(reference, reg.matrix, hw, reg.flow)
+    if reg.tone is not None:
+        return apply_tone(warped, reg.tone, reg.tone_range, reg.gain)
     gain = torch.as_tensor(reg.gain, dtype=torch.float32)[:, None, None]
     return (gain * warped + torch.as_tensor(reg.offset, dtype=torch.float32)[:, None, None]).clamp(0, 1)
 
@@ -427,7 +470,7 @@ class RegistrationCache:
     """register() memoised on the pixels (the methods of one evaluation register the same case). Explicit:
     `REGISTRATIONS(draft, mask, reference, seed)`, `REGISTRATIONS.clear()`; holds at most `size` entries."""
 
-    def __init__(self, size: int = 256):
+    def __init__(self, size: int = 512):
         self.size, self.entries = size, {}
 
     def __call__(self, draft: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> Registration:

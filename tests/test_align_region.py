@@ -78,6 +78,28 @@ def test_relit_reference_matches_the_draft_light_inside_the_region():
     assert float(err_relit) < 0.03
 
 
+def test_a_gamma_change_of_light_is_matched_by_the_tone_curve_better_than_by_a_gain():
+    from dataclasses import replace
+
+    target, draft, mask, reference = _registered_case(gamma=1.25, gain=0.9)
+    reg = A.register(draft, mask, reference)
+    assert reg.ok and reg.tone is not None and reg.describe()["tone"], reg.describe()
+    m = mask[0].bool()
+    err = lambda r: float((A.relit_reference(reference, r, (128, 128))[:, m] - target[:, m]).abs().mean())  # noqa: E731
+    assert err(reg) < 0.7 * err(replace(reg, tone=None)), (err(reg), err(replace(reg, tone=None)))
+
+
+def test_the_tone_curve_continues_with_the_gain_beyond_the_values_it_was_fitted_on():
+    x = torch.linspace(0.2, 0.6, 64).repeat(3, 1, 1)  # (3, 1, 64): the values seen
+    coef, rng = A.fit_tone(x, x**1.5, np.ones((1, 64), bool))
+    assert np.allclose(rng, [[0.2, 0.6]] * 3, atol=1e-6)
+    y = A.apply_tone(torch.tensor([0.4, 0.9, 0.05]).repeat(3, 1, 1), coef, rng, np.full(3, 0.5))[0, 0]
+    assert abs(float(y[0]) - 0.4**1.5) < 1e-3  # inside: the curve
+    assert abs(float(y[1]) - (0.6**1.5 + 0.5 * 0.3)) < 1e-3  # above: its end plus the gain's slope, not a cubic
+    assert abs(float(y[2]) - (0.2**1.5 - 0.5 * 0.15)) < 1e-3
+    assert A.fit_tone(x, x, np.zeros((1, 64), bool)) is None  # too few pixels: the gain/offset stays
+
+
 @pytest.mark.parametrize("relight", [False, True])
 def test_detail_adds_back_what_the_vae_loses_of_the_aligned_reference(relight):
     """refine(vae_detail=True) = the detail-free output + (a − VAE(a)) in the crop, pasted with the same soft mask:

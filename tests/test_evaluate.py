@@ -187,7 +187,7 @@ def test_never_harms_counts_every_set_and_kind_of_the_stacked_frames():
         return pd.DataFrame(rows + [dict(r, method="refine", region_psnr=20.0 + g) for r, g in zip(rows, gaps)])
 
     one, two = frame(1), frame(2)
-    df, sets, regs = XB.stacked([(one, "a", {i: "warp" for i in range(20)}), (two, "b", {})])
+    df, sets, regs = XB.stacked([(one, "a", dict.fromkeys(range(20), "warp")), (two, "b", {})])
     assert sorted(set(df.case)) == list(range(40)) and sets[25] == "b" and regs[3] == "warp" and regs[25] is None
     c = XB.never_harms_claim(df, "refine", "draft", sets)
     assert c["verdict"] == "refuted" and c["value"] == pytest.approx(0.1) and "a 1/20; b 2/20" in c["note"]
