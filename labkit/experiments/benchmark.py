@@ -53,7 +53,7 @@ def stacked(parts: list[tuple[pd.DataFrame, str | dict[int, str], dict[int, str]
 def harm_figure(df: pd.DataFrame, method: str, draft: str, sets: dict[int, str]):
     """Per set × kind, each case's region PSNR of `method` minus the draft's (dots), with the harm line (-HARM_DB):
     (figure, the shares table)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: imported only when a figure is drawn
 
     a = df[df.method == method].set_index("case")
     gap = a.region_psnr - df[df.method == draft].set_index("case").region_psnr.reindex(a.index)
