@@ -55,17 +55,14 @@ def harm_figure(df: pd.DataFrame, method: str, draft: str, sets: dict[int, str])
     (figure, the shares table)."""
     import matplotlib.pyplot as plt  # heavy: imported only when a figure is drawn
 
-    a = df[df.method == method].set_index("case")
-    gap = a.region_psnr - df[df.method == draft].set_index("case").region_psnr.reindex(a.index)
-    keys = sorted({(sets[i], k) for i, k in zip(a.index, a.degradation)})
+    groups = sorted(gaps(df, method, draft, sets).groupby(["set", "kind"]).gap)
     fig, ax = plt.subplots(figsize=(10, 3.6))
-    for x, (s, k) in enumerate(keys):
-        g = gap[(a.index.map(sets) == s) & (a.degradation == k).to_numpy()]
+    for x, (_, g) in enumerate(groups):
         jitter = np.random.default_rng(x).uniform(-0.25, 0.25, len(g))
         ax.scatter(x + jitter, g.clip(lower=-10), s=9, c=np.where(g < -HARM_DB, "crimson", "steelblue"))
     ax.axhline(-HARM_DB, color="crimson", lw=0.8, ls="--", label=f"harm: > {HARM_DB} dB below the draft")
     ax.axhline(0, color="gray", lw=0.5)
-    ax.set_xticks(range(len(keys)), [f"{s}\n{k}" for s, k in keys], fontsize=7)
+    ax.set_xticks(range(len(groups)), [f"{s}\n{k}" for (s, k), _ in groups], fontsize=7)
     ax.set_ylabel(f"{method} − draft (dB, clipped at −10)", fontsize=8), ax.legend(fontsize=7)
     fig.tight_layout()
     return fig, harm_shares(df, method, draft, sets)
@@ -78,11 +75,16 @@ def per_set_kind_registration(df: pd.DataFrame, sets: dict[int, str], registered
     return g.agg(["mean", "count"]).reset_index().rename(columns={"degradation": "kind"})
 
 
-def harm_shares(df: pd.DataFrame, method: str, draft: str, sets: dict[int, str]) -> pd.DataFrame:
-    """Per set and kind: the share of cases where `method` is more than HARM_DB below the draft, and the count."""
+def gaps(df: pd.DataFrame, method: str, draft: str, sets: dict[int, str]) -> pd.DataFrame:
+    """Per case: its set, kind and `method`'s region PSNR minus the draft's (dB)."""
     a = df[df.method == method].set_index("case")
     gap = a.region_psnr - df[df.method == draft].set_index("case").region_psnr.reindex(a.index)
-    t = pd.DataFrame(dict(set=a.index.map(sets), kind=a.degradation, harmed=gap < -HARM_DB))
+    return pd.DataFrame(dict(set=a.index.map(sets), kind=a.degradation, gap=gap))
+
+
+def harm_shares(df: pd.DataFrame, method: str, draft: str, sets: dict[int, str]) -> pd.DataFrame:
+    """Per set and kind: the share of cases where `method` is more than HARM_DB below the draft, and the count."""
+    t = gaps(df, method, draft, sets).assign(harmed=lambda t: t.gap < -HARM_DB)
     return t.groupby(["set", "kind"]).harmed.agg(["mean", "count"]).rename(columns={"mean": "share"}).reset_index()
 
 
