@@ -51,14 +51,15 @@ def measure(c) -> dict:
         reg_obj = I.REGISTRATIONS(c.draft, c.mask, c.reference, 0)
         relit = I.relit_reference(c.reference, reg_obj, tuple(c.draft.shape[-2:]))
         row["agree"] = region_psnr(out, relit, c.mask)
-        row["margin"] = I.paste_evidence(c.draft, c.mask, relit, paste)["margin_db"]
+        ev = I.paste_evidence(c.draft, c.mask, relit, paste)
+        row |= dict(margin=ev["margin_db"], fine=ev["fine_share"], gap=ev["gap"])
     return row
 
 
-def choose(row: dict, agree: float, seam: float, margin: float) -> float:
+def choose(row: dict, agree: float, seam: float, margin: float, fine: float, gap: float) -> float:
     """The region PSNR the check keeps at these thresholds."""
     if row["registered"]:
-        if row["margin"] >= margin:
+        if row["margin"] >= margin or (row["fine"] < fine and row["gap"] > gap):
             return row["draft"]
         return row["editor"] if row["agree"] >= agree else row["paste"]
     return row["editor"] if row["seam"] >= seam else row["draft"]
@@ -66,7 +67,7 @@ def choose(row: dict, agree: float, seam: float, margin: float) -> float:
 
 def score(rows: list[dict], *rule: float) -> tuple[float, float, int]:
     """(mean region PSNR, share of cases more than HARM_DB below the draft, registered cases more than HARM_DB below
-    the registered paste) at thresholds (agree, seam, margin)."""
+    the registered paste) at thresholds (agree, seam, margin, fine, gap)."""
     kept = np.array([choose(r, *rule) for r in rows])
     draft = np.array([r["draft"] for r in rows])
     below = sum(k < r["paste"] - HARM_DB for k, r in zip(kept, rows) if r["registered"])
@@ -95,7 +96,10 @@ def main() -> None:
         write_json(dict(n=a.n, rows=rows), "runs/accept_rule_rows.json")  # the measurements behind the choice
     agrees, seams = (0, 20, 25, 30, 35, 40, 45, 50, 101), (0, 20, 25, 30, 35, 40, 101)
     margins = (-6, -4, -3, -2, -1, 0, 1, 2, 3, 4, 6, 101)  # -3: the draft's error equals the paste's (independent)
-    grid = [(ag, se, mg) for ag in agrees for se in seams for mg in margins]
+    # the low-pass witness (frequency.lowpass_witness): a draft with less than `fine` of the paste's finest detail,
+    # whose low frequencies the paste misses by more than `gap` of the detail it adds, is kept (fine 0: never)
+    witness = [(0, 101)] + [(f, g) for f in (0.15, 0.2, 0.25, 0.3) for g in (0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)]
+    grid = [(ag, se, mg, f, g) for ag in agrees for se in seams for mg in margins for f, g in witness]
     scored = [(score_sets(rows["val"], *rule), rule) for rule in grid]
     ok = [x for x in scored if x[0][1] <= HARM_SHARE and x[0][2] == 0]
     if not ok:  # no rule meets both bars: keep the paste where it holds (none below it), then the fewest harmed
@@ -104,11 +108,12 @@ def main() -> None:
         ok = [x for x in none_below if x[0][1] == fewest]
         print(f"no rule meets both bars on val; of those with none below the paste, the fewest harmed: {fewest:.1%}")
     # the best mean, then the fewest harmed; ties (val cannot tell) go to the safer rule: the editor kept less
-    # (higher agree/seam), the draft kept more (lower margin)
-    (_, harm, below), (ag, se, mg) = max(ok, key=lambda x: (round(x[0][0], 3), -x[0][1], x[1][0], x[1][1], -x[1][2]))
-    rule = (ag, se, mg)
-    print(f"chosen on val: agree >= {ag} dB, seam >= {se} dB, draft margin >= {mg} dB (worst set: {harm:.1%} harmed, "
-          f"{below} registered cases below the paste)")  # fmt: skip
+    # (higher agree/seam), the draft kept more (lower margin, a wider witness)
+    safer = lambda x: (round(x[0][0], 3), -x[0][1], x[1][0], x[1][1], -x[1][2], x[1][3], -x[1][4])  # noqa: E731
+    (_, harm, below), rule = max(ok, key=safer)
+    ag, se, mg, f, g = rule
+    print(f"chosen on val: agree >= {ag} dB, seam >= {se} dB, draft margin >= {mg} dB, witness fine < {f} and gap > "
+          f"{g} (worst set: {harm:.1%} harmed, {below} registered cases below the paste)")  # fmt: skip
     head = ("split", "set", "kind", "n", "reg", "draft", "paste", "refine", "checked", "harm")
     print("{:5} {:7} {:8} {:>3} {:>4} {:>6} {:>6} {:>6} {:>7} {}".format(*head))
     for sp, sets in rows.items():

@@ -58,6 +58,32 @@ def radial_spectrum(x: torch.Tensor, bins: int | None = None) -> torch.Tensor:
     return torch.zeros(bins).index_add_(0, idx, p.flatten()) / torch.bincount(idx, minlength=bins).clamp_min(1)
 
 
+def region_energy(x: torch.Tensor, m: torch.Tensor) -> float:
+    """Mean square of x (B, C, H, W) over the pixels where m (B, 1, H, W) is 1, and over channels."""
+    return float((x**2 * m).sum() / (m.sum() * x.shape[1]).clamp_min(1))
+
+
+WITNESS_SIGMAS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)  # the blurs a draft is tried under (px)
+
+
+def lowpass_witness(draft: torch.Tensor, paste: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Read the draft (3, H, W) as a blurred copy of the target (lost detail: ×4 low-res, smear) and test the paste
+    against it inside mask (1, H, W). fine_share: the draft's detail finer than σ = 1 over the paste's (a blurred
+    draft has little); sigma: the blur under which the paste best matches the draft; gap: that mismatch (the
+    paste's own error at the draft's scale, if the draft is a blurred target) over the detail the paste adds
+    beyond it (what the draft lacks). gap > 1: the paste gets wrong more than it adds."""
+    m = (mask > 0.5).float()[None]  # (1, 1, H, W)
+    energy = lambda x: region_energy(x, m)  # noqa: E731
+    d, p = draft[None].float(), paste[None].float()
+    fine = energy(d - lowpass(d, 1.0)) / max(energy(p - lowpass(p, 1.0)), 1e-12)
+    fits = []  # (mismatch at σ, the paste's detail beyond σ, σ)
+    for s in WITNESS_SIGMAS:
+        lf = lowpass(p, s)
+        fits.append((energy(lf - d), energy(p - lf), s))
+    miss, detail, sigma = min(fits)
+    return dict(fine_share=round(fine, 4), sigma=sigma, gap=round(miss / max(detail, 1e-12), 4))
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample cosine similarity of flattened tensors (B,)."""
     return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1)

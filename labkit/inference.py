@@ -39,6 +39,7 @@ from PIL import Image
 from . import focus as F_
 from .align import REGISTRATIONS, Registration, registered_paste, relit_reference, ring_of, soft_paste, warp_reference
 from .editor import ADAPTERS, Refiner, edit, load_refiner, resolve_adapter  # noqa: F401  (resolve_adapter: for notebooks)
+from .frequency import lowpass_witness
 from .images import as_image_tensor, as_mask_tensor, as_references, resize, to_pil
 from .metrics import psnr, region_psnr
 from .presets import get
@@ -209,43 +210,51 @@ def focus_refine(
 # cases harmed and no registered val case more than 0.5 dB below the registered paste; when no rule meets both, the
 # fewest harmed among those with none below the paste; ties go to the safer choice; 24 val cases per set and kind, the
 # non-planar set drawn as 05's test, 3 px; when a registration holds is align.register's rule, chosen before on val
-# by bench/registration_rule.py). On mini (editor_refine3, the registration's light as a tone curve) no rule met
-# both bars, and val chose: never the editor (agree 101 dB: the registered paste beat it; seam 101 dB: without a
-# registration, of the 11 of 33 unregistered val cases whose output passed seam 20, 8 fell below the draft: every
-# ×4 lowres and smear draft among them) and
-# never the draft where a registration holds (margin 101 dB: every lower margin kept it on some case where the paste
-# was right). So on mini refine returns the registered paste where a registration holds, else the draft: worst val
-# set 6.9% harmed (non-planar), 0 below the paste; the rule chosen on 12 val cases per kind (seam 20, margin 6) had
-# 11.1% and 5 below the paste on these 24.
+# by bench/registration_rule.py). On mini (editor_refine3, the registration's light as a tone curve) val chose: never
+# the editor (agree 101 dB: the registered paste beat it; seam 101 dB: without a registration, of the 11 of 33
+# unregistered val cases whose output passed seam 20, 8 fell below the draft), never the draft by the margin rule
+# (101 dB: every lower margin kept it on some case where the paste was right), and the draft where it is a blurred
+# witness whose low frequencies the paste misses (fine share < 0.25, gap > 0.5: a non-planar view's paste a few px
+# off over a ×4 lowres draft). So on mini refine returns the registered paste where a registration holds unless the
+# witness says otherwise, else the draft: worst val set 2.8% harmed, 0 below the paste (without the witness 6.9%,
+# non-planar).
 ACCEPT_AGREE_DB = 101.0  # keep the editor's output when it agrees with the aligned reference in the region this well
 ACCEPT_SEAM_DB = 101.0  # without a registration, keep it only when it agrees with the draft on the ring this well
 ACCEPT_DRAFT_MARGIN_DB = 101.0  # keep the draft when it agrees with the paste this much better than the ring does
+ACCEPT_FINE_SHARE = 0.25  # a draft with less of the paste's finest detail than this is read as blurred (a witness)
+ACCEPT_LOWPASS_GAP = 0.5  # keep such a draft when the paste misses its low frequencies by this share of what it adds
 RING = dict(margin=1, width=8)  # where the registration's own error is read: just outside the region
 
 
 def paste_evidence(draft: torch.Tensor, mask: torch.Tensor, aligned: torch.Tensor, paste: torch.Tensor) -> dict:
     """Target-free evidence about a registered paste: `inside` (dB), the draft's agreement with the paste in the
     region; `ring` (dB), the aligned reference's agreement with the draft on the ring, where the draft is right (the
-    registration's own error); margin = inside - ring."""
+    registration's own error); margin = inside - ring; and the draft read as a low-pass witness of the target
+    (frequency.lowpass_witness: fine_share, sigma, gap)."""
     ring = torch.from_numpy(ring_of(mask, **RING))[None].float()
     inside, ring_db = region_psnr(paste, draft, mask), float(psnr(aligned[None], draft[None], ring[None])[0])
-    return dict(inside_db=round(inside, 2), ring_db=round(ring_db, 2), margin_db=round(inside - ring_db, 2))
+    ev = dict(inside_db=round(inside, 2), ring_db=round(ring_db, 2), margin_db=round(inside - ring_db, 2))
+    return ev | lowpass_witness(draft, paste, mask)
 
 
 def accept_check(out: torch.Tensor, draft: torch.Tensor, mask: torch.Tensor, aligned: torch.Tensor | None,
                  paste: torch.Tensor | None) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """Choose what to return from evidence available at inference (no target). With a registration (aligned: the
     relit warped reference, paste: the registered paste): the draft if it already agrees with the paste by
-    ACCEPT_DRAFT_MARGIN_DB more than the registration's own error (paste_evidence), else the editor's output if its
-    region agrees with the aligned reference to ACCEPT_AGREE_DB, else the paste. Without one: the output if it
-    agrees with the draft on the ring just outside the region to ACCEPT_SEAM_DB, else the draft. Returns (image,
-    why: the kept candidate and the evidence)."""
+    ACCEPT_DRAFT_MARGIN_DB more than the registration's own error (paste_evidence), or if it is a blurred witness
+    (fine_share < ACCEPT_FINE_SHARE) whose low frequencies the paste misses (gap > ACCEPT_LOWPASS_GAP); else the
+    editor's output if its region agrees with the aligned reference to ACCEPT_AGREE_DB, else the paste. Without
+    one: the output if it agrees with the draft on the ring just outside the region to ACCEPT_SEAM_DB, else the
+    draft. Returns (image, why: the kept candidate and the evidence)."""
     near = torch.from_numpy(ring_of(mask, margin=1, width=3))[None].float()
     seam = float(psnr(out[None], draft[None], near[None])[0])
     if aligned is not None:
         ev = paste_evidence(draft, mask, aligned, paste) | dict(seam_db=round(seam, 2))
         if ev["margin_db"] >= ACCEPT_DRAFT_MARGIN_DB:
             return draft.clone(), dict(kept="draft", why="the draft already agrees with the registered paste", **ev)
+        if ev["fine_share"] < ACCEPT_FINE_SHARE and ev["gap"] > ACCEPT_LOWPASS_GAP:
+            why = "the draft is blurred and the paste misses its low frequencies by more than the detail it adds"
+            return draft.clone(), dict(kept="draft", why=why, **ev)
         agree = region_psnr(out, aligned, mask)
         kept = "editor" if agree >= ACCEPT_AGREE_DB else "paste"
         return (out if kept == "editor" else paste), dict(kept=kept, agree_db=round(agree, 2), **ev)

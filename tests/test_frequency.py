@@ -26,6 +26,20 @@ def test_radial_spectrum_separates_smooth_from_noise():
     assert s_smooth[-4:].mean() < 0.05 * s_noise[-4:].mean()
 
 
+def test_lowpass_witness_finds_the_drafts_blur_and_grows_with_a_misplaced_paste():
+    g = torch.Generator().manual_seed(0)
+    target = sum(Fq.lowpass(torch.randn(1, 3, 64, 64, generator=g), s) * s for s in (0.7, 1.5, 3.0, 6.0))[0]
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 20:44, 20:44] = 1
+    draft = torch.where(mask > 0, Fq.lowpass(target[None], 2.0)[0], target)  # the region's detail lost (σ = 2)
+    right = Fq.lowpass_witness(draft, target, mask)
+    assert right["sigma"] == 2.0 and right["gap"] < 1e-3 and right["fine_share"] < 0.1
+    gaps = [Fq.lowpass_witness(draft, torch.roll(target, k, dims=-1), mask)["gap"] for k in range(4)]
+    assert gaps == sorted(gaps) and gaps[3] > 100 * gaps[0]  # the further off, the more it misses
+    sharp = torch.where(mask > 0, torch.rand(3, 64, 64, generator=g), target)  # a redrawn region is no witness
+    assert Fq.lowpass_witness(sharp, target, mask)["fine_share"] > 1
+
+
 def test_capture_one_entry_per_block_and_hooks_removed(tiny):
     x = torch.randn(1, 16, 8, 8)
     ctx = torch.randn(1, 16, 8, 8)

@@ -10,6 +10,7 @@ from labkit import data as D
 from labkit import inference as I
 from labkit import objects as O
 from labkit import pretrain as PT
+from labkit.metrics import region_psnr
 
 
 def _ring_error(case, reg) -> float:
@@ -99,6 +100,21 @@ def test_accept_check_keeps_the_paste_when_the_editor_leaves_the_aligned_referen
     assert why["kept"] == "paste" and torch.equal(out, paste)
     out, why = I.accept_check(paste, draft, mask, aligned, paste)  # an editor that keeps the right paste
     assert why["kept"] == "editor" and why["agree_db"] > I.ACCEPT_AGREE_DB
+
+
+def test_accept_check_keeps_a_blurred_draft_whose_low_frequencies_the_paste_misses():
+    c = O.object_case(0, "val", failure="lowres4")  # the draft: the label's detail lost (×4)
+    misplaced = torch.roll(c.target, 3, dims=-1)  # a registration 3 px off inside the region (a non-planar view)
+    for aligned, kept in ((c.target, "paste"), (misplaced, "draft")):
+        paste = A.soft_paste(c.draft, c.mask, aligned)
+        out, why = I.accept_check(paste, c.draft, c.mask, aligned, paste)  # the editor returns the paste: not in play
+        assert why["kept"] == kept and {"fine_share", "gap", "sigma"} <= set(why)
+        assert torch.equal(out, paste if kept == "paste" else c.draft)
+    assert why["gap"] > I.ACCEPT_LOWPASS_GAP and "blurred" in why["why"]
+    assert (
+        region_psnr(A.soft_paste(c.draft, c.mask, misplaced), c.target, c.mask)
+        < region_psnr(c.draft, c.target, c.mask) - 3
+    )
 
 
 def test_accept_check_without_a_registration_keeps_the_draft_when_the_seam_breaks(monkeypatch):
