@@ -9,7 +9,7 @@ draft on every set (05's claim refine_never_harms and #35's bar) and no case, wh
 0.5 dB below the registered paste (05's refine_never_below_registered_paste). When a registration holds is
 align.register's own rule (MIN_INLIERS, MAX_RESIDUAL: bench/registration_rule.py, run first).
 
-    .venv/bin/python bench/accept_rule.py [--n 24] [--test] [--from-rows runs/accept_rule_rows.json]
+    .venv/bin/python bench/accept_rule.py [--n 48] [--test] [--from-rows runs/accept_rule_rows.json]
 """
 
 import argparse
@@ -52,14 +52,14 @@ def measure(c) -> dict:
         relit = I.relit_reference(c.reference, reg_obj, tuple(c.draft.shape[-2:]))
         row["agree"] = region_psnr(out, relit, c.mask)
         ev = I.paste_evidence(c.draft, c.mask, relit, paste)
-        row |= dict(margin=ev["margin_db"], fine=ev["fine_share"], gap=ev["gap"])
+        row |= dict(margin=ev["margin_db"], fine=ev["fine_share"], gap=ev["gap"], corr=ev["corr"])
     return row
 
 
-def choose(row: dict, agree: float, seam: float, margin: float, fine: float, gap: float) -> float:
+def choose(row: dict, agree: float, seam: float, margin: float, fine: float, gap: float, corr: float) -> float:
     """The region PSNR the check keeps at these thresholds."""
     if row["registered"]:
-        if row["margin"] >= margin or (row["fine"] < fine and row["gap"] > gap):
+        if row["margin"] >= margin or (row["fine"] < fine and row["gap"] > gap and row["corr"] > corr):
             return row["draft"]
         return row["editor"] if row["agree"] >= agree else row["paste"]
     return row["editor"] if row["seam"] >= seam else row["draft"]
@@ -67,7 +67,7 @@ def choose(row: dict, agree: float, seam: float, margin: float, fine: float, gap
 
 def score(rows: list[dict], *rule: float) -> tuple[float, float, int]:
     """(mean region PSNR, share of cases more than HARM_DB below the draft, registered cases more than HARM_DB below
-    the registered paste) at thresholds (agree, seam, margin, fine, gap)."""
+    the registered paste) at thresholds (agree, seam, margin, fine, gap, corr)."""
     kept = np.array([choose(r, *rule) for r in rows])
     draft = np.array([r["draft"] for r in rows])
     below = sum(k < r["paste"] - HARM_DB for k, r in zip(kept, rows) if r["registered"])
@@ -84,7 +84,7 @@ def score_sets(sets: dict[str, list[dict]], *rule: float) -> tuple[float, float,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=24, help="cases per kind and set")
+    ap.add_argument("--n", type=int, default=48, help="cases per kind and set")
     ap.add_argument("--test", action="store_true", help="also report the val-chosen thresholds on test")
     ap.add_argument("--from-rows", default=None, help="choose from a saved runs/accept_rule_rows.json")
     a = ap.parse_args()
@@ -97,9 +97,11 @@ def main() -> None:
     agrees, seams = (0, 20, 25, 30, 35, 40, 45, 50, 101), (0, 20, 25, 30, 35, 40, 101)
     margins = (-6, -4, -3, -2, -1, 0, 1, 2, 3, 4, 6, 101)  # -3: the draft's error equals the paste's (independent)
     # the low-pass witness (frequency.lowpass_witness): a draft with less than `fine` of the paste's finest detail,
-    # whose low frequencies the paste misses by more than `gap` of the detail it adds, is kept (fine 0: never)
-    witness = [(0, 101)] + [(f, g) for f in (0.15, 0.2, 0.25, 0.3) for g in (0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)]
-    grid = [(ag, se, mg, f, g) for ag in agrees for se in seams for mg in margins for f, g in witness]
+    # whose low frequencies the paste misses by more than `gap` of the detail it adds, and which correlates with the
+    # blurred paste above `corr`, is kept (fine 0: never)
+    fines, gaps, corrs = (0.2, 0.25, 0.3), (0.3, 0.4, 0.5, 0.6, 0.8), (-1, 0, 0.25, 0.5, 0.75)
+    witness = [(0, 101, -1)] + [(f, g, c) for f in fines for g in gaps for c in corrs]
+    grid = [(ag, se, mg, *w) for ag in agrees for se in seams for mg in margins for w in witness]
     scored = [(score_sets(rows["val"], *rule), rule) for rule in grid]
     ok = [x for x in scored if x[0][1] <= HARM_SHARE and x[0][2] == 0]
     if not ok:  # no rule meets both bars: keep the paste where it holds (none below it), then the fewest harmed
@@ -109,11 +111,11 @@ def main() -> None:
         print(f"no rule meets both bars on val; of those with none below the paste, the fewest harmed: {fewest:.1%}")
     # the best mean, then the fewest harmed; ties (val cannot tell) go to the safer rule: the editor kept less
     # (higher agree/seam), the draft kept more (lower margin, a wider witness)
-    safer = lambda x: (round(x[0][0], 3), -x[0][1], x[1][0], x[1][1], -x[1][2], x[1][3], -x[1][4])  # noqa: E731
+    safer = lambda x: (round(x[0][0], 3), -x[0][1], x[1][0], x[1][1], -x[1][2], x[1][3], -x[1][4], -x[1][5])  # noqa: E731
     (_, harm, below), rule = max(ok, key=safer)
-    ag, se, mg, f, g = rule
-    print(f"chosen on val: agree >= {ag} dB, seam >= {se} dB, draft margin >= {mg} dB, witness fine < {f} and gap > "
-          f"{g} (worst set: {harm:.1%} harmed, {below} registered cases below the paste)")  # fmt: skip
+    ag, se, mg, f, g, c = rule
+    print(f"chosen on val: agree >= {ag} dB, seam >= {se} dB, draft margin >= {mg} dB, witness fine < {f}, gap > {g}, "
+          f"corr > {c} (worst set: {harm:.1%} harmed, {below} registered cases below the paste)")  # fmt: skip
     head = ("split", "set", "kind", "n", "reg", "draft", "paste", "refine", "checked", "harm")
     print("{:5} {:7} {:8} {:>3} {:>4} {:>6} {:>6} {:>6} {:>7} {}".format(*head))
     for sp, sets in rows.items():

@@ -71,7 +71,8 @@ def lowpass_witness(draft: torch.Tensor, paste: torch.Tensor, mask: torch.Tensor
     against it inside mask (1, H, W). fine_share: the draft's detail finer than σ = 1 over the paste's (a blurred
     draft has little); sigma: the blur under which the paste best matches the draft; gap: that mismatch (the
     paste's own error at the draft's scale, if the draft is a blurred target) over the detail the paste adds
-    beyond it (what the draft lacks). gap > 1: the paste gets wrong more than it adds."""
+    beyond it (what the draft lacks), gap > 1: the paste gets wrong more than it adds; corr: the correlation of the
+    draft with the paste so blurred (a blurred copy of the same content correlates; a region redrawn flat does not)."""
     m = (mask > 0.5).float()[None]  # (1, 1, H, W)
     energy = lambda x: region_energy(x, m)  # noqa: E731
     d, p = draft[None].float(), paste[None].float()
@@ -81,7 +82,11 @@ def lowpass_witness(draft: torch.Tensor, paste: torch.Tensor, mask: torch.Tensor
         lf = lowpass(p, s)
         fits.append((energy(lf - d), energy(p - lf), s))
     miss, detail, sigma = min(fits)
-    return dict(fine_share=round(fine, 4), sigma=sigma, gap=round(miss / max(detail, 1e-12), 4))
+    sel = m.expand_as(d) > 0
+    a, b = lowpass(p, sigma)[sel], d[sel]
+    corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if sel.sum() > 1 else 0.0
+    corr = corr if corr == corr else 0.0  # a flat region: no correlation (nan)
+    return dict(fine_share=round(fine, 4), sigma=sigma, gap=round(miss / max(detail, 1e-12), 4), corr=round(corr, 4))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

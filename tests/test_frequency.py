@@ -33,11 +33,13 @@ def test_lowpass_witness_finds_the_drafts_blur_and_grows_with_a_misplaced_paste(
     mask[:, 20:44, 20:44] = 1
     draft = torch.where(mask > 0, Fq.lowpass(target[None], 2.0)[0], target)  # the region's detail lost (σ = 2)
     right = Fq.lowpass_witness(draft, target, mask)
-    assert right["sigma"] == 2.0 and right["gap"] < 1e-3 and right["fine_share"] < 0.1
+    assert right["sigma"] == 2.0 and right["gap"] < 1e-3 and right["fine_share"] < 0.1 and right["corr"] > 0.99
     gaps = [Fq.lowpass_witness(draft, torch.roll(target, k, dims=-1), mask)["gap"] for k in range(4)]
     assert gaps == sorted(gaps) and gaps[3] > 100 * gaps[0]  # the further off, the more it misses
     sharp = torch.where(mask > 0, torch.rand(3, 64, 64, generator=g), target)  # a redrawn region is no witness
     assert Fq.lowpass_witness(sharp, target, mask)["fine_share"] > 1
+    flat = torch.where(mask > 0, torch.full_like(target, 0.5), target)  # a region redrawn flat: blurred, but unrelated
+    assert Fq.lowpass_witness(flat, target, mask)["corr"] == 0.0
 
 
 def test_capture_one_entry_per_block_and_hooks_removed(tiny):
