@@ -74,17 +74,12 @@ def lowpass_witness(draft: torch.Tensor, paste: torch.Tensor, mask: torch.Tensor
     beyond it (what the draft lacks), gap > 1: the paste gets wrong more than it adds; corr: the correlation of the
     draft with the paste so blurred (a blurred copy of the same content correlates; a region redrawn flat does not)."""
     m = (mask > 0.5).float()[None]  # (1, 1, H, W)
-    energy = lambda x: region_energy(x, m)  # noqa: E731
     d, p = draft[None].float(), paste[None].float()
-    fine = energy(d - lowpass(d, 1.0)) / max(energy(p - lowpass(p, 1.0)), 1e-12)
-    fits = []  # (mismatch at σ, the paste's detail beyond σ, σ)
-    for s in WITNESS_SIGMAS:
-        lf = lowpass(p, s)
-        fits.append((energy(lf - d), energy(p - lf), s))
-    miss, detail, sigma = min(fits)
+    fine = region_energy(d - lowpass(d, 1.0), m) / max(region_energy(p - lowpass(p, 1.0), m), 1e-12)
+    lf, sigma = min(((lowpass(p, s), s) for s in WITNESS_SIGMAS), key=lambda f: region_energy(f[0] - d, m))
+    miss, detail = region_energy(lf - d, m), region_energy(p - lf, m)  # at σ; the paste's detail beyond σ
     sel = m.expand_as(d) > 0
-    a, b = lowpass(p, sigma)[sel], d[sel]
-    corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if sel.sum() > 1 else 0.0
+    corr = float(torch.corrcoef(torch.stack([lf[sel], d[sel]]))[0, 1]) if sel.sum() > 1 else 0.0
     corr = corr if corr == corr else 0.0  # a flat region: no correlation (nan)
     return dict(fine_share=round(fine, 4), sigma=sigma, gap=round(miss / max(detail, 1e-12), 4), corr=round(corr, 4))
 
