@@ -84,6 +84,52 @@ def lowpass_witness(draft: torch.Tensor, paste: torch.Tensor, mask: torch.Tensor
     return dict(fine_share=round(fine, 4), sigma=sigma, gap=round(miss / max(detail, 1e-12), 4), corr=round(corr, 4))
 
 
+def translate(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """x (1, C, H, W) sampled at (u + dx, v + dy) px for each of N shifts dx, dy (N,): (N, C, H, W), bilinear,
+    the border repeated."""
+    n, (h, w) = len(dx), x.shape[-2:]
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = 1, 1, 2 * dx / w, 2 * dy / h
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x.expand(n, -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def witness_shift(draft: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor, ring: torch.Tensor | None = None,
+                  reach: float = 3.0, step: float = 0.5) -> dict:  # fmt: skip
+    """The translation (dx, dy) px of the aligned reference (3, H, W) whose low frequencies best match the draft
+    (3, H, W) inside mask (1, H, W), the draft read as a blurred target (lowpass_witness): searched on a `step` grid
+    within `reach` px under each of WITNESS_SIGMAS. shift_gain: the low-pass error unshifted over that at the best
+    shift (1: the draft asks for no correction; a paste a few px off a non-planar surface gives 2-6). With `ring`
+    (1, H, W, a band just outside the region, within ~reach + 3 * 6 px of it, where the draft is intact): ring_ratio,
+    the sharp error there shifted over unshifted (> 1: the surroundings refuse the shift, as on a plane registered
+    right; <= 1: they move with it, as a smooth non-planar displacement does)."""
+    m = mask[0] > 0.5
+    if not m.any():
+        return dict(dx=0.0, dy=0.0, shift_gain=1.0) | ({} if ring is None else dict(ring_ratio=1.0))
+    ys, xs = m.nonzero(as_tuple=True)
+    pad = int(reach + 3 * max(WITNESS_SIGMAS)) + 2  # the blurs and the shifts see real pixels, not the crop's edge
+    y0, x0 = max(int(ys.min()) - pad, 0), max(int(xs.min()) - pad, 0)
+    y1, x1 = int(ys.max()) + pad + 1, int(xs.max()) + pad + 1
+    d, a = draft[None, :, y0:y1, x0:x1].float(), aligned[None, :, y0:y1, x0:x1].float()
+    mm = m[None, None, y0:y1, x0:x1].float()
+    g = torch.arange(-reach, reach + step / 2, step)
+    dy, dx = (t.flatten() for t in torch.meshgrid(g, g, indexing="ij"))  # (N,) candidate shifts
+    zero = int(((dx == 0) & (dy == 0)).nonzero()[0, 0])
+    err = torch.stack([  # (sigmas, N): mean square of (shifted, blurred reference - draft) in the region
+        torch.cat([((translate(lowpass(a, s), dx[i:i + 32], dy[i:i + 32]) - d) ** 2 * mm).mean((1, 2, 3))
+                   for i in range(0, len(dx), 32)])
+        for s in WITNESS_SIGMAS
+    ])  # fmt: skip
+    best = int(err.min(0).values.argmin())
+    gain = float((err[:, zero].min() + 1e-9) / (err[:, best].min() + 1e-9))  # 1 when the best is no shift
+    out = dict(dx=float(dx[best]), dy=float(dy[best]), shift_gain=round(gain, 4))
+    if ring is not None:  # the same shift read on the ring, unblurred: (2,) errors unshifted and shifted
+        rr = ring[None, :, y0:y1, x0:x1].float()
+        e = ((translate(a, dx[[zero, best]], dy[[zero, best]]) - d) ** 2 * rr).mean((1, 2, 3))
+        out["ring_ratio"] = round(float((e[1] + 1e-9) / (e[0] + 1e-9)), 4)
+    return out
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample cosine similarity of flattened tensors (B,)."""
     return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1)

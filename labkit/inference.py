@@ -39,7 +39,7 @@ from PIL import Image
 from . import focus as F_
 from .align import REGISTRATIONS, Registration, registered_paste, relit_reference, ring_of, soft_paste, warp_reference
 from .editor import ADAPTERS, Refiner, edit, load_refiner, resolve_adapter  # noqa: F401  (resolve_adapter: for notebooks)
-from .frequency import lowpass_witness
+from .frequency import lowpass_witness, translate, witness_shift
 from .images import as_image_tensor, as_mask_tensor, as_references, resize, to_pil
 from .metrics import psnr, region_psnr
 from .presets import get
@@ -66,7 +66,9 @@ class RefineOptions:
     paste_first: bool = _opt(True, "the editor refines the registered paste instead of the draft", "align")
     residual: bool = _opt(True, "with paste_first: resample only the editor's change to the paste back", "align")
     accept: bool = _opt(
-        True, "do no harm: keep the editor's output, the registered paste or the draft (accept_check)", "model"
+        True,
+        "do no harm: keep the editor's output, the registered paste (or shifted to a blurred draft) or the draft",
+        "model",
     )
     strength: float = _opt(1.0, "< 1 starts from the draft noised to that level")
     region: str | None = _opt(None, "how the region reaches the editor: none | context | draw (default: its recipe)")
@@ -215,17 +217,21 @@ def focus_refine(
 # - without one, the editor only when it continues the draft on the ring to 30 dB (3 of 80 unregistered val cases,
 #   each far above the draft; at 20 dB 20 of 31 fell below the draft);
 # - never the draft by the margin rule (101 dB: every lower margin kept it on some case where the paste was right);
-# - the draft where it is a blurred witness whose low frequencies the paste misses (fine share < 0.3, gap > 0.5: a
-#   non-planar view's paste a few px off over a ×4 lowres or smeared draft; 16 val cases, the draft better on all),
-#   and only a witness that correlates with the blurred paste (corr > 0.75: four wrong-word val drafts with little
-#   fine detail of their own passed the first two tests, and there the paste was 11-19 dB better).
-# Worst val set 2.8% harmed, 0 below the paste; without the witness 7.6% (non-planar).
+# - a blurred draft (fine share < 0.3) that correlates with the blurred paste (corr > 0.75: four wrong-word val drafts
+#   with little fine detail of their own passed the fine-share test, and there the paste was 11-19 dB better) is a
+#   witness of the target's low frequencies: the paste is first shifted to it when that divides their error at least
+#   2-fold and the sharp ring just outside the region does not refuse the shift (its error ratio <= 1.5: without the
+#   ring test, two planar smear drafts, whose smear displaces the region, pulled a right paste 2 and 8 dB down);
+#   then the draft is kept if the paste, shifted or not, still misses it by more than 0.6 of the detail it adds.
+# Worst val set 2.1% harmed, 0 below the paste (2.8% without the shift, 7.6% without the witness: non-planar).
 ACCEPT_AGREE_DB = 101.0  # keep the editor's output when it agrees with the aligned reference in the region this well
 ACCEPT_SEAM_DB = 30.0  # without a registration, keep it only when it agrees with the draft on the ring this well
 ACCEPT_DRAFT_MARGIN_DB = 101.0  # keep the draft when it agrees with the paste this much better than the ring does
 ACCEPT_FINE_SHARE = 0.3  # a draft with less of the paste's finest detail than this is read as blurred (a witness)
-ACCEPT_LOWPASS_GAP = 0.5  # keep such a draft when the paste misses its low frequencies by this share of what it adds
+ACCEPT_LOWPASS_GAP = 0.6  # keep such a draft when the paste misses its low frequencies by this share of what it adds
 ACCEPT_WITNESS_CORR = 0.75  # ... and the draft correlates with the blurred paste above this (the same content)
+ACCEPT_SHIFT_GAIN = 2.0  # shift the paste to the witness when that divides its low-pass error by this much
+ACCEPT_SHIFT_RING = 1.5  # ... and the ring just outside the region, sharp, does not refuse it (error ratio <= this)
 RING = dict(margin=1, width=8)  # where the registration's own error is read: just outside the region
 
 
@@ -244,21 +250,32 @@ def accept_check(out: torch.Tensor, draft: torch.Tensor, mask: torch.Tensor, ali
                  paste: torch.Tensor | None) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """Choose what to return from evidence available at inference (no target). With a registration (aligned: the
     relit warped reference, paste: the registered paste): the draft if it already agrees with the paste by
-    ACCEPT_DRAFT_MARGIN_DB more than the registration's own error (paste_evidence), or if it is a blurred witness
-    (fine_share < ACCEPT_FINE_SHARE, corr > ACCEPT_WITNESS_CORR) whose low frequencies the paste misses (gap >
-    ACCEPT_LOWPASS_GAP); else the
-    editor's output if its region agrees with the aligned reference to ACCEPT_AGREE_DB, else the paste. Without
-    one: the output if it agrees with the draft on the ring just outside the region to ACCEPT_SEAM_DB, else the
-    draft. Returns (image, why: the kept candidate and the evidence)."""
+    ACCEPT_DRAFT_MARGIN_DB more than the registration's own error (paste_evidence). If the draft is a blurred witness
+    (fine_share < ACCEPT_FINE_SHARE, corr > ACCEPT_WITNESS_CORR): the paste shifted to the draft's low frequencies
+    when that lowers their error ACCEPT_SHIFT_GAIN-fold and the ring just outside the region allows it (error ratio
+    <= ACCEPT_SHIFT_RING; witness_shift: a paste a few px off a non-planar surface, its surroundings moved too),
+    and the draft if the paste, shifted or not, still misses them (gap > ACCEPT_LOWPASS_GAP). Else the editor's
+    output if its region agrees with the aligned reference to ACCEPT_AGREE_DB, else the paste. Without one: the
+    output if it agrees with the draft on the ring just outside the region to ACCEPT_SEAM_DB, else the draft.
+    Returns (image, why: the kept candidate and the evidence)."""
     near = torch.from_numpy(ring_of(mask, margin=1, width=3))[None].float()
     seam = float(psnr(out[None], draft[None], near[None])[0])
     if aligned is not None:
         ev = paste_evidence(draft, mask, aligned, paste) | dict(seam_db=round(seam, 2))
         if ev["margin_db"] >= ACCEPT_DRAFT_MARGIN_DB:
             return draft.clone(), dict(kept="draft", why="the draft already agrees with the registered paste", **ev)
-        if ev["fine_share"] < ACCEPT_FINE_SHARE and ev["gap"] > ACCEPT_LOWPASS_GAP and ev["corr"] > ACCEPT_WITNESS_CORR:
-            why = "the draft is blurred and the paste misses its low frequencies by more than the detail it adds"
-            return draft.clone(), dict(kept="draft", why=why, **ev)
+        if ev["fine_share"] < ACCEPT_FINE_SHARE and ev["corr"] > ACCEPT_WITNESS_CORR:
+            ev |= witness_shift(draft, aligned, mask, ring=torch.from_numpy(ring_of(mask, **RING))[None])
+            kept, cand = "paste", paste
+            if ev["shift_gain"] >= ACCEPT_SHIFT_GAIN and ev["ring_ratio"] <= ACCEPT_SHIFT_RING:
+                moved = translate(aligned[None], torch.tensor([ev["dx"]]), torch.tensor([ev["dy"]]))[0]
+                kept, cand = "shifted paste", soft_paste(draft, mask, moved)
+                ev["shifted_gap"] = lowpass_witness(draft, cand, mask)["gap"]
+            if ev.get("shifted_gap", ev["gap"]) > ACCEPT_LOWPASS_GAP:
+                why = f"the draft is blurred and the {kept} misses its low frequencies by more than the detail it adds"
+                return draft.clone(), dict(kept="draft", why=why, **ev)
+            if kept == "shifted paste":
+                return cand, dict(kept=kept, why="the draft's low frequencies place the paste better", **ev)
         agree = region_psnr(out, aligned, mask)
         kept = "editor" if agree >= ACCEPT_AGREE_DB else "paste"
         return (out if kept == "editor" else paste), dict(kept=kept, agree_db=round(agree, 2), **ev)

@@ -42,6 +42,38 @@ def test_lowpass_witness_finds_the_drafts_blur_and_grows_with_a_misplaced_paste(
     assert Fq.lowpass_witness(flat, target, mask)["corr"] == 0.0
 
 
+def test_witness_shift_recovers_a_known_offset_of_the_paste_from_a_blurred_draft():
+    g = torch.Generator().manual_seed(0)
+    target = sum(Fq.lowpass(torch.randn(1, 3, 64, 64, generator=g), s) * s for s in (0.7, 1.5, 3.0, 6.0))[0]
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 20:44, 20:44] = 1
+    draft = torch.where(mask > 0, Fq.lowpass(target[None], 2.0)[0], target)  # the region's detail lost (σ = 2)
+    assert Fq.witness_shift(draft, target, mask) == dict(dx=0.0, dy=0.0, shift_gain=1.0)  # right: nothing to move
+    for dx, dy in ((1.5, -1.0), (-2.5, 0.5)):
+        off = Fq.translate(target[None], torch.tensor([dx]), torch.tensor([dy]))[0]  # the paste (dx, dy) px off
+        w = Fq.witness_shift(draft, off, mask)
+        assert (w["dx"], w["dy"]) == (-dx, -dy) and w["shift_gain"] > 50
+        back = Fq.translate(off[None], torch.tensor([w["dx"]]), torch.tensor([w["dy"]]))[0]
+        err = lambda x: Fq.region_energy((x - target)[None], mask[None])  # noqa: E731
+        assert err(back) < err(off) / 4  # moved back (two bilinear half-px samplings blur it a little)
+    assert Fq.witness_shift(draft, target, torch.zeros(1, 64, 64))["shift_gain"] == 1.0  # no region: no evidence
+
+
+def test_witness_shift_ring_ratio_tells_a_displaced_surface_from_a_displaced_region():
+    g = torch.Generator().manual_seed(1)
+    target = sum(Fq.lowpass(torch.randn(1, 3, 64, 64, generator=g), s) * s for s in (0.7, 1.5, 3.0, 6.0))[0]
+    mask, ring = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
+    mask[:, 24:40, 24:40] = 1
+    ring[:, 18:46, 18:46] = 1 - mask[:, 18:46, 18:46]
+    draft = torch.where(mask > 0, Fq.lowpass(target[None], 2.0)[0], target)
+    moved = Fq.translate(target[None], torch.tensor([2.0]), torch.tensor([0.0]))[0]  # the whole view 2 px off
+    surface = Fq.witness_shift(draft, moved, mask, ring=ring)  # the surroundings moved with it: they allow the shift
+    region = Fq.witness_shift(draft, torch.where(mask > 0, moved, target), mask, ring=ring)  # only the region moved
+    assert surface["dx"] == -2.0 and region["dx"] <= -1.5 and min(surface["shift_gain"], region["shift_gain"]) > 3
+    assert surface["ring_ratio"] < 0.1 and region["ring_ratio"] > 10  # the right ring refuses a shift it does not need
+    assert Fq.witness_shift(draft, target, torch.zeros(1, 64, 64), ring=ring)["ring_ratio"] == 1.0
+
+
 def test_capture_one_entry_per_block_and_hooks_removed(tiny):
     x = torch.randn(1, 16, 8, 8)
     ctx = torch.randn(1, 16, 8, 8)

@@ -102,19 +102,22 @@ def test_accept_check_keeps_the_paste_when_the_editor_leaves_the_aligned_referen
     assert why["kept"] == "editor" and why["agree_db"] > I.ACCEPT_AGREE_DB
 
 
-def test_accept_check_keeps_a_blurred_draft_whose_low_frequencies_the_paste_misses():
+def test_accept_check_shifts_a_paste_a_few_px_off_to_a_blurred_draft_and_keeps_the_draft_beyond_reach():
     c = O.object_case(0, "val", failure="lowres4")  # the draft: the label's detail lost (×4)
-    misplaced = torch.roll(c.target, 3, dims=-1)  # a registration 3 px off inside the region (a non-planar view)
-    for aligned, kept in ((c.target, "paste"), (misplaced, "draft")):
+    for k, kept in ((0, "paste"), (2, "shifted paste"), (5, "draft")):  # a registration k px off (a non-planar view)
+        aligned = torch.roll(c.target, k, dims=-1)
         paste = A.soft_paste(c.draft, c.mask, aligned)
         out, why = I.accept_check(paste, c.draft, c.mask, aligned, paste)  # the editor returns the paste: not in play
-        assert why["kept"] == kept and {"fine_share", "gap", "sigma"} <= set(why)
-        assert torch.equal(out, paste if kept == "paste" else c.draft)
-    assert why["gap"] > I.ACCEPT_LOWPASS_GAP and "blurred" in why["why"]
-    assert (
-        region_psnr(A.soft_paste(c.draft, c.mask, misplaced), c.target, c.mask)
-        < region_psnr(c.draft, c.target, c.mask) - 3
-    )
+        assert why["kept"] == kept and {"fine_share", "gap", "sigma", "shift_gain", "dx", "dy"} <= set(why)
+        if kept == "paste":
+            assert torch.equal(out, paste) and why["shift_gain"] == 1.0
+        elif kept == "shifted paste":  # moved back onto the target: far above the paste and the draft
+            assert (why["dx"], why["dy"]) == (k, 0.0) and why["shift_gain"] >= I.ACCEPT_SHIFT_GAIN
+            assert why["ring_ratio"] <= I.ACCEPT_SHIFT_RING  # the whole view rolled: the ring moves with the region
+            assert region_psnr(out, c.target, c.mask) > region_psnr(c.draft, c.target, c.mask) + 20
+        else:  # beyond the shift's reach: the paste still misses the draft's low frequencies
+            assert torch.equal(out, c.draft) and why["shifted_gap"] > I.ACCEPT_LOWPASS_GAP and "blurred" in why["why"]
+            assert region_psnr(paste, c.target, c.mask) < region_psnr(c.draft, c.target, c.mask) - 3
 
 
 def test_accept_check_without_a_registration_keeps_the_draft_when_the_seam_breaks(monkeypatch):
@@ -132,7 +135,7 @@ def test_accept_check_without_a_registration_keeps_the_draft_when_the_seam_break
 def test_refine_with_accept_returns_a_candidate_and_says_which():
     c = O.object_case(0, "val", failure="wrong", kind="label")
     out, info = I.refine_tensor(c.draft, c.mask, c.reference, preset="tiny", steps=1)  # on by default (05's val)
-    assert info["registration"]["scope"] == "object" and info["accept"]["kept"] in ("editor", "paste")
+    assert info["registration"]["scope"] == "object" and info["accept"]["kept"] in ("editor", "paste", "shifted paste")
     paste = I.refine_tensor(c.draft, c.mask, c.reference, method="paste_warp", preset="tiny")[0]
     if info["accept"]["kept"] == "paste":
         assert torch.allclose(out, paste, atol=1e-6)

@@ -208,5 +208,5 @@ def test_the_do_no_harm_switch_reaches_refine_and_the_status_says_what_was_kept(
     app.method.value = "align"
     app.accept.value = True
     res = app.run(wait=True)
-    assert res is not None and res.info["accept"]["kept"] in ("editor", "paste", "draft")
+    assert res is not None and res.info["accept"]["kept"] in ("editor", "paste", "shifted paste", "draft")
     assert f"kept the {res.info['accept']['kept']}" in app.status.value and "registration" in app.status.value

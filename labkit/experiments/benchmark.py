@@ -132,7 +132,7 @@ def set_claim(df: pd.DataFrame, a: str, b: str, cases: list[int], paper: str, se
 
 
 def kept_counts(infos: list[dict]) -> dict:
-    """How often the do-no-harm check kept the editor's output, the paste or the draft (from each output's info)."""
+    """How often the do-no-harm check kept the editor's output, the paste (or shifted) or the draft (from each info)."""
     kept = [i.get("accept", {}).get("kept", "not checked") for i in infos]
     return {k: int(np.sum([x == k for x in kept])) for k in sorted(set(kept))}
 
