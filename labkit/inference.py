@@ -207,7 +207,7 @@ def focus_refine(
 
 
 # ------------------------------------------------------------------------------------------------
-# do no harm: a target-free choice among the editor's output, the registered paste and the draft
+# do no harm: a target-free choice among the editor's output, the registered paste (or it shifted) and the draft
 # the thresholds, chosen on val (bench/accept_rule.py --n 48: the best mean region PSNR with <= 5% of each set's val
 # cases harmed and no registered val case more than 0.5 dB below the registered paste; when no rule meets both, the
 # fewest harmed among those with none below the paste; ties go to the safer choice; 48 val cases per set and kind, the
