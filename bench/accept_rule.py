@@ -54,8 +54,8 @@ def measure(c) -> dict:
         row["agree"] = region_psnr(out, relit, c.mask)
         ev = I.paste_evidence(c.draft, c.mask, relit, paste)
         row |= dict(margin=ev["margin_db"], fine=ev["fine_share"], gap=ev["gap"], corr=ev["corr"])
-        ring = torch.from_numpy(I.ring_of(c.mask, **I.RING))[None]
-        sh = Fq.witness_shift(c.draft, relit, c.mask, ring=ring)  # the paste moved to the draft's low frequencies
+        # the paste moved to the draft's low frequencies
+        sh = Fq.witness_shift(c.draft, relit, c.mask, ring=I.evidence_ring(c.mask))
         moved = Fq.translate(relit[None], torch.tensor([sh["dx"]]), torch.tensor([sh["dy"]]))[0]
         shifted = I.soft_paste(c.draft, c.mask, moved)
         row |= dict(sgain=sh["shift_gain"], sring=sh["ring_ratio"], shifted=region_psnr(shifted, c.target, c.mask))

@@ -235,12 +235,17 @@ ACCEPT_SHIFT_RING = 1.5  # ... and the ring just outside the region, sharp, does
 RING = dict(margin=1, width=8)  # where the registration's own error is read: just outside the region
 
 
+def evidence_ring(mask: torch.Tensor) -> torch.Tensor:
+    """(1, H, W) float: the RING band around mask (1, H, W), where the draft is intact and the evidence is read."""
+    return torch.from_numpy(ring_of(mask, **RING))[None].float()
+
+
 def paste_evidence(draft: torch.Tensor, mask: torch.Tensor, aligned: torch.Tensor, paste: torch.Tensor) -> dict:
     """Target-free evidence about a registered paste: `inside` (dB), the draft's agreement with the paste in the
     region; `ring` (dB), the aligned reference's agreement with the draft on the ring, where the draft is right (the
     registration's own error); margin = inside - ring; and the draft read as a low-pass witness of the target
     (frequency.lowpass_witness: fine_share, sigma, gap)."""
-    ring = torch.from_numpy(ring_of(mask, **RING))[None].float()
+    ring = evidence_ring(mask)
     inside, ring_db = region_psnr(paste, draft, mask), float(psnr(aligned[None], draft[None], ring[None])[0])
     ev = dict(inside_db=round(inside, 2), ring_db=round(ring_db, 2), margin_db=round(inside - ring_db, 2))
     return ev | lowpass_witness(draft, paste, mask)
@@ -265,7 +270,7 @@ def accept_check(out: torch.Tensor, draft: torch.Tensor, mask: torch.Tensor, ali
         if ev["margin_db"] >= ACCEPT_DRAFT_MARGIN_DB:
             return draft.clone(), dict(kept="draft", why="the draft already agrees with the registered paste", **ev)
         if ev["fine_share"] < ACCEPT_FINE_SHARE and ev["corr"] > ACCEPT_WITNESS_CORR:
-            ev |= witness_shift(draft, aligned, mask, ring=torch.from_numpy(ring_of(mask, **RING))[None])
+            ev |= witness_shift(draft, aligned, mask, ring=evidence_ring(mask))
             kept, cand = "paste", paste
             if ev["shift_gain"] >= ACCEPT_SHIFT_GAIN and ev["ring_ratio"] <= ACCEPT_SHIFT_RING:
                 moved = translate(aligned[None], torch.tensor([ev["dx"]]), torch.tensor([ev["dy"]]))[0]

@@ -26,12 +26,18 @@ def test_radial_spectrum_separates_smooth_from_noise():
     assert s_smooth[-4:].mean() < 0.05 * s_noise[-4:].mean()
 
 
-def test_lowpass_witness_finds_the_drafts_blur_and_grows_with_a_misplaced_paste():
-    g = torch.Generator().manual_seed(0)
+def blurred_case(seed: int, lo: int = 20, hi: int = 44) -> tuple:
+    """A smooth multi-scale target (3, 64, 64), the region [lo, hi)² (1, 64, 64), a draft whose region lost its
+    detail (σ = 2), and the generator (for more draws)."""
+    g = torch.Generator().manual_seed(seed)
     target = sum(Fq.lowpass(torch.randn(1, 3, 64, 64, generator=g), s) * s for s in (0.7, 1.5, 3.0, 6.0))[0]
     mask = torch.zeros(1, 64, 64)
-    mask[:, 20:44, 20:44] = 1
-    draft = torch.where(mask > 0, Fq.lowpass(target[None], 2.0)[0], target)  # the region's detail lost (σ = 2)
+    mask[:, lo:hi, lo:hi] = 1
+    return target, mask, torch.where(mask > 0, Fq.lowpass(target[None], 2.0)[0], target), g
+
+
+def test_lowpass_witness_finds_the_drafts_blur_and_grows_with_a_misplaced_paste():
+    target, mask, draft, g = blurred_case(0)
     right = Fq.lowpass_witness(draft, target, mask)
     assert right["sigma"] == 2.0 and right["gap"] < 1e-3 and right["fine_share"] < 0.1 and right["corr"] > 0.99
     gaps = [Fq.lowpass_witness(draft, torch.roll(target, k, dims=-1), mask)["gap"] for k in range(4)]
@@ -43,11 +49,7 @@ def test_lowpass_witness_finds_the_drafts_blur_and_grows_with_a_misplaced_paste(
 
 
 def test_witness_shift_recovers_a_known_offset_of_the_paste_from_a_blurred_draft():
-    g = torch.Generator().manual_seed(0)
-    target = sum(Fq.lowpass(torch.randn(1, 3, 64, 64, generator=g), s) * s for s in (0.7, 1.5, 3.0, 6.0))[0]
-    mask = torch.zeros(1, 64, 64)
-    mask[:, 20:44, 20:44] = 1
-    draft = torch.where(mask > 0, Fq.lowpass(target[None], 2.0)[0], target)  # the region's detail lost (σ = 2)
+    target, mask, draft, g = blurred_case(0)
     assert Fq.witness_shift(draft, target, mask) == dict(dx=0.0, dy=0.0, shift_gain=1.0)  # right: nothing to move
     for dx, dy in ((1.5, -1.0), (-2.5, 0.5)):
         off = Fq.translate(target[None], torch.tensor([dx]), torch.tensor([dy]))[0]  # the paste (dx, dy) px off
@@ -60,12 +62,9 @@ def test_witness_shift_recovers_a_known_offset_of_the_paste_from_a_blurred_draft
 
 
 def test_witness_shift_ring_ratio_tells_a_displaced_surface_from_a_displaced_region():
-    g = torch.Generator().manual_seed(1)
-    target = sum(Fq.lowpass(torch.randn(1, 3, 64, 64, generator=g), s) * s for s in (0.7, 1.5, 3.0, 6.0))[0]
-    mask, ring = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
-    mask[:, 24:40, 24:40] = 1
+    target, mask, draft, _ = blurred_case(1, 24, 40)
+    ring = torch.zeros(1, 64, 64)
     ring[:, 18:46, 18:46] = 1 - mask[:, 18:46, 18:46]
-    draft = torch.where(mask > 0, Fq.lowpass(target[None], 2.0)[0], target)
     moved = Fq.translate(target[None], torch.tensor([2.0]), torch.tensor([0.0]))[0]  # the whole view 2 px off
     surface = Fq.witness_shift(draft, moved, mask, ring=ring)  # the surroundings moved with it: they allow the shift
     region = Fq.witness_shift(draft, torch.where(mask > 0, moved, target), mask, ring=ring)  # only the region moved
