@@ -26,14 +26,19 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from .presets import check_preset
 from .util import FAILED, REPO, TRACKERS, atomic_dir, atomic_save, run_cli, write_json
+
+if TYPE_CHECKING:  # only for the annotation: traitlets comes with jupyter, imported where used
+    from traitlets.config import Config
 
 NOTEBOOKS = REPO / "notebooks"
 FIGURES = REPO / "figures"
@@ -52,6 +57,15 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     return nbs
 
 
+def kernel_config(sockets: str) -> Config:
+    """The kernel's channels as IPC sockets in the folder `sockets` (absolute, the kernel's cwd does not matter): two
+    kernels started at once (make figures' jobs, the test workers) cannot race for one TCP port ("Address already in
+    use", "Kernel died before replying to kernel_info")."""
+    from traitlets.config import Config  # optional: imported where used (jupyter's config system)
+
+    return Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(os.path.abspath(sockets), "kernel")}})
+
+
 def run_notebook(path: str | os.PathLike, out_dir: str | os.PathLike, kernel: str = "python3", **params) -> dict:
     """Execute one notebook with papermill (parameters injected) into a temporary folder that replaces out_dir
     when it succeeds; return the results.json it wrote."""
@@ -64,7 +78,7 @@ def run_notebook(path: str | os.PathLike, out_dir: str | os.PathLike, kernel: st
         "MPLBACKEND": os.environ.get("MPLBACKEND", "module://matplotlib_inline.backend_inline"),
     }
     os.environ.update(env)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="labkit-kernel-") as sockets:
         pm.execute_notebook(
             str(path),
             str(EXECUTED / f"{out_dir.parent.name}__{out_dir.name}__{path.name}"),  # parent: runs never share one
@@ -72,6 +86,7 @@ def run_notebook(path: str | os.PathLike, out_dir: str | os.PathLike, kernel: st
             kernel_name=kernel,
             cwd=str(path.parent),
             progress_bar=False,
+            config=kernel_config(sockets),
         )
         if not (tmp / "results.json").exists():
             raise RuntimeError(f"{path.name} ran but wrote no results.json")

@@ -208,3 +208,14 @@ def test_figures_runs_notebooks_two_at_a_time_and_records_their_seconds(tmp_path
     assert "| 00_tour (tiny) |" in summary and "| 07_studio (tiny) |" in summary
     with pytest.raises(ValueError, match="--jobs 1"):
         sweep.figures("tiny", only=["00_tour"], jobs=0)
+
+
+def test_kernels_talk_over_private_ipc_sockets():
+    """Notebook kernels use IPC sockets under a folder of their own (absolute), never a TCP port two kernels started
+    at once could both be handed."""
+    import os
+
+    from labkit import sweep
+
+    km = sweep.kernel_config("sockets").KernelManager
+    assert km.transport == "ipc" and os.path.isabs(km.ip) and km.ip == os.path.join(os.getcwd(), "sockets", "kernel")
