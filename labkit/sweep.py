@@ -30,15 +30,12 @@ import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
+from traitlets.config import Config  # jupyter's config system (with papermill, a dependency): the kernel's transport
 
 from .presets import check_preset
 from .util import FAILED, REPO, TRACKERS, atomic_dir, atomic_save, run_cli, write_json
-
-if TYPE_CHECKING:  # only for the annotation: traitlets comes with jupyter, imported where used
-    from traitlets.config import Config
 
 NOTEBOOKS = REPO / "notebooks"
 FIGURES = REPO / "figures"
@@ -61,8 +58,6 @@ def kernel_config(sockets: str) -> Config:
     """The kernel's channels as IPC sockets in the folder `sockets` (absolute, the kernel's cwd does not matter): two
     kernels started at once (make figures' jobs, the test workers) cannot race for one TCP port ("Address already in
     use", "Kernel died before replying to kernel_info")."""
-    from traitlets.config import Config  # optional: imported where used (jupyter's config system)
-
     return Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(os.path.abspath(sockets), "kernel")}})
 
 
